@@ -1,0 +1,71 @@
+"""Shared defaults: the paper's CIFAR10 settings. Every experiment config starts from these.
+
+  python train.py --config=configs/cifar10.py --workdir=runs/cifar10
+"""
+
+import ml_collections
+from ml_collections import config_dict
+
+
+def get_config() -> ml_collections.ConfigDict:
+    config = ml_collections.ConfigDict()
+    config.seed = 0
+
+    config.data = data = ml_collections.ConfigDict()
+    data.dataset = "cifar10"
+    data.image_size = 32
+    data.channels = 3
+    data.random_flip = True
+    data.data_dir = config_dict.placeholder(str)  # None: tfds' default (~/tensorflow_datasets)
+    data.split = "train"
+    data.eval_split = "test"
+    data.prefetch = 2  # batches prepared ahead of the devices
+    data.num_threads = 4  # host threads decoding and preprocessing
+
+    config.model = model = ml_collections.ConfigDict()
+    model.ch = 128
+    model.ch_mult = (1, 2, 2, 2)
+    model.num_res_blocks = 2
+    model.attn_resolutions = (16,)
+    model.dropout = 0.1
+    model.resamp_with_conv = True
+    model.block_size = 1  # space-to-depth factor (memory saving for 256px models)
+    model.dtype = "float32"  # activation dtype; parameters are always float32
+
+    config.diffusion = diffusion = ml_collections.ConfigDict()
+    diffusion.num_timesteps = 1000
+    diffusion.beta_schedule = "linear"
+    diffusion.beta_start = 1e-4
+    diffusion.beta_end = 0.02
+    diffusion.model_mean_type = "eps"
+    diffusion.model_var_type = "fixedlarge"
+    diffusion.loss_type = "mse"
+
+    config.optim = optim = ml_collections.ConfigDict()
+    optim.lr = 2e-4
+    optim.warmup = 5000
+    optim.grad_clip = 1.0
+    optim.ema_decay = 0.9999
+    optim.beta1 = 0.9
+    optim.beta2 = 0.999
+    optim.eps = 1e-8
+    # False: a non-finite loss or gradient stops the run (naming the step). True: such steps are
+    # skipped (no update, counted in the logs) and training goes on.
+    optim.skip_nonfinite = False
+
+    config.training = training = ml_collections.ConfigDict()
+    training.batch_size = 128  # global, over all devices and processes
+    training.num_train_steps = 800_000
+    training.log_every = 100
+    training.checkpoint_every = 10_000
+    training.sample_every = 50_000
+    training.max_to_keep = 3
+    training.num_sample_images = 64  # images in each training-time sample grid
+
+    config.sampling = sampling = ml_collections.ConfigDict()
+    sampling.sampler = "ancestral"
+    sampling.num_steps = config_dict.placeholder(int)  # None: all T steps
+    sampling.eta = 0.0
+    sampling.clip_denoised = True
+    sampling.batch_size = 256
+    return config

@@ -1,0 +1,251 @@
+"""The reverse chain as one ``lax.scan``: ancestral (Algorithm 2), DDIM, progressive, interpolation.
+
+Every sampler is a pure function of (diffusion, model_fn, key, ...) that compiles to a single
+scan over the chain: one dispatch for all T steps, no Python loop and no ``lax.cond`` per step.
+
+Randomness: ``x_T ~ N(0, I)`` is drawn from ``split(key)[0]``, and the noise of (0-based) step t
+from ``fold_in(split(key)[1], t)``; draws do not depend on how the batch is sharded.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from ddpm_jax import diffusion as diff
+from ddpm_jax.diffusion import Diffusion
+
+ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
+
+
+def _keys(key: jax.Array) -> tuple[jax.Array, jax.Array]:
+    x_key, chain_key = jax.random.split(key)
+    return x_key, chain_key
+
+
+def initial_noise(key: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """x_T ~ N(0, I) exactly as the samplers draw it from ``key``."""
+    return jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
+
+
+def p_sample(
+    d: Diffusion,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t: jax.Array,
+    noise: jax.Array,
+    *,
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One ancestral step x_t -> x_{t-1} = mean + sigma_t z (z = 0 at t = 0): (x_{t-1}, x0_hat).
+
+    ``t`` is ``int32 [B]`` (all equal inside the chain); ``noise`` is z ~ N(0, I).
+    """
+    out = diff.p_mean_variance(d, model_fn(x_t, t).astype(jnp.float32), x_t, t,
+                               clip_denoised=clip_denoised)
+    nonzero = (t != 0).astype(x_t.dtype).reshape((-1,) + (1,) * (x_t.ndim - 1))
+    x_prev = out["mean"] + nonzero * jnp.exp(0.5 * out["log_variance"]) * noise
+    return x_prev, out["pred_xstart"]
+
+
+def _chain(step_fn, x_T, ts, record_every: int | None):
+    """Runs ``step_fn(x, t) -> (x, pred_xstart)`` over ``ts`` as scans.
+
+    Without ``record_every``: one scan, returns x_0. With it: an outer scan of
+    ``len(ts) / record_every`` chunks of an inner scan, returning (x_0, xs, x0s) where
+    ``xs[k]`` / ``x0s[k]`` are x_t and the predicted x_0 after chunk k (``[K, B, H, W, C]``).
+    """
+
+    def body(x, t):
+        x, pred = step_fn(x, t)
+        return x, pred
+
+    if record_every is None:
+        x, _ = jax.lax.scan(lambda x, t: (body(x, t)[0], None), x_T, ts)
+        return x
+    n = ts.shape[0]
+    if n % record_every:
+        raise ValueError(f"record_every={record_every} must divide the {n} steps of the chain")
+
+    def chunk(x, ts_chunk):
+        x, preds = jax.lax.scan(body, x, ts_chunk)
+        return x, (x, preds[-1])
+
+    x, (xs, x0s) = jax.lax.scan(chunk, x_T, ts.reshape(n // record_every, record_every))
+    return x, xs, x0s
+
+
+def sample_loop(
+    d: Diffusion,
+    model_fn: ModelFn,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    x_T: jax.Array | None = None,
+    clip_denoised: bool = True,
+    record_every: int | None = None,
+    timestep_map: jax.Array | None = None,
+):
+    """Ancestral sampling (Algorithm 2) from x_T to x_0, one ``lax.scan`` over all steps.
+
+    Args:
+      d: the process (a respaced one from ``respace`` samples on a subsequence).
+      model_fn: ``(x_t, t) -> output``; it receives ``timestep_map[t]`` when a map is given.
+      key: randomness of x_T (unless ``x_T`` is given) and of every step's noise.
+      shape: ``[B, H, W, C]``.
+      x_T: optional starting noise.
+      clip_denoised: clip the predicted x_0 to [-1, 1], as the original does.
+      record_every: also return the chain every k steps (see ``_chain``).
+      timestep_map: model timestep of each step of ``d`` (for respaced chains).
+    Returns:
+      x_0 ``[B, H, W, C]`` float32 (or (x_0, xs, x0s) with ``record_every``).
+    """
+    x_key, chain_key = _keys(key)
+    if x_T is None:
+        x_T = jax.random.normal(x_key, shape, dtype=jnp.float32)
+    model_t = (lambda t: t) if timestep_map is None else (lambda t: timestep_map[t])
+
+    def step_fn(x, t_scalar):
+        t = jnp.full((x.shape[0],), t_scalar, dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(chain_key, t_scalar), x.shape, x.dtype)
+        fn = lambda x_, t_: model_fn(x_, model_t(t_))
+        return p_sample(d, fn, x, t, noise, clip_denoised=clip_denoised)
+
+    ts = jnp.arange(d.num_timesteps - 1, -1, -1, dtype=jnp.int32)
+    return _chain(step_fn, x_T, ts, record_every)
+
+
+def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
+    """The uniform subsequence tau_i = i * (T // S), i = 0..S-1 (int32 [S])."""
+    if not 1 <= num_steps <= num_timesteps:
+        raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
+    return (np.arange(num_steps) * (num_timesteps // num_steps)).astype(np.int32)
+
+
+def ddim_step(
+    d: Diffusion,
+    model_fn: ModelFn,
+    x_t: jax.Array,
+    t: jax.Array,
+    t_prev: jax.Array,
+    noise: jax.Array,
+    *,
+    eta: float,
+    clip_denoised: bool = True,
+) -> tuple[jax.Array, jax.Array]:
+    """One DDIM update from step t to t_prev (t_prev = -1 means x_0; alphabar_{-1} = 1).
+
+    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
+    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+    """
+    out = diff.p_mean_variance(d, model_fn(x_t, t).astype(jnp.float32), x_t, t,
+                               clip_denoised=clip_denoised)
+    x0 = out["pred_xstart"]
+    eps = diff.predict_eps_from_xstart(d, x_t, t, x0)
+    abar = diff.extract(d.alphas_cumprod, t, x_t.shape)
+    abar_prev = jnp.where(
+        (t_prev >= 0).reshape(abar.shape),
+        diff.extract(d.alphas_cumprod, jnp.maximum(t_prev, 0), x_t.shape),
+        1.0,
+    )
+    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
+    x_prev = (
+        jnp.sqrt(abar_prev) * x0
+        + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
+        + sigma * noise
+    )
+    return x_prev, x0
+
+
+def ddim_sample_loop(
+    d: Diffusion,
+    model_fn: ModelFn,
+    key: jax.Array,
+    shape: tuple[int, ...],
+    *,
+    num_steps: int,
+    eta: float = 0.0,
+    x_T: jax.Array | None = None,
+    clip_denoised: bool = True,
+    record_every: int | None = None,
+):
+    """DDIM (Song et al. 2021) on tau_i = i * (T // S); deterministic when eta = 0. One scan."""
+    x_key, chain_key = _keys(key)
+    if x_T is None:
+        x_T = jax.random.normal(x_key, shape, dtype=jnp.float32)
+    taus = ddim_timesteps(d.num_timesteps, num_steps)
+    pairs = jnp.asarray(np.stack([taus, np.append(-1, taus[:-1])], axis=1)[::-1])
+
+    def step_fn(x, pair):
+        t = jnp.full((x.shape[0],), pair[0], dtype=jnp.int32)
+        t_prev = jnp.full((x.shape[0],), pair[1], dtype=jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(chain_key, pair[0]), x.shape, x.dtype)
+        return ddim_step(d, model_fn, x, t, t_prev, noise, eta=eta, clip_denoised=clip_denoised)
+
+    return _chain(step_fn, x_T, pairs, record_every)
+
+
+def respace(d: Diffusion, betas: np.ndarray, timesteps) -> tuple[Diffusion, jax.Array]:
+    """The process restricted to a subsequence of steps (Improved DDPM's respacing).
+
+    beta'_i = 1 - alphabar[tau_i] / alphabar[tau_{i-1}], computed in float64 from the process's
+    float64 ``betas`` (``schedules.get_beta_schedule``). Returns the new process (with the
+    mean/variance types of ``d``) and the map from its steps to the model's timesteps.
+    """
+    taus = np.asarray(timesteps, dtype=np.int64)
+    abar = np.cumprod(1.0 - np.asarray(betas, dtype=np.float64))
+    kept = abar[taus]
+    new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
+    new = Diffusion.create(
+        new_betas,
+        model_mean_type=d.model_mean_type,
+        model_var_type=d.model_var_type,
+        loss_type=d.loss_type,
+    )
+    return new, jnp.asarray(taus, dtype=jnp.int32)
+
+
+def interpolate(
+    d: Diffusion,
+    model_fn: ModelFn,
+    key: jax.Array,
+    x1: jax.Array,
+    x2: jax.Array,
+    *,
+    t: int,
+    lambdas,
+    clip_denoised: bool = True,
+) -> jax.Array:
+    """Paper Fig. 8: diffuse x1 and x2 to step t with shared noise, lerp, then denoise.
+
+    Args:
+      x1, x2: ``[H, W, C]`` images in [-1, 1].
+      t: 0-based step to diffuse to (the paper uses t = 500 of 1000).
+      lambdas: ``[L]`` interpolation weights.
+    Returns:
+      ``[L, H, W, C]`` decoded interpolations.
+    """
+    lambdas = jnp.asarray(lambdas, dtype=jnp.float32)
+    n = lambdas.shape[0]
+    q_key, chain_key = jax.random.split(key)
+    noise = jax.random.normal(q_key, x1.shape, dtype=jnp.float32)
+    ts = jnp.full((1,), t, dtype=jnp.int32)
+    z1 = diff.q_sample(d, x1[None], ts, noise[None])[0]
+    z2 = diff.q_sample(d, x2[None], ts, noise[None])[0]
+    lam = lambdas[:, None, None, None]
+    x_t = (1.0 - lam) * z1[None] + lam * z2[None]
+
+    def step_fn(x, t_scalar):
+        tb = jnp.full((n,), t_scalar, dtype=jnp.int32)
+        z = jax.random.normal(jax.random.fold_in(chain_key, t_scalar), x.shape, x.dtype)
+        return p_sample(d, model_fn, x, tb, z, clip_denoised=clip_denoised)
+
+    return _chain(step_fn, x_t, jnp.arange(t, -1, -1, dtype=jnp.int32), None)
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] float -> uint8 0..255 (round((x + 1) * 127.5), the inverse of the data map)."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
