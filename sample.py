@@ -11,20 +11,25 @@ started again with the same flags.
 import os
 import sys
 
-from absl import app, flags
+from absl import app, flags, logging
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
 flags.DEFINE_string("checkpoint", None, "A checkpoints directory or one step directory.")
 flags.DEFINE_string("output_dir", None, "Where to write samples (default: the workdir).")
-flags.DEFINE_integer("num_samples", 64, "Number of images.")
-flags.DEFINE_integer("batch_size", None, "Images per compiled batch (default: config).")
-flags.DEFINE_enum("sampler", "ancestral", ["ancestral", "ddim"], "Reverse process.")
-flags.DEFINE_integer("num_steps", None, "Steps S < T: DDIM / respaced chain on i * (T // S).")
-flags.DEFINE_float("eta", 0.0, "DDIM noise (0 = deterministic).")
+flags.DEFINE_integer("num_samples", 64, "Number of images.", lower_bound=1)
+flags.DEFINE_integer("batch_size", None, "Images per compiled batch (default: config).",
+                     lower_bound=1)
+flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"],
+                  "Reverse process (default: config.sampling.sampler).")
+flags.DEFINE_integer("num_steps", None, "Steps S < T: DDIM / respaced chain on i * (T // S) "
+                     "(default: config.sampling.num_steps; None = all T steps).")
+flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: config.sampling.eta).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("progressive", False, "Also write progressive.png and trajectory.png.")
-flags.DEFINE_integer("progressive_every", 100, "Steps between columns of the progressive strip.")
+flags.DEFINE_integer("progressive_every", None,
+                     "Chain steps between columns of the progressive strip (default: 10 columns).",
+                     lower_bound=1)
 flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
 
 
@@ -33,6 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
         raise app.UsageError("give exactly one of --workdir or --checkpoint")
+    logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
     from ddpm_jax import api, checkpoints, generate
 
     source = FLAGS.workdir or FLAGS.checkpoint
@@ -41,23 +47,27 @@ def main(argv):
     except checkpoints.CheckpointError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
+    c = model.config.sampling
+    sampler = FLAGS.sampler or c.sampler
+    num_steps = FLAGS.num_steps if FLAGS.num_steps is not None else (
+        c.num_steps if FLAGS.sampler in (None, c.sampler) else None)
+    eta = FLAGS.eta if FLAGS.eta is not None else c.eta
     out = FLAGS.output_dir or FLAGS.workdir or os.path.dirname(
         checkpoints.locate(FLAGS.checkpoint)[0])
     print(f"{model.num_params:,} parameters, checkpoint step {model.step}, "
-          f"{FLAGS.sampler} sampler, {FLAGS.num_steps or model.config.diffusion.num_timesteps} "
+          f"{sampler} sampler, {num_steps or model.config.diffusion.num_timesteps} "
           f"steps; writing to {out}", flush=True)
     try:
         path = generate.generate(
-            model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed, sampler=FLAGS.sampler,
-            num_steps=FLAGS.num_steps, eta=FLAGS.eta, batch_size=FLAGS.batch_size,
-            step=model.step)
+            model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed, sampler=sampler,
+            num_steps=num_steps, eta=eta, batch_size=FLAGS.batch_size)
         extra = ""
         if FLAGS.progressive:
             p1, p2 = generate.write_progressive(
                 model, out, seed=FLAGS.seed, every=FLAGS.progressive_every,
-                sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta)
+                sampler=sampler, num_steps=num_steps, eta=eta)
             extra = f"\n  progressive:  {p1}\n  trajectory:   {p2}"
-    except (generate.SampleSpecError, ValueError) as e:
+    except (generate.SampleSpecError, ValueError, OSError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
     print(f"Wrote {FLAGS.num_samples} samples.\n  images:       {path} (key 'images')\n"

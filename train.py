@@ -23,8 +23,8 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     from ddpm_jax import checkpoints, config_lib, input_pipeline, training
 
+    logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
     training.maybe_initialize_distributed()
-    logging.set_verbosity(logging.INFO)
     try:
         training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
     except (config_lib.ConfigError, input_pipeline.DataError, checkpoints.CheckpointError) as e:

@@ -8,7 +8,6 @@
 
 from __future__ import annotations
 
-import functools
 import math
 from typing import Any
 
@@ -21,7 +20,16 @@ from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import checkpoints, config_lib, diffusion, sampling, schedules, unet
 
-SAMPLERS = ("ancestral", "ddim")
+SAMPLERS = config_lib.SAMPLERS
+
+
+def to_host(x: jax.Array) -> np.ndarray:
+    """A (possibly multi-process) array as one numpy array on every process."""
+    if jax.process_count() > 1:
+        from jax.experimental import multihost_utils  # noqa: PLC0415
+
+        return np.asarray(multihost_utils.process_allgather(x, tiled=True))
+    return np.asarray(x)
 
 
 def create_mesh(devices=None) -> jax.sharding.Mesh:
@@ -53,15 +61,17 @@ class DDPM:
         self.mesh = mesh or create_mesh()
         self.params = jax.device_put(params, NamedSharding(self.mesh, P()))
         self.num_params = unet.count_params(params)
-        self.diffusion = diffusion.Diffusion.from_config(config)
+        c = config.diffusion
         self._betas64 = schedules.get_beta_schedule(
-            config.diffusion.beta_schedule,
-            beta_start=config.diffusion.beta_start,
-            beta_end=config.diffusion.beta_end,
-            num_timesteps=config.diffusion.num_timesteps,
-        )
+            c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
+            num_timesteps=c.num_timesteps)
+        self.diffusion = diffusion.Diffusion.create(
+            self._betas64, model_mean_type=c.model_mean_type, model_var_type=c.model_var_type,
+            loss_type=c.loss_type)
         self._cache: dict[Any, Any] = {}
         self.step: int | None = None  # the checkpoint step, when loaded
+        self.source: str | None = None  # the checkpoints directory, when loaded
+        self.ema: bool | None = None  # whether the EMA weights were loaded
 
     # -- model -----------------------------------------------------------------------------------
     @property
@@ -113,7 +123,7 @@ class DDPM:
             raise ValueError(f"sampler must be one of {SAMPLERS}, got {sampler!r}")
         shape = (batch,) + self.image_shape
         if sampler == "ddim":
-            steps = num_steps or T
+            steps = T if num_steps is None else num_steps
             sampling.ddim_timesteps(T, steps)  # validates num_steps
 
             def run(params, key, x_T):
@@ -140,9 +150,10 @@ class DDPM:
 
     def sample_batch(self, key, batch: int, *, sampler: str = "ancestral",
                      num_steps: int | None = None, eta: float = 0.0, x_T=None) -> jax.Array:
-        """One compiled chain: float32 ``[batch, H, W, C]`` in [-1, 1]."""
-        if x_T is None:
-            x_T = sampling.initial_noise(key, (batch,) + self.image_shape)
+        """One compiled chain: float32 ``[batch, H, W, C]`` in [-1, 1].
+
+        Without ``x_T`` the starting noise is drawn inside the compiled chain from ``key``.
+        """
         return self._sampler(sampler, num_steps, eta, batch)(self.params, key, x_T)
 
     def sample(self, key, num_samples: int, *, sampler: str = "ancestral",
@@ -163,7 +174,7 @@ class DDPM:
             if x_T.shape[0] != num_samples:
                 raise ValueError(f"x_T holds {x_T.shape[0]} images, num_samples={num_samples}")
         out = [
-            np.asarray(sampling.to_uint8(self.sample_chunk(
+            to_host(sampling.to_uint8(self.sample_chunk(
                 key, i, num_samples, sampler=sampler, num_steps=num_steps, eta=eta,
                 x_T=x_T, batch_size=batch_size)))
             for i in range(self.num_chunks(num_samples, batch_size))
@@ -171,7 +182,11 @@ class DDPM:
         return np.concatenate(out)[:num_samples]
 
     def chunk_size(self, num_samples: int, batch_size: int | None = None) -> int:
-        batch = min(batch_size or self.config.sampling.batch_size, num_samples)
+        batch_size = self.config.sampling.batch_size if batch_size is None else batch_size
+        if num_samples < 1 or batch_size < 1:
+            raise ValueError(f"num_samples and batch_size must be positive, got {num_samples} "
+                             f"and {batch_size}")
+        batch = min(batch_size, num_samples)
         return int(math.ceil(batch / self.mesh.size) * self.mesh.size)
 
     def num_chunks(self, num_samples: int, batch_size: int | None = None) -> int:
@@ -197,18 +212,29 @@ class DDPM:
         The trajectories are ``[N, K, H, W, C]`` with K = steps / every.
         """
         fn = self._sampler(sampler, num_steps, eta, num_samples, record_every=every)
-        x_T = sampling.initial_noise(key, (num_samples,) + self.image_shape)
+        x_T = None
         x0, xs, x0s = fn(self.params, key, x_T)
-        to8 = lambda a: np.asarray(sampling.to_uint8(a))
+        to8 = lambda a: to_host(sampling.to_uint8(a))
         return to8(x0), np.swapaxes(to8(xs), 0, 1), np.swapaxes(to8(x0s), 0, 1)
 
     def interpolate(self, key, image1, image2, *, t: int = 500, num: int = 9) -> np.ndarray:
         """Paper Fig. 8 between two uint8 ``[H, W, C]`` images: uint8 ``[num, H, W, C]``."""
-        x1, x2 = (jnp.asarray(im, jnp.float32) / 127.5 - 1.0 for im in (image1, image2))
-        fn = jax.jit(functools.partial(
-            sampling.interpolate, self.diffusion, self.model_fn(self.params), t=t,
-            clip_denoised=self.config.sampling.clip_denoised))
-        return np.asarray(sampling.to_uint8(fn(key, x1, x2, lambdas=jnp.linspace(0, 1, num))))
+        T = self.config.diffusion.num_timesteps
+        if not 0 <= t < T:
+            raise ValueError(f"t must be in [0, {T}), got {t}")
+        x1, x2 = (np.asarray(im) for im in (image1, image2))
+        for name, im in (("image1", x1), ("image2", x2)):
+            if im.dtype != np.uint8 or im.shape != self.image_shape:
+                raise ValueError(f"{name} must be uint8 {self.image_shape}, got {im.dtype} "
+                                 f"{im.shape}")
+        if ("interp", t) not in self._cache:
+            self._cache[("interp", t)] = jax.jit(lambda params, key, x1, x2, lambdas: (
+                sampling.interpolate(self.diffusion, self.model_fn(params), key, x1, x2, t=t,
+                                     lambdas=lambdas,
+                                     clip_denoised=self.config.sampling.clip_denoised)))
+        x1, x2 = (jnp.asarray(im, jnp.float32) / 127.5 - 1.0 for im in (x1, x2))
+        out = self._cache[("interp", t)](self.params, key, x1, x2, jnp.linspace(0, 1, num))
+        return to_host(sampling.to_uint8(out))
 
     # -- evaluation ------------------------------------------------------------------------------
     def bits_per_dim(self, images, key) -> jax.Array:
@@ -263,5 +289,5 @@ def load(path: str, *, ema: bool = True, step: int | None = None, mesh=None) -> 
     restored = checkpoints.restore(manager, step, {item: abstract})
     manager.close()
     model = DDPM(config, graphdef, restored[item], mesh=mesh)
-    model.step = int(step)
+    model.step, model.source, model.ema = int(step), str(directory), ema
     return model

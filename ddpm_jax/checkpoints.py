@@ -138,6 +138,11 @@ def check_tree(expected, path: str, item: str) -> None:
                 f"checkpoint {path} does not match the config: {item}{key} has shape "
                 f"{tuple(have.shape)} in the checkpoint but {tuple(want.shape)} in the config"
             )
+        if np.dtype(want.dtype) != np.dtype(have.dtype):
+            raise CheckpointError(
+                f"checkpoint {path} does not match the config: {item}{key} has dtype "
+                f"{np.dtype(have.dtype)} in the checkpoint but {np.dtype(want.dtype)} expected"
+            )
 
 
 def _flatten(tree):

@@ -77,6 +77,14 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
     _validate_model(config)
     _validate_optim(config)
+    _validate_sampling(config)
+
+
+def _validate_sampling(config) -> None:
+    s, T = config.sampling, config.diffusion.num_timesteps
+    _require(s.num_steps is None or (isinstance(s.num_steps, int) and 1 <= s.num_steps <= T),
+             f"sampling.num_steps must be None (all T steps) or in [1, {T}], got {s.num_steps!r}")
+    _require(s.eta >= 0.0, f"sampling.eta must be >= 0, got {s.eta!r}")
 
 
 def _validate_model(config) -> None:

@@ -27,10 +27,10 @@ class SampleSpecError(ValueError):
     pass
 
 
-def _spec(model: DDPM, *, step, num_samples, batch, seed, sampler, num_steps, eta) -> dict:
-    return dict(checkpoint_step=step, num_samples=num_samples, batch_size=batch, seed=seed,
-                sampler=sampler, num_steps=num_steps, eta=eta,
-                image_shape=list(model.image_shape))
+def _spec(model: DDPM, *, num_samples, batch, seed, sampler, num_steps, eta) -> dict:
+    return dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
+                num_samples=num_samples, batch_size=batch, seed=seed, sampler=sampler,
+                num_steps=num_steps, eta=eta, image_shape=list(model.image_shape))
 
 
 def _write_npz(path: str, **arrays) -> None:
@@ -39,40 +39,53 @@ def _write_npz(path: str, **arrays) -> None:
     os.replace(tmp, path)
 
 
-def _check_spec(path: str, spec: dict, what: str) -> bool:
-    """True if ``path`` holds the same spec; False if absent; raises if it differs."""
+def _diffs(path: str, spec: dict) -> str | None:
+    """None if ``path`` is absent; "" if it holds ``spec``; else the differing fields."""
     if not os.path.exists(path):
-        return False
+        return None
     with open(path) as f:
         old = json.load(f)
-    if old != spec:
-        diffs = ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items()
-                          if old.get(k) != v)
-        raise SampleSpecError(
-            f"{os.path.dirname(path)} already holds {what} made with other settings ({diffs}); "
-            "pass another --output_dir (nothing was overwritten)")
-    return True
+    return ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
+
+
+def _move_aside(output_dir: str) -> str:
+    """Moves finished samples of other settings to previous_samples/<k>/; returns the folder."""
+    k = 0
+    while os.path.exists(os.path.join(output_dir, "previous_samples", str(k))):
+        k += 1
+    dst = os.path.join(output_dir, "previous_samples", str(k))
+    os.makedirs(dst)
+    for name in ("samples.npz", "samples.png", "samples.json"):
+        if os.path.exists(os.path.join(output_dir, name)):
+            os.replace(os.path.join(output_dir, name), os.path.join(dst, name))
+    return dst
 
 
 def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
              sampler: str = "ancestral", num_steps: int | None = None, eta: float = 0.0,
-             batch_size: int | None = None, step: int | None = None,
-             progress: bool = True) -> str:
+             batch_size: int | None = None, progress: bool = True) -> str:
     """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz."""
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     batch = model.chunk_size(num_samples, batch_size)
-    spec = _spec(model, step=step, num_samples=num_samples, batch=batch, seed=seed,
-                 sampler=sampler, num_steps=num_steps, eta=eta)
+    spec = _spec(model, num_samples=num_samples, batch=batch, seed=seed, sampler=sampler,
+                 num_steps=num_steps, eta=eta)
     os.makedirs(output_dir, exist_ok=True)
     final = os.path.join(output_dir, "samples.npz")
-    if _check_spec(os.path.join(output_dir, "samples.json"), spec, "samples.npz") and \
-            os.path.exists(final):
+    done = _diffs(os.path.join(output_dir, "samples.json"), spec)
+    if done == "" and os.path.exists(final):
         print(f"{final} is already complete ({num_samples} images)")
         return final
+    if done:
+        print(f"samples of other settings ({done}) moved to {_move_aside(output_dir)}")
     shard_dir = os.path.join(output_dir, SHARDS)
     os.makedirs(shard_dir, exist_ok=True)
-    if not _check_spec(os.path.join(shard_dir, "spec.json"), spec, "sample shards"):
+    partial = _diffs(os.path.join(shard_dir, "spec.json"), spec)
+    if partial:
+        raise SampleSpecError(
+            f"{shard_dir} holds an unfinished run with other settings ({partial}); rerun it with "
+            "its settings to finish it, or pass another --output_dir (nothing was overwritten)")
+    if partial is None:
         with open(os.path.join(shard_dir, "spec.json"), "w") as f:
             json.dump(spec, f, indent=2)
     key = jax.random.key(seed)
@@ -100,8 +113,14 @@ def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
 
 
 def write_progressive(model: DDPM, output_dir: str, *, seed: int = 0, num: int = 8,
-                      every: int = 100, **kwargs) -> tuple[str, str]:
-    """Paper Fig. 6: rows of predicted x_0 (progressive.png) and of x_t (trajectory.png)."""
+                      every: int | None = None, **kwargs) -> tuple[str, str]:
+    """Paper Fig. 6: rows of predicted x_0 (progressive.png) and of x_t (trajectory.png).
+
+    One column every ``every`` steps of the chain (default: ten columns).
+    """
+    if every is None:
+        steps = kwargs.get("num_steps") or model.config.diffusion.num_timesteps
+        every = max(1, steps // 10)
     x0, xs, x0s = model.progressive(jax.random.key(seed), num, every=every, **kwargs)
     del x0
     n, k = x0s.shape[:2]

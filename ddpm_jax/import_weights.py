@@ -211,7 +211,7 @@ def convert(
         else:
             chosen[path] = (name, layout)
     unused = [f"{n} {tuple(shapes[n])}" for n in sorted(set(shapes) - seen)]
-    problems = wrong[:]
+    problems = wrong[:6] + ([f"... ({len(wrong)} wrong shapes in all)"] if len(wrong) > 6 else [])
     if missing:
         problems.append(f"missing {_listing(missing)}")
     if unused:
@@ -552,21 +552,24 @@ def _flags():
 
 
 def main(argv: Iterable[str]) -> None:
-    from absl import app, flags  # noqa: PLC0415
+    from absl import app, flags, logging  # noqa: PLC0415
 
     argv = list(argv)
     if len(argv) > 1:
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
+    if not f["verbosity"].present:
+        logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
     try:
         info = import_checkpoint(f.source, f.config, f.workdir, ema=not f.no_ema, step=f.step)
     except (WeightsError, config_lib.ConfigError, checkpoints.CheckpointError) as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    weights = "EMA" if info["ema"] else "raw"
+    weights = {"diffusers": "the same weights as params and ema_params",
+               "tf": "raw -> params, EMA -> ema_params" if info["ema"] else "raw weights only"}
     unchecked = "" if info.get("config_checked", True) else (
         " (no config.json beside it: only the tensor shapes were checked)")
-    print(f"imported {info['num_params']:,} parameters ({weights} weights) from "
+    print(f"imported {info['num_params']:,} parameters ({weights[info['format']]}) from "
           f"{info['format']} {info['file']}{unchecked}\n  checkpoint: {info['path']} "
           f"(step {info['step']}, {info['seconds']:.1f} s)\n  sample:     python sample.py "
           f"--workdir={f.workdir} --num_samples=64", flush=True)

@@ -59,19 +59,15 @@ def _chain(step_fn, x_T, ts, record_every: int | None):
     ``xs[k]`` / ``x0s[k]`` are x_t and the predicted x_0 after chunk k (``[K, B, H, W, C]``).
     """
 
-    def body(x, t):
-        x, pred = step_fn(x, t)
-        return x, pred
-
     if record_every is None:
-        x, _ = jax.lax.scan(lambda x, t: (body(x, t)[0], None), x_T, ts)
+        x, _ = jax.lax.scan(lambda x, t: (step_fn(x, t)[0], None), x_T, ts)
         return x
     n = ts.shape[0]
     if n % record_every:
         raise ValueError(f"record_every={record_every} must divide the {n} steps of the chain")
 
     def chunk(x, ts_chunk):
-        x, preds = jax.lax.scan(body, x, ts_chunk)
+        x, preds = jax.lax.scan(step_fn, x, ts_chunk)
         return x, (x, preds[-1])
 
     x, (xs, x0s) = jax.lax.scan(chunk, x_T, ts.reshape(n // record_every, record_every))

@@ -15,7 +15,6 @@ so a run that stops and resumes draws exactly what an uninterrupted run draws.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import signal
 import sys
@@ -188,8 +187,8 @@ def check_workdir(workdir: str) -> str:
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, path: str) -> None:
     """A run resumes only with the settings that define its model, process and data."""
     current = json.loads(config_lib.to_json(config))
-    fixed = ["model", "diffusion", "data.dataset", "data.image_size", "data.channels", "seed",
-             "training.batch_size"]
+    fixed = ["model", "diffusion", "data.dataset", "data.image_size", "data.channels",
+             "data.random_flip", "data.split", "seed", "training.batch_size"]
     for key in fixed:
         a, b = _lookup(saved, key), _lookup(current, key)
         if a != b:
@@ -214,7 +213,7 @@ def _diff(a, b, key: str) -> str:
     return f"{key}: checkpoint {a!r}, config {b!r}"
 
 
-def abstract_state(config, graphdef, tx, sharding) -> TrainState:
+def abstract_state(config, tx, sharding) -> TrainState:
     """Shapes and shardings of the train state, without allocating it."""
     _, params = unet.abstract_model(config)
     state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
@@ -235,7 +234,7 @@ def restore_state(manager, step: int, abstract: TrainState) -> tuple[TrainState,
         ema_params=restored["ema_params"],
         opt_state=restored["opt_state"],
         nonfinite_steps=scalar(meta.get("nonfinite_steps", 0)),
-        first_nonfinite_step=scalar(-1),
+        first_nonfinite_step=scalar(meta.get("first_nonfinite_step", -1)),
     )
     return state, meta
 
@@ -246,6 +245,7 @@ def save_state(manager, state: TrainState, *, data_position: int, base_key, conf
         data_position=int(data_position),
         base_key=np.asarray(jax.random.key_data(base_key)).tolist(),
         nonfinite_steps=int(jax.device_get(state.nonfinite_steps)),
+        first_nonfinite_step=int(jax.device_get(state.first_nonfinite_step)),
     )
     checkpoints.save(manager, step, params=state.params, ema_params=state.ema_params,
                      opt_state=state.opt_state, meta=meta, config=config)
@@ -271,7 +271,7 @@ class MetricWriter:
             return
         if os.path.exists(self.path):
             with open(self.path) as f:
-                lines = [ln for ln in f if ln.strip() and json.loads(ln)["step"] <= resume_step]
+                lines = [ln for ln in f if _row_step(ln) <= resume_step]
             with open(self.path + ".tmp", "w") as f:
                 f.writelines(lines)
             os.replace(self.path + ".tmp", self.path)
@@ -298,6 +298,14 @@ class MetricWriter:
             self._tb.close()
 
 
+def _row_step(line: str) -> float:
+    """The step of a metrics.jsonl row; a torn last line (killed mid-write) counts as past."""
+    try:
+        return json.loads(line)["step"]
+    except (ValueError, KeyError, TypeError):
+        return float("inf")
+
+
 class PreemptionHandler:
     """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
 
@@ -310,6 +318,8 @@ class PreemptionHandler:
         self._previous = {}
 
     def __enter__(self):
+        if jax.process_count() > 1:
+            return self  # jax.distributed's preemption notifier owns SIGTERM
         for sig in (signal.SIGTERM, signal.SIGINT):
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
@@ -376,9 +386,16 @@ class Run:
             meta, saved_config = checkpoints.read_json_items(self.manager, self.resume_step)
             check_resume_config(saved_config, config, path)
         # The reader validates the dataset (name, prepared, image size) before any compile.
-        self.reader = input_pipeline.create_train_reader(
-            config, start_position=int(meta.get("data_position", 0)))
-        self.state, self.base_key = self._restore_or_init()
+        self.reader = None
+        try:
+            self.reader = input_pipeline.create_train_reader(
+                config, start_position=int(meta.get("data_position", 0)))
+            self.state, self.base_key = self._restore_or_init()
+        except BaseException:
+            self.manager.close()
+            if self.reader is not None:
+                self.reader.close()
+            raise
 
     def _restore_or_init(self):
         c = self.config
@@ -386,16 +403,35 @@ class Run:
             params = unet.split(unet.create_model(c, seed=c.seed))[1]
             state = jax.device_put(init_train_state(params, self.tx), self.replicated)
             return state, jax.device_put(jax.random.key(c.seed), self.replicated)
-        abstract = abstract_state(c, self.graphdef, self.tx, self.replicated)
+        abstract = abstract_state(c, self.tx, self.replicated)
         state, meta = restore_state(self.manager, self.resume_step, abstract)
         key = jax.random.wrap_key_data(np.asarray(meta["base_key"], np.uint32))
         return state, jax.device_put(key, self.replicated)
 
     def save(self) -> None:
-        save_state(self.manager, self.state, data_position=self.reader.position,
-                   base_key=self.base_key, config=self.config)
+        """Starts an asynchronous save; a failed write names the last committed step."""
+        try:
+            save_state(self.manager, self.state, data_position=self.reader.position,
+                       base_key=self.base_key, config=self.config)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, storage errors
+            raise self._save_failed(e) from None
+
+    def wait_for_save(self) -> None:
+        try:
+            self.manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - errors of the background save surface here
+            raise self._save_failed(e) from None
+
+    def _save_failed(self, e: Exception) -> checkpoints.CheckpointError:
+        committed = [s for s in self.manager.all_steps() if s != int(self.state.step)]
+        return checkpoints.CheckpointError(
+            f"saving the checkpoint of step {int(self.state.step)} failed "
+            f"({e.__class__.__name__}: {e}); the last committed checkpoint "
+            f"({max(committed, default='none')}) is intact: free space or fix the workdir "
+            "and rerun the same command to resume from it")
 
     def check_finite(self, metrics: dict[str, Any]) -> None:
+        """Stops the run at a non-finite step unless ``optim.skip_nonfinite``."""
         count = int(metrics["nonfinite_steps"])
         if count and not self.config.optim.skip_nonfinite:
             first = int(metrics["first_nonfinite_step"])
@@ -404,9 +440,11 @@ class Run:
                 f"saved after it); lower optim.lr or set optim.skip_nonfinite=True")
 
     def close(self) -> None:
-        self.manager.wait_until_finished()
-        self.manager.close()
-        self.reader.close()
+        try:
+            self.wait_for_save()
+        finally:
+            self.manager.close()
+            self.reader.close()
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
@@ -420,77 +458,96 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
     return run.state
 
 
-def _train_loop(run: Run, preemption: PreemptionHandler) -> None:
-    from tqdm.auto import tqdm  # noqa: PLC0415
+class ProgressLog:
+    """Progress bar, metric rows and the non-finite check of the loop.
 
+    Device metrics are fetched one step late (after the next step is dispatched), so logging
+    never leaves the devices idle.
+    """
+
+    def __init__(self, run: Run, start: int):
+        from tqdm.auto import tqdm  # noqa: PLC0415
+
+        self.run, self.batch_size = run, run.config.training.batch_size
+        self.log_every = run.config.training.log_every
+        self.writer = MetricWriter(run.workdir, resume_step=start, enabled=run.is_main)
+        self.bar = tqdm(total=run.config.training.num_train_steps, initial=start, unit="step",
+                        disable=not run.is_main, dynamic_ncols=True, file=sys.stderr)
+        self.clock = (time.time(), start)
+        self.pending = None
+
+    def step_done(self, step: int, metrics: dict[str, jax.Array], *, last: bool) -> None:
+        self.flush()  # the previous log step: the devices are already busy with this one
+        self.bar.update(1)
+        if step % self.log_every == 0 or last:
+            self.pending = (step, metrics)
+
+    def flush(self) -> None:
+        if self.pending is None:
+            return
+        (step, metrics), self.pending = self.pending, None
+        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        now = time.time()
+        rate = (step - self.clock[1]) / max(now - self.clock[0], 1e-9)
+        self.clock = (now, step)
+        self.writer.write(step, dict(
+            loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"], steps_per_sec=rate,
+            images_per_sec=rate * self.batch_size, nonfinite_steps=m["nonfinite_steps"]))
+        self.bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate * self.batch_size:.0f}")
+        self.run.check_finite(m)
+
+    def close(self) -> None:
+        self.bar.close()
+        self.writer.close()
+
+
+def _train_loop(run: Run, preemption: PreemptionHandler) -> None:
     c, t = run.config, run.config.training
     start = run.resume_step or 0
     if run.is_main:
         with open(os.path.join(run.workdir, "config.json"), "w") as f:
             f.write(config_lib.to_json(c))
-        logging.info("%s at step %d, %d parameters, mesh %s", "resuming" if start else "starting",
-                     start, unet.count_params(run.state.params), dict(run.mesh.shape))
-    writer = MetricWriter(run.workdir, resume_step=start, enabled=run.is_main)
+        print(f"{'Resuming' if start else 'Starting'} at step {start}: "
+              f"{unet.count_params(run.state.params):,} parameters, {run.mesh.size} device(s), "
+              f"global batch {t.batch_size}, workdir {run.workdir}", file=sys.stderr, flush=True)
     sampler = api.DDPM(c, run.graphdef, run.state.ema_params, mesh=run.mesh)
     train_step = compile_train_step(
         make_train_step(c, run.graphdef, run.diffusion, run.tx), run.mesh, run.state)
-    bar = tqdm(total=t.num_train_steps, initial=start, disable=not run.is_main, unit="step",
-               dynamic_ncols=True, file=sys.stderr)
-    clock = dict(time=time.time(), step=start)
-    pending = None
-
-    def flush():
-        nonlocal pending
-        if pending is None:
-            return
-        step, metrics = pending
-        pending = None
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        rate = (step - clock["step"]) / max(now - clock["time"], 1e-9)
-        clock.update(time=now, step=step)
-        scalars = dict(loss=metrics["loss"], grad_norm=metrics["grad_norm"], lr=metrics["lr"],
-                       steps_per_sec=rate, images_per_sec=rate * t.batch_size,
-                       nonfinite_steps=metrics["nonfinite_steps"])
-        writer.write(step, scalars)
-        bar.set_postfix(loss=f"{scalars['loss']:.4f}", img_s=f"{rate * t.batch_size:.0f}")
-        run.check_finite(metrics)
-
-    for step in range(start, t.num_train_steps):
-        batch = input_pipeline.make_global_batch(next(run.reader), run.mesh)
-        run.state, metrics = train_step(run.state, batch, run.base_key)
-        flush()  # the previous log step's metrics: the devices are already busy with this one
-        s = step + 1
-        bar.update(1)
-        if s % t.log_every == 0 or s == t.num_train_steps:
-            pending = (s, metrics)
-        stop = preemption.should_stop(s)
-        if s % t.checkpoint_every == 0 or stop:
-            pending = pending or (s, metrics)
-            flush()
-            run.save()
-        if s % t.sample_every == 0 and s != t.num_train_steps:
-            _write_samples(run, sampler, s)
-        if stop:
-            run.manager.wait_until_finished()
-            bar.close()
-            raise Preempted(preemption.signum, s)
-    flush()
-    bar.close()
+    log = ProgressLog(run, start)
+    try:
+        for step in range(start, t.num_train_steps):
+            batch = input_pipeline.make_global_batch(next(run.reader), run.mesh)
+            run.state, metrics = train_step(run.state, batch, run.base_key)
+            s = step + 1
+            log.step_done(s, metrics, last=s == t.num_train_steps)
+            stop = preemption.should_stop(s)
+            if s % t.checkpoint_every == 0 or stop:
+                log.flush()
+                run.check_finite(metrics)  # a checkpoint never follows an unreported NaN
+                run.save()
+            if stop:
+                run.wait_for_save()
+                raise Preempted(preemption.signum, s)
+            if s % t.sample_every == 0 and s != t.num_train_steps:
+                _write_samples(run, sampler, s)
+        log.flush()
+    finally:
+        log.close()
     final = int(jax.device_get(run.state.step))
     if run.manager.latest_step() != final:
         run.save()
-    run.manager.wait_until_finished()
+    run.wait_for_save()
     grid = _write_samples(run, sampler, final)
-    writer.close()
-    _summary(run, writer, grid, final)
+    _summary(run, log.writer, grid, final)
 
 
 def _write_samples(run: Run, sampler: api.DDPM, step: int) -> str | None:
     """A grid of EMA samples (the same noise every time) as samples/step_<N>.png."""
     sampler.params = run.state.ema_params
     n = run.config.training.num_sample_images
-    imgs = sampler.sample(jax.random.key(run.config.seed + 1), n)
+    s = run.config.sampling
+    imgs = sampler.sample(jax.random.key(run.config.seed + 1), n, sampler=s.sampler,
+                          num_steps=s.num_steps, eta=s.eta)
     if not run.is_main:
         return None
     return images.save_grid(os.path.join(run.workdir, "samples", f"step_{step:07d}.png"), imgs)

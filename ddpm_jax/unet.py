@@ -117,8 +117,9 @@ class AttnBlock(nnx.Module):
         B, H, W, C = x.shape
         h = self.norm(x)
         q, k, v = self.q(h), self.k(h), self.v(h)
-        w = jnp.einsum("bhwc,bHWc->bhwHW", q, k) * (C**-0.5)
-        w = jax.nn.softmax(w.reshape(B, H, W, H * W).astype(jnp.float32), axis=-1)
+        # Logits and softmax in float32 whatever the activation dtype.
+        w = jnp.einsum("bhwc,bHWc->bhwHW", q.astype(jnp.float32), k.astype(jnp.float32))
+        w = jax.nn.softmax(w.reshape(B, H, W, H * W) * (C**-0.5), axis=-1)
         w = w.reshape(B, H, W, H, W).astype(v.dtype)
         h = jnp.einsum("bhwHW,bHWc->bhwc", w, v)
         return x + self.proj_out(h)
@@ -156,7 +157,6 @@ class Level(nnx.Module):
             setattr(self, f"block_{j}", block)
         for j, attn in attns.items():
             setattr(self, f"attn_{j}", attn)
-        self.num_blocks = len(blocks)
         if resample is not None:
             setattr(self, resample[0], resample[1])
 

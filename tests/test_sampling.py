@@ -233,6 +233,15 @@ def test_generate_writes_files_and_resumes_a_killed_run(model, tmp_path, monkeyp
                              num_steps=5, progress=False)
     assert calls == [2]  # only the missing batch was sampled
     np.testing.assert_array_equal(np.load(path)["images"], expected)
-    # Other settings in the same place are refused instead of overwriting.
-    with pytest.raises(generate.SampleSpecError, match="other settings"):
-        generate.generate(model, out, num_samples=5, batch_size=2, seed=1, progress=False)
+    # Finished samples of other settings are moved aside, never overwritten.
+    generate.generate(model, out, num_samples=2, batch_size=2, seed=1, sampler="ddim",
+                      num_steps=5, progress=False)
+    np.testing.assert_array_equal(
+        np.load(os.path.join(out, "previous_samples", "0", "samples.npz"))["images"], expected)
+    assert np.load(os.path.join(out, "samples.npz"))["images"].shape[0] == 2
+    # An unfinished run of other settings is refused.
+    os.makedirs(os.path.join(out, generate.SHARDS))
+    with open(os.path.join(out, generate.SHARDS, "spec.json"), "w") as f:
+        json.dump({"seed": 7}, f)
+    with pytest.raises(generate.SampleSpecError, match="unfinished run with other settings"):
+        generate.generate(model, out, num_samples=5, batch_size=2, seed=3, progress=False)

@@ -1,0 +1,176 @@
+"""Sampler throughput in images/s, without running all T steps of the ancestral chain.
+
+  python -m ddpm_jax.benchmarks.sampling --config=cifar10 --batch=16 --timed_steps=20
+
+The model is ``ddpm_jax.create(config)``: random weights, which cost exactly what trained ones
+cost. Three measurements, each the median of ``--num_runs`` timed runs after one untimed run,
+ended by ``block_until_ready``:
+
+* scan: the ancestral sampler (``sampling.sample_loop``, one ``lax.scan``) on the first K =
+  ``--timed_steps`` steps of the process (``sampling.respace(d, betas, arange(K))``: the same
+  betas, so each step costs what a step of the full chain costs). Nothing is subtracted (the
+  x_T draw is included); seconds per step = time / K, extrapolated to the config's T steps.
+* loop: the same K steps as a Python loop over a jitted single ``sampling.p_sample`` step (the
+  usual way of other implementations), to compare dispatch per step with one scan.
+* DDIM: ``sampling.ddim_sample_loop`` with ``--ddim_steps`` steps (eta 0), run in full.
+
+A short table goes to stdout, then one JSON line with every figure.
+"""
+
+from __future__ import annotations
+
+import importlib
+import json
+import os
+import statistics
+import time
+from collections.abc import Callable, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from absl import app, flags
+
+import ddpm_jax
+from ddpm_jax import config_lib, sampling, schedules
+
+_CONFIG = flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
+_BATCH = flags.DEFINE_integer("batch", 16, "Images per chain.")
+_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20, "K: ancestral steps run by scan and loop.")
+_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 50, "Steps of the DDIM chain (run in full).")
+_NUM_RUNS = flags.DEFINE_integer("num_runs", 3, "Timed runs of each chain (median reported).")
+_DTYPE = flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
+                           "Override config.model.dtype (activation dtype).")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the noise.")
+
+
+def load_config(name: str, dtype: str | None = None):
+    """The locked config of ``configs/<name>.py``, with ``model.dtype`` overridden if given."""
+    config = importlib.import_module(f"configs.{name}").get_config()
+    if dtype is not None:
+        config.model.dtype = dtype
+    return config
+
+
+def median_seconds(fn: Callable[[], jax.Array], num_runs: int) -> float:
+    """Median wall time of ``fn()`` to a ready result, after one untimed call."""
+    fn().block_until_ready()
+    times = []
+    for _ in range(num_runs):
+        start = time.perf_counter()
+        fn().block_until_ready()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
+
+
+def compile_seconds(fn, *args):
+    """(compiled ``jax.jit(fn)`` for ``args``, seconds to lower and compile it)."""
+    start = time.perf_counter()
+    compiled = jax.jit(fn).lower(*args).compile()
+    return compiled, time.perf_counter() - start
+
+
+def scan_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
+    """``(params, key) -> x_0`` of the ancestral scan over the first ``num_steps`` steps."""
+    c = model.config.diffusion
+    betas = schedules.get_beta_schedule(c.beta_schedule, beta_start=c.beta_start,
+                                        beta_end=c.beta_end, num_timesteps=c.num_timesteps)
+    short, _ = sampling.respace(model.diffusion, betas, np.arange(num_steps))
+    shape = (batch,) + model.image_shape
+    clip = model.config.sampling.clip_denoised
+    return lambda params, key: sampling.sample_loop(
+        short, model.model_fn(params), key, shape, clip_denoised=clip)
+
+
+def ddim_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
+    """``(params, key) -> x_0`` of DDIM (eta 0) with ``num_steps`` steps."""
+    shape = (batch,) + model.image_shape
+    clip = model.config.sampling.clip_denoised
+    return lambda params, key: sampling.ddim_sample_loop(
+        model.diffusion, model.model_fn(params), key, shape, num_steps=num_steps, eta=0.0,
+        clip_denoised=clip)
+
+
+def single_step(model: ddpm_jax.DDPM):
+    """``(params, x_t, t, key) -> x_{t-1}``: one ancestral step with its noise, as the scan."""
+    clip = model.config.sampling.clip_denoised
+
+    def step(params, x, t, key):
+        tb = jnp.full((x.shape[0],), t, jnp.int32)
+        noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
+        return sampling.p_sample(model.diffusion, model.model_fn(params), x, tb, noise,
+                                 clip_denoised=clip)[0]
+
+    return step
+
+
+def measure(model: ddpm_jax.DDPM, batch: int, k: int, ddim_steps: int, num_runs: int,
+            key: jax.Array) -> dict:
+    """Compiles and times the three chains; returns the figures."""
+    params = model.params
+    scan, scan_compile = compile_seconds(scan_chain(model, batch, k), params, key)
+    ddim, ddim_compile = compile_seconds(ddim_chain(model, batch, ddim_steps), params, key)
+    x_T = sampling.initial_noise(key, (batch,) + model.image_shape)
+    step, step_compile = compile_seconds(single_step(model), params, x_T, np.int32(0), key)
+
+    def loop():
+        x = sampling.initial_noise(key, x_T.shape)
+        for t in range(k - 1, -1, -1):
+            x = step(params, x, np.int32(t), key)
+        return x
+
+    scan_s = median_seconds(lambda: scan(params, key), num_runs)
+    loop_s = median_seconds(loop, num_runs)
+    ddim_s = median_seconds(lambda: ddim(params, key), num_runs)
+    T = model.config.diffusion.num_timesteps
+    return dict(
+        T=T, timed_steps=k, ddim_steps=ddim_steps,
+        scan_compile_s=scan_compile, loop_step_compile_s=step_compile,
+        ddim_compile_s=ddim_compile,
+        scan_step_s=scan_s / k, loop_step_s=loop_s / k, loop_over_scan=loop_s / scan_s,
+        ancestral_chain_s=T * scan_s / k, ancestral_images_per_s=batch * k / (T * scan_s),
+        loop_images_per_s=batch * k / (T * loop_s),
+        ddim_chain_s=ddim_s, ddim_step_s=ddim_s / ddim_steps, ddim_images_per_s=batch / ddim_s,
+    )
+
+
+def report(name: str, model: ddpm_jax.DDPM, batch: int, num_runs: int, r: dict) -> dict:
+    """Prints the table and returns the JSON record."""
+    print(f"Sampling: config {name}, batch {batch}, {model.num_params:,} parameters (random "
+          f"weights: timing only), dtype {model.config.model.dtype}, "
+          f"{jax.devices()[0].platform} x{jax.device_count()}, median of {num_runs} runs")
+    print(f"  {'chain':<34} {'compile s':>10} {'s / step':>10} {'s / batch':>10} "
+          f"{'images/s':>10}")
+    rows = [
+        (f"ancestral scan (K={r['timed_steps']} -> T={r['T']})", r["scan_compile_s"],
+         r["scan_step_s"], r["ancestral_chain_s"], r["ancestral_images_per_s"]),
+        (f"ancestral loop (K={r['timed_steps']} -> T={r['T']})", r["loop_step_compile_s"],
+         r["loop_step_s"], r["T"] * r["loop_step_s"], r["loop_images_per_s"]),
+        (f"DDIM {r['ddim_steps']} steps (run in full)", r["ddim_compile_s"], r["ddim_step_s"],
+         r["ddim_chain_s"], r["ddim_images_per_s"]),
+    ]
+    for label, compile_s, step_s, chain_s, rate in rows:
+        print(f"  {label:<34} {compile_s:>10.2f} {step_s:>10.4g} {chain_s:>10.4g} {rate:>10.4g}")
+    print(f"  loop / scan time per step: {r['loop_over_scan']:.3f}")
+    return dict(benchmark="sampling", config=name, batch=batch, dtype=model.config.model.dtype,
+                params=model.num_params, platform=jax.devices()[0].platform,
+                devices=jax.device_count(), num_runs=num_runs, **r)
+
+
+def main(argv: Sequence[str]) -> None:
+    """Measures the samplers of --config and prints the table and a JSON line."""
+    del argv
+    name = os.path.splitext(os.path.basename(_CONFIG.value))[0]
+    config = load_config(name, _DTYPE.value)
+    T, k = config.diffusion.num_timesteps, _TIMED_STEPS.value
+    if not 2 <= k <= T:
+        raise app.UsageError(f"--timed_steps must be in [2, {T}], got {k}")
+    sampling.ddim_timesteps(T, _DDIM_STEPS.value)  # validates --ddim_steps
+    model = ddpm_jax.create(config, seed=_SEED.value)
+    key = jax.random.key(_SEED.value + 1)
+    r = measure(model, _BATCH.value, k, _DDIM_STEPS.value, _NUM_RUNS.value, key)
+    print(json.dumps(report(name, model, _BATCH.value, _NUM_RUNS.value, r)))
+
+
+if __name__ == "__main__":
+    app.run(main)

@@ -1,0 +1,369 @@
+"""Nothing is lost: bit-exact resume, preemption, kills during saves, other meshes, refusals."""
+
+import errno
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from conftest import ROOT, run_python
+
+from configs import test as test_config
+from ddpm_jax import checkpoints, config_lib, input_pipeline, training
+
+
+def _train_cmd(workdir, digits_dir, *overrides, steps=None):
+    extra = [] if steps is None else []
+    return ["train.py", "--config=configs/test.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={digits_dir}", *extra, *overrides]
+
+
+def _leaves(workdir, step):
+    """Every array of a committed step, read back with Orbax (no config needed)."""
+    manager = checkpoints.create_manager(os.path.join(workdir, "checkpoints"), read_only=True)
+    out = {}
+    for item in checkpoints.ARRAY_ITEMS:
+        restored = manager.restore(step, args=checkpoints.ocp.args.Composite(
+            **{item: checkpoints.ocp.args.StandardRestore()}))[item]
+        for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
+            out[f"{item}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
+    meta, _ = checkpoints.read_json_items(manager, step)
+    manager.close()
+    return out, meta
+
+
+def _losses(workdir):
+    with open(os.path.join(workdir, "metrics.jsonl")) as f:
+        return {r["step"]: r["loss"] for r in map(json.loads, f)}
+
+
+def _assert_same_run(a, b, step):
+    leaves_a, meta_a = _leaves(a, step)
+    leaves_b, meta_b = _leaves(b, step)
+    assert leaves_a.keys() == leaves_b.keys() and len(leaves_a) > 50
+    for name in leaves_a:
+        np.testing.assert_array_equal(leaves_a[name], leaves_b[name], err_msg=name)
+    assert meta_a == meta_b
+    assert _losses(a) == _losses(b)  # every logged loss, bit for bit
+
+
+def test_resume_is_bit_exact_and_resuming_at_the_end_is_a_no_op(digits_dir, tmp_path):
+    straight, resumed = tmp_path / "straight", tmp_path / "resumed"
+    proc = run_python(_train_cmd(straight, digits_dir, "--config.training.num_train_steps=6"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    for steps in (3, 6, 6):  # K, then 2K in a fresh process, then again at the end
+        proc = run_python(_train_cmd(resumed, digits_dir, "--config.training.checkpoint_every=3",
+                                     steps=steps))
+        assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(straight, resumed, 6)
+    assert "Resuming at step 6" in proc.stderr
+
+
+def _wait_for(predicate, proc, timeout=240.0, poll=0.01):
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if proc.poll() is not None:
+            return False
+        time.sleep(poll)
+    return False
+
+
+def _popen(args, **kwargs):
+    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
+
+
+def _logged_steps(workdir):
+    path = os.path.join(workdir, "metrics.jsonl")
+    return len(open(path).readlines()) if os.path.exists(path) else 0
+
+
+def test_sigterm_saves_the_current_step_and_resumes_exactly(digits_dir, tmp_path):
+    workdir = tmp_path / "preempted"
+    proc = _popen(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
+                             "--config.training.checkpoint_every=100000"))
+    assert _wait_for(lambda: _logged_steps(workdir) >= 3, proc), proc.communicate()[1][-3000:]
+    seen = _logged_steps(workdir)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == training.EXIT_PREEMPTED, err[-3000:]
+    ckpts = os.listdir(workdir / "checkpoints")
+    steps = [int(s) for s in ckpts if s.isdigit()]
+    assert len(steps) == 1 and steps[0] >= seen  # no step lost
+    assert not [n for n in ckpts if "tmp" in n]  # the save was committed before exiting
+    assert f"checkpoint of step {steps[0]} is committed" in err
+    k = steps[0]
+    # Resume to K + 2 and compare with a run that never stopped.
+    proc = run_python(_train_cmd(workdir, digits_dir, steps=k + 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    straight = tmp_path / "straight"
+    proc = run_python(_train_cmd(straight, digits_dir, "--config.training.checkpoint_every=100000",
+                                 steps=k + 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    _assert_same_run(straight, workdir, k + 2)
+
+
+def test_sigkill_during_a_save_resumes_from_the_last_committed_step(digits_dir, tmp_path):
+    workdir = tmp_path / "killed"
+    ckpt_dir = workdir / "checkpoints"
+    proc = _popen(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
+                             "--config.training.checkpoint_every=1",
+                             "--config.training.max_to_keep=100"))
+
+    def saving():
+        names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
+        return any("tmp" in n for n in names) and any(n.isdigit() for n in names)
+
+    caught = _wait_for(saving, proc, poll=0.002)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.communicate(timeout=60)
+    assert caught, "no save in flight was observed"
+    committed = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
+    last = committed[-1]
+    # The restarted run resumes from the last committed step and saves normally afterwards.
+    proc = run_python(_train_cmd(workdir, digits_dir, "--config.training.checkpoint_every=1",
+                                 "--config.training.max_to_keep=100", steps=last + 2))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert f"Resuming at step {last}" in proc.stderr
+    names = os.listdir(ckpt_dir)
+    assert not [n for n in names if "tmp" in n]
+    assert {last + 1, last + 2} <= {int(n) for n in names if n.isdigit()}
+
+
+_SAVE_8 = """
+import json, sys, jax, numpy as np
+from configs import test as test_config
+from ddpm_jax import training
+config = test_config.get_config()
+config.data.data_dir = sys.argv[1]
+config.training.batch_size = 8
+config.training.num_train_steps = 2
+training.train_and_evaluate(config, sys.argv[2])
+"""
+
+_RESTORE = """
+import json, sys, jax, numpy as np
+from configs import test as test_config
+from ddpm_jax import training
+config = test_config.get_config()
+config.data.data_dir = sys.argv[1]
+config.training.batch_size = 8
+config.training.num_train_steps = 2
+run = training.Run(config, sys.argv[2])
+assert run.mesh.size == jax.device_count() == int(sys.argv[3])
+state = run.state
+leaves = jax.tree_util.tree_flatten_with_path(
+    dict(params=state.params, ema=state.ema_params, opt=state.opt_state))[0]
+print(json.dumps({jax.tree_util.keystr(p): np.asarray(v).tolist() for p, v in leaves}))
+run.close()
+"""
+
+
+def test_checkpoint_from_8_devices_restores_on_1_and_4(digits_dir, tmp_path):
+    workdir = str(tmp_path / "eight")
+    proc = run_python(["-c", _SAVE_8, digits_dir, workdir], devices=8)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    trees = {}
+    for n in (8, 1, 4):
+        proc = run_python(["-c", _RESTORE, digits_dir, workdir, str(n)], devices=n)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        trees[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert trees[1].keys() == trees[8].keys() == trees[4].keys()
+    for key in trees[8]:
+        assert trees[1][key] == trees[8][key] == trees[4][key], key
+
+
+# ---------------------------------------------------------------------------------------------
+# Refusals.
+# ---------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, digits_dir):
+    """A committed 2-step run of the test config."""
+    config = test_config.get_config()
+    config.data.data_dir = digits_dir
+    config.training.num_train_steps = 2
+    workdir = str(tmp_path_factory.mktemp("trained"))
+    training.train_and_evaluate(config, workdir)
+    return config, workdir
+
+
+def _copy(workdir, tmp_path):
+    import shutil
+
+    dst = str(tmp_path / "copy")
+    shutil.copytree(workdir, dst)
+    return dst
+
+
+def test_resume_with_a_different_model_config_is_refused(trained, tmp_path):
+    config, workdir = trained
+    config = test_config.get_config()
+    config.data.data_dir = trained[0].data.data_dir
+    config.model.ch = 64
+    with pytest.raises(checkpoints.CheckpointError, match=r"model\.ch: checkpoint 32, config 64"):
+        training.Run(config, workdir)
+
+
+def test_shape_mismatch_names_the_path_and_both_shapes(trained):
+    _, workdir = trained
+    manager = checkpoints.create_manager(os.path.join(workdir, "checkpoints"), read_only=True)
+    from ddpm_jax import unet
+
+    other = test_config.get_config()
+    other.model.ch = 64
+    _, abstract = unet.abstract_model(other)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"ema_params/conv_in/bias has shape \(32,\) in the checkpoint but "
+                             r"\(64,\) in the config"):
+        checkpoints.restore(manager, 2, {"ema_params": abstract})
+
+
+@pytest.mark.parametrize("damage", ["delete_array_dir", "truncate_data", "delete_meta"])
+def test_damaged_checkpoint_is_refused_with_its_path(trained, tmp_path, damage):
+    import ddpm_jax
+
+    _, workdir = trained
+    workdir = _copy(workdir, tmp_path)
+    step_dir = os.path.join(workdir, "checkpoints", "2")
+    if damage == "delete_array_dir":
+        import shutil
+
+        shutil.rmtree(os.path.join(step_dir, "ema_params", "d"))
+    elif damage == "truncate_data":
+        for root, _, files in os.walk(os.path.join(step_dir, "ema_params")):
+            for name in files:
+                path = os.path.join(root, name)
+                if os.path.getsize(path) > 1000:
+                    with open(path, "r+b") as f:
+                        f.truncate(100)
+    else:
+        os.remove(os.path.join(step_dir, "meta", "metadata"))
+    with pytest.raises(checkpoints.CheckpointError, match=r"checkpoint .*/2 is damaged"):
+        ddpm_jax.load(workdir)
+
+
+def test_unwritable_workdir_is_refused(tmp_path, test_cfg):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    with pytest.raises(config_lib.ConfigError, match="is not writable"):
+        training.Run(test_cfg, str(blocker / "run"))
+
+
+def test_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypatch):
+    config, workdir = trained
+    workdir = _copy(workdir, tmp_path)
+    config = test_config.get_config()
+    config.data.data_dir = trained[0].data.data_dir
+    config.training.num_train_steps = 4
+
+    def disk_full(*args, **kwargs):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(checkpoints, "save", disk_full)
+    with pytest.raises(checkpoints.CheckpointError,
+                       match=r"step 4 failed .*No space left.*checkpoint \(2\) is intact"):
+        training.train_and_evaluate(config, workdir)
+    monkeypatch.undo()
+    assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
+    import ddpm_jax
+
+    assert ddpm_jax.load(workdir).step == 2
+
+
+class _Poisoned:
+    """A reader whose batch number ``position`` (1-based) is all NaN."""
+
+    def __init__(self, reader, position):
+        self.reader, self.poison_at = reader, position
+
+    def __next__(self):
+        batch = next(self.reader)
+        return batch * np.nan if self.reader.position == self.poison_at else batch
+
+    def __getattr__(self, name):
+        return getattr(self.reader, name)
+
+
+def _poison(monkeypatch, position):
+    real = input_pipeline.create_train_reader
+    monkeypatch.setattr(input_pipeline, "create_train_reader",
+                        lambda *a, **k: _Poisoned(real(*a, **k), position))
+
+
+def test_nan_stops_the_run_without_a_bad_checkpoint(test_cfg, tmp_path, monkeypatch):
+    _poison(monkeypatch, 3)
+    test_cfg.training.num_train_steps = 6
+    with pytest.raises(training.NonFiniteError, match="non-finite loss or gradient at step 3"):
+        training.train_and_evaluate(test_cfg, str(tmp_path))
+    assert sorted(os.listdir(tmp_path / "checkpoints")) == ["2"]  # nothing saved after it
+    leaves, _ = _leaves(str(tmp_path), 2)
+    assert all(np.all(np.isfinite(v)) for v in leaves.values())
+
+
+def test_skip_nonfinite_keeps_training(test_cfg, tmp_path, monkeypatch):
+    _poison(monkeypatch, 2)
+    test_cfg.optim.skip_nonfinite = True
+    state = training.train_and_evaluate(test_cfg, str(tmp_path))
+    assert int(state.step) == 4 and int(state.nonfinite_steps) == 1
+    rows = [json.loads(x) for x in open(tmp_path / "metrics.jsonl")]
+    assert rows[-1]["nonfinite_steps"] == 1
+
+
+def test_exploding_run_exits_with_code_3(digits_dir, tmp_path):
+    proc = run_python(_train_cmd(tmp_path, digits_dir, "--config.optim.lr=1e30",
+                                 "--config.training.num_train_steps=20"))
+    assert proc.returncode == training.EXIT_NONFINITE, proc.stderr[-3000:]
+    assert re.search(r"error: non-finite loss or gradient at step \d+", proc.stderr)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("--config.model.unknown_key=1", "unknown_key"),
+        ("--config.model.ch=wide", "model.ch"),
+        ("--config.optim.warmup=100", "optim.warmup=100 is larger than"),
+        ("--config.diffusion.beta_schedule=cosin", "beta_schedule='cosin' is not one of"),
+        ("--config.data.dataset=imagenet", "unknown dataset"),
+        ("--config.data.channels=3", "config.data.channels=3 does not match digits"),
+        ("--config.sampling.num_steps=5000", "sampling.num_steps must be"),
+    ],
+)
+def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override, message):
+    proc = run_python(_train_cmd(tmp_path / "w", digits_dir, override), timeout=120)
+    assert proc.returncode != 0
+    assert message in proc.stderr
+    assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
+        tmp_path / "w" / "checkpoints")
+
+
+def test_batch_not_divisible_by_devices_is_refused(digits_dir, tmp_path):
+    proc = run_python(_train_cmd(tmp_path, digits_dir, "--config.training.batch_size=12"),
+                      devices=8, timeout=120)
+    assert proc.returncode == training.EXIT_CONFIG
+    line = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert len(line) == 1 and "12" in line[0] and "8" in line[0]
+
+
+def test_no_pickle_anywhere():
+    pattern = re.compile(
+        r"pickle\.loads?\(|allow_pickle\s*=\s*True|torch\.load\((?![^)]*weights_only=True)")
+    offenders = []
+    for folder in ("ddpm_jax", "configs"):
+        for root, _, files in os.walk(os.path.join(ROOT, folder)):
+            offenders += [os.path.join(root, f) for f in files if f.endswith(".py")
+                          and pattern.search(open(os.path.join(root, f)).read())]
+    offenders += [f for f in ("train.py", "sample.py")
+                  if pattern.search(open(os.path.join(ROOT, f)).read())]
+    assert not offenders
