@@ -19,7 +19,7 @@ from ddpm_jax import checkpoints, config_lib, input_pipeline, training
 
 
 def _train_cmd(workdir, digits_dir, *overrides, steps=None):
-    extra = [] if steps is None else []
+    extra = [] if steps is None else [f"--config.training.num_train_steps={steps}"]
     return ["train.py", "--config=configs/test.py", f"--workdir={workdir}",
             f"--config.data.data_dir={digits_dir}", *extra, *overrides]
 
