@@ -242,6 +242,10 @@ class DDPM:
 
         T network evaluations per batch (one compiled scan, ``diffusion.calc_bpd_loop``).
         """
+        return self.bound_terms(images, key)["total_bpd"]
+
+    def bound_terms(self, images, key) -> dict[str, jax.Array]:
+        """Every output of ``diffusion.calc_bpd_loop`` (total, prior and per-t terms)."""
         images = np.asarray(images)
         if images.dtype != np.uint8:
             raise ValueError(f"bits_per_dim takes uint8 images, got {images.dtype}")
@@ -251,7 +255,7 @@ class DDPM:
             def bpd(params, x, key):
                 return diffusion.calc_bpd_loop(
                     self.diffusion, self.model_fn(params), x, key,
-                    clip_denoised=self.config.sampling.clip_denoised)["total_bpd"]
+                    clip_denoised=self.config.sampling.clip_denoised)
 
             self._cache["bpd"] = jax.jit(bpd)
         return self._cache["bpd"](self.params, x, key)

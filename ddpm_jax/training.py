@@ -475,10 +475,19 @@ class ProgressLog:
                         disable=not run.is_main, dynamic_ncols=True, file=sys.stderr)
         self.clock = (time.time(), start)
         self.pending = None
+        self.previous = None  # the loss of the last dispatched step
 
     def step_done(self, step: int, metrics: dict[str, jax.Array], *, last: bool) -> None:
+        """Called right after step ``step`` is dispatched.
+
+        Waits for the previous step only (one step stays queued on the devices), so the bar
+        counts finished steps and its rate and ETA are true.
+        """
+        if self.previous is not None:
+            self.previous.block_until_ready()
+            self.bar.update(1)
+        self.previous = metrics["loss"]
         self.flush()  # the previous log step: the devices are already busy with this one
-        self.bar.update(1)
         if step % self.log_every == 0 or last:
             self.pending = (step, metrics)
 
@@ -497,6 +506,9 @@ class ProgressLog:
         self.run.check_finite(m)
 
     def close(self) -> None:
+        if self.previous is not None:
+            self.previous.block_until_ready()
+            self.bar.update(1)
         self.bar.close()
         self.writer.close()
 
