@@ -362,7 +362,7 @@ def maybe_initialize_distributed() -> None:
 
 
 class Run:
-    """The pieces of one training run, built by ``setup`` before anything compiles."""
+    """The pieces of one training run, all checked and built before anything compiles."""
 
     def __init__(self, config, workdir):
         config_lib.validate(config)
