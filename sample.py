@@ -38,7 +38,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
         raise app.UsageError("give exactly one of --workdir or --checkpoint")
-    logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
+    logging.set_verbosity(logging.ERROR)  # Orbax reports every file, and read-only opens
     from ddpm_jax import api, checkpoints, generate
 
     source = FLAGS.workdir or FLAGS.checkpoint

@@ -60,7 +60,7 @@ def main(argv):
         raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     if FLAGS.workdir is None:
         raise app.UsageError("--workdir is required")
-    logging.set_verbosity(logging.WARNING)
+    logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
     try:
         model = api.load(FLAGS.workdir, ema=not FLAGS.raw)
         config = model.config
