@@ -213,9 +213,13 @@ def _diff(a, b, key: str) -> str:
     return f"{key}: checkpoint {a!r}, config {b!r}"
 
 
-def abstract_state(config, tx, sharding) -> TrainState:
-    """Shapes and shardings of the train state, without allocating it."""
-    _, params = unet.abstract_model(config)
+def abstract_state(config, tx, sharding, params=None) -> TrainState:
+    """Shapes and shardings of the train state, without allocating it.
+
+    ``params``: the abstract parameters, when already built (``unet.abstract_model``).
+    """
+    if params is None:
+        _, params = unet.abstract_model(config)
     state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
     return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
                         state)
@@ -378,7 +382,7 @@ class Run:
         self.replicated = NamedSharding(self.mesh, P())
         self.tx = create_optimizer(config)
         self.diffusion = diffusion.Diffusion.from_config(config)
-        self.graphdef, _ = unet.abstract_model(config)
+        self.graphdef, self._abstract_params = unet.abstract_model(config)
         self.resume_step = self.manager.latest_step()
         meta = {}
         if self.resume_step is not None:
@@ -403,7 +407,7 @@ class Run:
             params = unet.split(unet.create_model(c, seed=c.seed))[1]
             state = jax.device_put(init_train_state(params, self.tx), self.replicated)
             return state, jax.device_put(jax.random.key(c.seed), self.replicated)
-        abstract = abstract_state(c, self.tx, self.replicated)
+        abstract = abstract_state(c, self.tx, self.replicated, self._abstract_params)
         state, meta = restore_state(self.manager, self.resume_step, abstract)
         key = jax.random.wrap_key_data(np.asarray(meta["base_key"], np.uint32))
         return state, jax.device_put(key, self.replicated)
