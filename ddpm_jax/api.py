@@ -212,8 +212,7 @@ class DDPM:
         The trajectories are ``[N, K, H, W, C]`` with K = steps / every.
         """
         fn = self._sampler(sampler, num_steps, eta, num_samples, record_every=every)
-        x_T = None
-        x0, xs, x0s = fn(self.params, key, x_T)
+        x0, xs, x0s = fn(self.params, key, None)  # x_T drawn inside the chain from key
         to8 = lambda a: to_host(sampling.to_uint8(a))
         return to8(x0), np.swapaxes(to8(xs), 0, 1), np.swapaxes(to8(x0s), 0, 1)
 
