@@ -5,13 +5,14 @@
 
 Writes OUTPUT_DIR/samples.npz (uint8 NHWC, key ``images``), samples.png and samples.json;
 OUTPUT_DIR defaults to the workdir. A killed run resumes from its last finished batch when
-started again with the same flags.
+started again with the same flags. Every flag is checked before OUTPUT_DIR is touched. Paths may
+be ``gs://``; on several hosts, start the same command on every host (process flags as for
+train.py): every device of every process samples, process 0 writes.
 """
 
-import os
-import sys
+from absl import flags, logging
 
-from absl import app, flags, logging
+from ddpm_jax import cli
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Training workdir (its latest checkpoint is used).")
@@ -27,52 +28,53 @@ flags.DEFINE_integer("num_steps", None, "Steps S < T: DDIM / respaced chain on i
 flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: config.sampling.eta).")
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("progressive", False, "Also write progressive.png and trajectory.png.")
-flags.DEFINE_integer("progressive_every", None,
-                     "Chain steps between columns of the progressive strip (default: 10 columns).",
-                     lower_bound=1)
+flags.DEFINE_integer("progressive_every", None, "Chain steps between columns of the progressive "
+                     "strip; must divide the steps (default: about 10 columns).", lower_bound=1)
 flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
+cli.define_process_flags()
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
-    if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
-        raise app.UsageError("give exactly one of --workdir or --checkpoint")
-    logging.set_verbosity(logging.ERROR)  # Orbax reports every file, and read-only opens
-    from ddpm_jax import api, checkpoints, generate
+def sampler_spec(config):
+    """The sampler of the flags, completed from ``config.sampling`` and checked."""
+    from ddpm_jax import sampling  # noqa: PLC0415
 
-    source = FLAGS.workdir or FLAGS.checkpoint
-    try:
-        model = api.load(source, ema=not FLAGS.raw)
-    except checkpoints.CheckpointError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
-    c = model.config.sampling
+    c = config.sampling
     sampler = FLAGS.sampler or c.sampler
+    same = FLAGS.sampler in (None, c.sampler)
     num_steps = FLAGS.num_steps if FLAGS.num_steps is not None else (
-        c.num_steps if FLAGS.sampler in (None, c.sampler) else None)
-    eta = FLAGS.eta if FLAGS.eta is not None else c.eta
-    out = FLAGS.output_dir or FLAGS.workdir or os.path.dirname(
-        checkpoints.locate(FLAGS.checkpoint)[0])
-    print(f"{model.num_params:,} parameters, checkpoint step {model.step}, "
-          f"{sampler} sampler, {num_steps or model.config.diffusion.num_timesteps} "
-          f"steps; writing to {out}", flush=True)
-    try:
-        path = generate.generate(
-            model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed, sampler=sampler,
-            num_steps=num_steps, eta=eta, batch_size=FLAGS.batch_size)
-        extra = ""
-        if FLAGS.progressive:
-            p1, p2 = generate.write_progressive(
-                model, out, seed=FLAGS.seed, every=FLAGS.progressive_every,
-                sampler=sampler, num_steps=num_steps, eta=eta)
-            extra = f"\n  progressive:  {p1}\n  trajectory:   {p2}"
-    except (generate.SampleSpecError, ValueError, OSError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+        c.num_steps if same else None)
+    eta = FLAGS.eta if FLAGS.eta is not None else (c.eta if same else 0.0)
+    record = FLAGS.progressive_every if FLAGS.progressive else None
+    spec = sampling.SamplerSpec(sampler, num_steps, float(eta), c.clip_denoised, record)
+    spec.check(config.diffusion.num_timesteps)
+    return spec
+
+
+def main():
+    import dataclasses  # noqa: PLC0415
+
+    from ddpm_jax import api, checkpoints, generate  # noqa: PLC0415
+
+    if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
+        cli.fail("give exactly one of --workdir or --checkpoint")
+    logging.set_verbosity(logging.ERROR)  # Orbax reports every file, and read-only opens
+    cli.start_processes()
+    model = api.load(FLAGS.workdir or FLAGS.checkpoint, ema=not FLAGS.raw)
+    spec = sampler_spec(model.config)
+    out = FLAGS.output_dir or FLAGS.workdir or str(checkpoints.locate(FLAGS.checkpoint)[0].parent)
+    steps = spec.num_steps or model.config.diffusion.num_timesteps
+    print(f"{model.num_params:,} parameters, checkpoint step {model.step}, {spec.sampler} "
+          f"sampler, {steps} steps; writing to {out}", flush=True)
+    path = generate.generate(model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
+                             spec=dataclasses.replace(spec, record_every=None),
+                             batch_size=FLAGS.batch_size)
+    extra = ""
+    if FLAGS.progressive:
+        p1, p2 = generate.write_progressive(model, out, seed=FLAGS.seed, spec=spec)
+        extra = f"\n  progressive:  {p1}\n  trajectory:   {p2}"
     print(f"Wrote {FLAGS.num_samples} samples.\n  images:       {path} (key 'images')\n"
-          f"  grid:         {os.path.join(out, 'samples.png')}{extra}")
+          f"  grid:         {out}/samples.png{extra}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

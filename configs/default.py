@@ -61,6 +61,9 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every = 50_000
     training.max_to_keep = 3
     training.num_sample_images = 64  # images in each training-time sample grid
+    # Train steps per compiled call (a scan over k stacked batches): fewer dispatches, the same
+    # state as k single steps. log_every, checkpoint_every and sample_every must be multiples.
+    training.steps_per_dispatch = 1
 
     config.sampling = sampling = ml_collections.ConfigDict()
     sampling.sampler = "ancestral"

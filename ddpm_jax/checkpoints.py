@@ -5,18 +5,18 @@ A checkpoint step directory ``WORKDIR/checkpoints/<step>/`` holds the items
 - ``params``, ``ema_params``: the U-Net parameters (plain dicts of float32 arrays);
 - ``opt_state``: the optax state (absent in checkpoints made from imported weights);
 - ``meta``: JSON with ``step``, ``data_position`` (global batches consumed), ``base_key`` (the
-  run's raw PRNG key data) and ``nonfinite_steps``;
+  run's raw PRNG key data) and the non-finite step counters;
 - ``config``: the run's config as JSON.
 
 Orbax writes each step to a temporary directory and renames it when complete, so a step that
 was being written when the process died is never listed and never restored. Nothing here uses
-pickle: arrays are TensorStore/OCDBT files, the rest is JSON.
+pickle: arrays are TensorStore/OCDBT files, the rest is JSON. Directories may be local or
+``gs://`` (TensorStore and ``etils.epath`` speak both). Everything goes through Orbax's public
+``CheckpointManager`` API.
 """
 
 from __future__ import annotations
 
-import json
-import os
 from typing import Any
 
 import jax
@@ -25,14 +25,14 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import config_lib
+from ddpm_jax import config_lib, errors
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 JSON_ITEMS = ("meta", "config")
 CHECKPOINT_SUBDIR = "checkpoints"
 
 
-class CheckpointError(RuntimeError):
+class CheckpointError(errors.UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message names the problem and the fix."""
 
 
@@ -42,107 +42,201 @@ def _handlers() -> dict[str, Any]:
     return handlers
 
 
-def create_manager(
-    directory: str,
-    *,
-    max_to_keep: int | None = None,
-    read_only: bool = False,
-    async_save: bool = True,
-) -> ocp.CheckpointManager:
-    """A manager over ``directory`` (the ``checkpoints`` folder of a workdir)."""
-    options = ocp.CheckpointManagerOptions(
-        max_to_keep=max_to_keep,
-        create=not read_only,
-        read_only=read_only,
-        enable_async_checkpointing=async_save,
-        # Temporary folders of saves interrupted by a kill are removed at start-up.
-        cleanup_tmp_directories=not read_only,
-    )
-    return ocp.CheckpointManager(
-        os.path.abspath(directory), options=options, item_handlers=_handlers()
-    )
+def _damaged(path: str, what: str, e: BaseException) -> CheckpointError:
+    return CheckpointError(
+        f"checkpoint {path} is damaged ({what}: {e.__class__.__name__}: {str(e)[:200]}); "
+        f"move {path} aside to resume from the previous step")
 
 
-def save(
-    manager: ocp.CheckpointManager,
-    step: int,
-    *,
-    params,
-    ema_params,
-    opt_state=None,
-    meta: dict[str, Any],
-    config: ml_collections.ConfigDict,
-) -> None:
-    """Starts an (asynchronous) save of one step; ``manager.wait_until_finished()`` commits it."""
-    items = dict(
-        params=ocp.args.StandardSave(params),
-        ema_params=ocp.args.StandardSave(ema_params),
-        meta=ocp.args.JsonSave(dict(meta, step=int(step))),
-        config=ocp.args.JsonSave(json.loads(config_lib.to_json(config))),
-    )
-    if opt_state is not None:
-        items["opt_state"] = ocp.args.StandardSave(opt_state)
-    manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+def absolute(path) -> epath.Path:
+    """``path`` as an ``epath.Path``; local paths made absolute (``~`` expanded)."""
+    p = epath.Path(path)
+    return p if "://" in str(path) else p.expanduser().resolve()
 
 
-def step_dir(manager: ocp.CheckpointManager, step: int) -> str:
-    return os.path.join(str(manager.directory), str(step))
+def locate(path: str) -> tuple[epath.Path, int | None]:
+    """(checkpoints directory, step or None for the latest) for a workdir, a checkpoints
+    directory, or one step directory."""
+    p = absolute(path)
+    if not p.is_dir():
+        raise CheckpointError(f"no checkpoint at {p}: the directory does not exist")
+    if (p / CHECKPOINT_SUBDIR).is_dir():
+        return p / CHECKPOINT_SUBDIR, None
+    if (p / "meta").is_dir() and p.name.isdigit():
+        return p.parent, int(p.name)
+    if any(child.name.isdigit() for child in p.iterdir()):
+        return p, None
+    raise CheckpointError(
+        f"no checkpoint at {p}: expected a workdir (with {CHECKPOINT_SUBDIR}/), a "
+        "checkpoints directory, or one step directory")
 
 
-def read_json_items(manager: ocp.CheckpointManager, step: int) -> tuple[dict, dict]:
-    """(meta, config dict) of a step, or CheckpointError if they are missing or damaged."""
-    path = step_dir(manager, step)
-    out = []
-    for name in JSON_ITEMS:
-        file = os.path.join(path, name, "metadata")
+def check_empty(workdir: str) -> None:
+    """Refuses a workdir that already holds committed checkpoints (never written over)."""
+    directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    if directory.is_dir() and any(c.name.isdigit() for c in directory.iterdir()):
+        raise CheckpointError(f"{directory} already holds checkpoints; use an empty workdir")
+
+
+class Checkpointer:
+    """The checkpoints directory of one run: save, wait, restore and read back.
+
+    Saves are asynchronous; ``wait`` commits. A failed save (disk full, permissions, bucket
+    errors) becomes one ``CheckpointError`` naming the last committed step, which stays intact.
+    """
+
+    def __init__(self, directory, *, max_to_keep: int | None = None, read_only: bool = False,
+                 async_save: bool = True, path_step: int | None = None):
+        self.directory = str(absolute(directory))
+        self.path_step = path_step  # the step named by a step directory, if one was opened
+        self._saving: int | None = None
+        options = ocp.CheckpointManagerOptions(
+            max_to_keep=max_to_keep, create=not read_only, read_only=read_only,
+            enable_async_checkpointing=async_save,
+            # Temporary folders of saves interrupted by a kill are removed at start-up.
+            cleanup_tmp_directories=not read_only)
+        self._manager = ocp.CheckpointManager(absolute(directory), options=options,
+                                              item_handlers=_handlers())
+
+    @classmethod
+    def open(cls, path: str, *, read_only: bool = True) -> Checkpointer:
+        """The checkpoints of a workdir, a checkpoints directory or one step directory."""
+        directory, step = locate(path)
+        return cls(directory, read_only=read_only, path_step=step)
+
+    def __enter__(self) -> Checkpointer:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def steps(self) -> list[int]:
+        return sorted(self._manager.all_steps())
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def step_dir(self, step: int) -> str:
+        return str(epath.Path(self.directory) / str(step))
+
+    def resolve_step(self, step: int | None = None) -> int:
+        """``step``, else the step directory that was opened, else the latest committed step."""
+        steps = self.steps()
+        step = step if step is not None else (
+            self.path_step if self.path_step is not None else max(steps, default=None))
+        if step is None or step not in steps:
+            which = f"step {step} " if step is not None else ""
+            raise CheckpointError(f"no committed checkpoint {which}in {self.directory} (found "
+                                  f"steps {steps})")
+        return step
+
+    def read_json(self, step: int, *names: str) -> tuple[Any, ...]:
+        """The JSON items ``names`` of a step (``meta``, ``config``), in that order."""
+        args = ocp.args.Composite(**{n: ocp.args.JsonRestore() for n in names})
         try:
-            with open(file) as f:
-                out.append(json.load(f))
-        except (OSError, json.JSONDecodeError) as e:
-            raise CheckpointError(
-                f"checkpoint {path} is damaged ({name}: {e.__class__.__name__}: {e}); "
-                f"move {path} aside to resume from the previous step"
-            ) from None
-    return out[0], out[1]
+            restored = self._manager.restore(step, args=args)
+        except Exception as e:  # noqa: BLE001 - a missing or torn JSON file means damage
+            raise _damaged(self.step_dir(step), "/".join(names), e) from None
+        return tuple(restored[n] for n in names)
+
+    def read_config(self, step: int) -> ml_collections.ConfigDict:
+        """The locked config saved with a step."""
+        return config_lib.from_dict(self.read_json(step, "config")[0])
+
+    def restore(self, step: int, abstract: dict[str, Any]) -> tuple[dict[str, Any], dict]:
+        """(the array items named in ``abstract``, meta) of a committed step, in one call.
+
+        ``abstract`` maps item names to trees of ShapeDtypeStructs with shardings (the target
+        mesh, whatever mesh wrote the checkpoint). Shapes are checked first, so a mismatch is
+        reported by path before anything is read.
+        """
+        path = self.step_dir(step)
+        stored = self._item_metadata(step)
+        for item, tree in abstract.items():
+            if stored.get(item) is None:
+                present = sorted(k for k, v in stored.items() if v is not None)
+                raise CheckpointError(
+                    f"checkpoint {path} has no {item!r} (it holds {present})"
+                    + ("; it was made from imported weights and cannot resume training"
+                       if item == "opt_state" else ""))
+            check_tree(tree, stored[item], path, item)
+        args = {item: ocp.args.StandardRestore(tree) for item, tree in abstract.items()}
+        args["meta"] = ocp.args.JsonRestore()
+        try:
+            restored = self._manager.restore(step, args=ocp.args.Composite(**args))
+        except Exception as e:  # noqa: BLE001 - TensorStore raises many kinds on damaged files
+            raise _damaged(path, "arrays or meta", e) from None
+        return {item: restored[item] for item in abstract}, restored["meta"]
+
+    def _item_metadata(self, step: int) -> dict[str, Any]:
+        try:
+            metadata = self._manager.item_metadata(step)
+        except Exception as e:  # noqa: BLE001 - any failure to read metadata means damage
+            raise _damaged(self.step_dir(step), "metadata", e) from None
+        out = {}
+        for name in ARRAY_ITEMS:
+            tree = metadata.get(name) if hasattr(metadata, "get") else None
+            out[name] = getattr(tree, "tree", tree)
+        return out
+
+    def save(self, step: int, *, params, ema_params, opt_state=None, meta: dict[str, Any],
+             config: ml_collections.ConfigDict) -> None:
+        """Starts an asynchronous save of one step; ``wait`` commits it."""
+        items = dict(
+            params=ocp.args.StandardSave(params),
+            ema_params=ocp.args.StandardSave(ema_params),
+            meta=ocp.args.JsonSave(dict(meta, step=int(step))),
+            config=ocp.args.JsonSave(config_lib.to_dict(config)),
+        )
+        if opt_state is not None:
+            items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self._saving = int(step)
+        try:
+            self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
+        except Exception as e:  # noqa: BLE001 - disk full, permissions, storage errors
+            raise self._save_failed(e) from None
+
+    def wait(self) -> None:
+        """Blocks until the last save is committed."""
+        try:
+            self._manager.wait_until_finished()
+        except Exception as e:  # noqa: BLE001 - errors of the background save surface here
+            raise self._save_failed(e) from None
+
+    def _save_failed(self, e: Exception) -> CheckpointError:
+        committed = [s for s in self.steps() if s != self._saving]
+        return CheckpointError(
+            f"saving the checkpoint of step {self._saving} failed ({e.__class__.__name__}: "
+            f"{str(e)[:200]}); the last committed checkpoint ({max(committed, default='none')})"
+            " is intact: free space or fix the workdir and rerun the same command to resume "
+            "from it")
+
+    def close(self) -> None:
+        self._manager.close()
 
 
-def check_tree(expected, path: str, item: str) -> None:
+def check_tree(expected, stored_tree, path: str, item: str) -> None:
     """Compares the stored tree of ``item`` with ``expected`` (arrays or ShapeDtypeStructs).
 
     Raises CheckpointError naming the first path whose presence, shape or dtype differs.
     """
-    try:
-        stored = ocp.StandardCheckpointHandler().metadata(epath.Path(path) / item)
-    except Exception as e:  # noqa: BLE001 - any failure to read metadata means damage
-        raise CheckpointError(
-            f"checkpoint {path} is damaged (cannot read {item!r}: {e.__class__.__name__}); "
-            f"move {path} aside to resume from the previous step"
-        ) from None
-    stored_tree = stored.tree if hasattr(stored, "tree") else stored
     flat_stored = {_keystr(k): v for k, v in _flatten(stored_tree)}
     flat_expected = {_keystr(k): v for k, v in _flatten(expected)}
+    mismatch = f"checkpoint {path} does not match the config: {item}"
     for key in sorted(flat_expected.keys() | flat_stored.keys()):
         want, have = flat_expected.get(key), flat_stored.get(key)
         if have is None:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the config: {item}{key} is missing "
-                f"(the config expects shape {tuple(want.shape)})"
-            )
+            raise CheckpointError(f"{mismatch}{key} is missing (the config expects shape "
+                                  f"{tuple(want.shape)})")
         if want is None:
-            raise CheckpointError(
-                f"checkpoint {path} does not match the config: {item}{key} "
-                f"(shape {tuple(have.shape)}) is not in the model the config builds"
-            )
+            raise CheckpointError(f"{mismatch}{key} (shape {tuple(have.shape)}) is not in the "
+                                  "model the config builds")
         if tuple(want.shape) != tuple(have.shape):
-            raise CheckpointError(
-                f"checkpoint {path} does not match the config: {item}{key} has shape "
-                f"{tuple(have.shape)} in the checkpoint but {tuple(want.shape)} in the config"
-            )
+            raise CheckpointError(f"{mismatch}{key} has shape {tuple(have.shape)} in the "
+                                  f"checkpoint but {tuple(want.shape)} in the config")
         if np.dtype(want.dtype) != np.dtype(have.dtype):
-            raise CheckpointError(
-                f"checkpoint {path} does not match the config: {item}{key} has dtype "
-                f"{np.dtype(have.dtype)} in the checkpoint but {np.dtype(want.dtype)} expected"
-            )
+            raise CheckpointError(f"{mismatch}{key} has dtype {np.dtype(have.dtype)} in the "
+                                  f"checkpoint but {np.dtype(want.dtype)} expected")
 
 
 def _flatten(tree):
@@ -150,91 +244,22 @@ def _flatten(tree):
 
 
 def _keystr(path) -> str:
-    parts = []
-    for k in path:
-        name = getattr(k, "key", getattr(k, "name", getattr(k, "idx", k)))
-        parts.append(f"/{name}")
-    return "".join(parts)
+    return "".join(f"/{getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))}"
+                   for k in path)
 
 
-def restore(
-    manager: ocp.CheckpointManager,
-    step: int,
-    abstract: dict[str, Any],
-) -> dict[str, Any]:
-    """Restores the array items named in ``abstract`` (trees of ShapeDtypeStructs with
-    shardings: the target mesh, whatever mesh wrote the checkpoint) plus ``meta``.
-
-    Shapes are checked first, so a mismatch is reported by path before anything is read.
-    """
-    path = step_dir(manager, step)
-    meta, _ = read_json_items(manager, step)
-    for item, tree in abstract.items():
-        if not os.path.isdir(os.path.join(path, item)):
-            raise CheckpointError(
-                f"checkpoint {path} has no {item!r} (it holds "
-                f"{sorted(n for n in os.listdir(path) if not n.startswith('_'))})"
-                + ("; it was made from imported weights and cannot resume training"
-                   if item == "opt_state" else "")
-            )
-        check_tree(tree, path, item)
-    args = {item: ocp.args.StandardRestore(tree) for item, tree in abstract.items()}
-    try:
-        restored = manager.restore(step, args=ocp.args.Composite(**args))
-    except Exception as e:  # noqa: BLE001 - TensorStore raises many kinds on damaged files
-        raise CheckpointError(
-            f"checkpoint {path} is damaged ({e.__class__.__name__}: {str(e)[:200]}); "
-            f"move {path} aside to resume from the previous step"
-        ) from None
-    out = {item: restored[item] for item in abstract}
-    out["meta"] = meta
-    return out
-
-
-def locate(path: str) -> tuple[str, int | None]:
-    """(checkpoints directory, step or None for the latest) for a workdir, a checkpoints
-    directory, or one step directory."""
-    path = os.path.abspath(os.path.expanduser(path))
-    if not os.path.isdir(path):
-        raise CheckpointError(f"no checkpoint at {path}: the directory does not exist")
-    if os.path.isdir(os.path.join(path, CHECKPOINT_SUBDIR)):
-        return os.path.join(path, CHECKPOINT_SUBDIR), None
-    if os.path.isdir(os.path.join(path, "meta")) and os.path.basename(path).isdigit():
-        return os.path.dirname(path), int(os.path.basename(path))
-    if any(n.isdigit() for n in os.listdir(path)):
-        return path, None
-    raise CheckpointError(
-        f"no checkpoint at {path}: expected a workdir (with {CHECKPOINT_SUBDIR}/), a "
-        "checkpoints directory, or one step directory"
-    )
-
-
-def load_config(manager: ocp.CheckpointManager, step: int) -> ml_collections.ConfigDict:
-    _, config = read_json_items(manager, step)
-    return config_lib.from_json(json.dumps(config))
-
-
-def save_weights(
-    workdir: str,
-    config: ml_collections.ConfigDict,
-    params,
-    *,
-    ema_params=None,
-    step: int = 0,
-) -> str:
+def save_weights(workdir: str, config: ml_collections.ConfigDict, params, *, ema_params=None,
+                 step: int = 0) -> str:
     """Writes an inference checkpoint (no optimizer state), e.g. from imported weights.
 
     ``ddpm_jax.load`` and ``sample.py`` restore it like any trained run. Returns its path.
     """
-    manager = create_manager(os.path.join(workdir, CHECKPOINT_SUBDIR), async_save=False)
-    if step in manager.all_steps():
-        raise CheckpointError(
-            f"{manager.directory} already holds step {step}; choose an empty workdir"
-        )
+    check_empty(workdir)
     params = jax.tree.map(np.asarray, params)
     ema = params if ema_params is None else jax.tree.map(np.asarray, ema_params)
     meta = dict(data_position=0, base_key=None, nonfinite_steps=0)
-    save(manager, step, params=params, ema_params=ema, meta=meta, config=config)
-    manager.wait_until_finished()
-    manager.close()
-    return os.path.join(str(manager.directory), str(step))
+    directory = epath.Path(workdir) / CHECKPOINT_SUBDIR
+    with Checkpointer(directory, async_save=False) as ckpt:
+        ckpt.save(step, params=params, ema_params=ema, meta=meta, config=config)
+        ckpt.wait()
+        return ckpt.step_dir(step)

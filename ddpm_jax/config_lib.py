@@ -1,24 +1,67 @@
-"""Config validation: every mistake is one clear line at start-up, before anything compiles.
+"""Config validation and the small helpers every config-reading module shares.
 
 ml_collections already refuses unknown keys (configs are locked) and values of the wrong type;
-``validate`` checks the values themselves and how they fit together.
+``validate`` checks the values themselves and how they fit together, so every mistake is one
+clear line at start-up, before anything compiles.
 """
 
 from __future__ import annotations
 
+import difflib
 import json
 from typing import Any
 
 import ml_collections
 
-from ddpm_jax import diffusion, schedules
+from ddpm_jax import diffusion, errors, schedules
 
 DTYPES = ("float32", "bfloat16", "float16")
 SAMPLERS = ("ancestral", "ddim")
+MISSING = object()  # what ``lookup`` returns for a key that is not there
 
 
-class ConfigError(ValueError):
+class ConfigError(errors.UserError, ValueError):
     """A config value that cannot run; the message names the key and the fix."""
+
+
+def lookup(tree: Any, key: str, default: Any = MISSING) -> Any:
+    """The value at a dotted ``key`` ("model.ch") of a ConfigDict or nested dict."""
+    node = tree
+    for part in key.split("."):
+        try:
+            node = node[part]
+        except (KeyError, TypeError, AttributeError):
+            return default
+    return node
+
+
+def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
+    """The leaves where two nested dicts differ: ``[(dotted key, old, new)]``, sorted by key."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        out = []
+        for k in sorted(old.keys() | new.keys()):
+            out += differences(old.get(k), new.get(k), f"{prefix}.{k}" if prefix else k)
+        return out
+    return [] if old == new else [(prefix, old, new)]
+
+
+def unknown_key_message(config: ml_collections.ConfigDict, key: str) -> str:
+    """Names an unknown dotted config key and the nearest valid keys."""
+    parts = key.split(".")
+    known, parent = [], []
+    node = config
+    for part in parts:
+        if not isinstance(node, ml_collections.ConfigDict) or part not in node:
+            known = sorted(node.keys()) if isinstance(node, ml_collections.ConfigDict) else []
+            break
+        node = node[part]
+        parent.append(part)
+    prefix = ".".join(parent)
+    full = [f"{prefix}.{k}" if prefix else k for k in known]
+    close = difflib.get_close_matches(key, full, n=3, cutoff=0.6)
+    hint = f"did you mean {' or '.join(close)}? " if close else ""
+    return (f"unknown config key {key}; {hint}the keys of {prefix or 'the config'} are: "
+            f"{', '.join(known)}")
 
 
 def _require(cond: bool, msg: str) -> None:
@@ -27,22 +70,15 @@ def _require(cond: bool, msg: str) -> None:
 
 
 def _positive_int(config, key: str) -> None:
-    value = _get(config, key)
+    value = lookup(config, key)
     _require(
         isinstance(value, int) and not isinstance(value, bool) and value > 0,
         f"{key} must be a positive integer, got {value!r}",
     )
 
 
-def _get(config, key: str) -> Any:
-    node = config
-    for part in key.split("."):
-        node = node[part]
-    return node
-
-
 def _choice(config, key: str, choices) -> None:
-    value = _get(config, key)
+    value = lookup(config, key)
     _require(value in choices, f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
@@ -52,7 +88,8 @@ def validate(config: ml_collections.ConfigDict) -> None:
                 "model.block_size", "diffusion.num_timesteps", "training.batch_size",
                 "training.num_train_steps", "training.log_every", "training.checkpoint_every",
                 "training.sample_every", "training.max_to_keep", "training.num_sample_images",
-                "sampling.batch_size", "data.prefetch", "data.num_threads"):
+                "training.steps_per_dispatch", "sampling.batch_size", "data.prefetch",
+                "data.num_threads"):
         _positive_int(config, key)
     _choice(config, "diffusion.beta_schedule", schedules.BETA_SCHEDULES)
     _choice(config, "diffusion.model_mean_type", diffusion.MEAN_TYPES)
@@ -62,7 +99,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _choice(config, "sampling.sampler", SAMPLERS)
     _require(
         not (config.diffusion.loss_type == "hybrid"
-             and config.diffusion.model_var_type not in ("learned", "learned_range")),
+             and not diffusion.is_learned_variance(config.diffusion.model_var_type)),
         "diffusion.loss_type='hybrid' trains a learned variance: set "
         "diffusion.model_var_type to 'learned' or 'learned_range'",
     )
@@ -77,14 +114,26 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
     _validate_model(config)
     _validate_optim(config)
-    _validate_sampling(config)
+    _validate_training(config)
+    s = config.sampling
+    check_sampler(s.sampler, s.num_steps, s.eta, config.diffusion.num_timesteps,
+                  prefix="sampling.")
 
 
-def _validate_sampling(config) -> None:
-    s, T = config.sampling, config.diffusion.num_timesteps
-    _require(s.num_steps is None or (isinstance(s.num_steps, int) and 1 <= s.num_steps <= T),
-             f"sampling.num_steps must be None (all T steps) or in [1, {T}], got {s.num_steps!r}")
-    _require(s.eta >= 0.0, f"sampling.eta must be >= 0, got {s.eta!r}")
+def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps: int, *,
+                  prefix: str = "--") -> None:
+    """Checks a sampler choice; ``prefix`` names the settings as flags or config keys."""
+    _require(sampler in SAMPLERS,
+             f"{prefix}sampler={sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    _require(num_steps is None or (isinstance(num_steps, int) and not isinstance(num_steps, bool)
+                                   and 1 <= num_steps <= num_timesteps),
+             f"{prefix}num_steps must be in [1, {num_timesteps}] (the process has T = "
+             f"{num_timesteps} steps), got {num_steps!r}")
+    _require(isinstance(eta, int | float) and eta >= 0.0,
+             f"{prefix}eta must be >= 0 (0 = deterministic DDIM), got {eta!r}")
+    _require(eta == 0.0 or sampler == "ddim",
+             f"{prefix}eta={eta} applies to the DDIM sampler only; add {prefix}sampler=ddim or "
+             f"drop {prefix}eta")
 
 
 def _validate_model(config) -> None:
@@ -110,23 +159,49 @@ def _validate_model(config) -> None:
 
 
 def _validate_optim(config) -> None:
-    o, t = config.optim, config.training
+    o = config.optim
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr!r}")
     _require(isinstance(o.warmup, int) and o.warmup >= 0,
              f"optim.warmup must be a non-negative integer, got {o.warmup!r}")
-    _require(o.warmup <= t.num_train_steps,
-             f"optim.warmup={o.warmup} is larger than training.num_train_steps="
-             f"{t.num_train_steps}; lower the warmup or train longer")
     _require(o.grad_clip > 0, f"optim.grad_clip must be positive, got {o.grad_clip!r}")
     _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay!r}")
+
+
+def _validate_training(config) -> None:
+    t = config.training
+    k = t.steps_per_dispatch
+    for key in ("num_train_steps", "log_every", "checkpoint_every", "sample_every"):
+        _require(t[key] % k == 0,
+                 f"training.{key}={t[key]} is not a multiple of training.steps_per_dispatch={k}"
+                 f"; use a multiple of {k} or a smaller steps_per_dispatch")
+
+
+def warnings(config: ml_collections.ConfigDict) -> list[str]:
+    """Settings that run but are probably not what was meant (one line each)."""
+    out = []
+    o, t = config.optim, config.training
+    if o.warmup > t.num_train_steps:
+        out.append(f"optim.warmup={o.warmup} is longer than training.num_train_steps="
+                   f"{t.num_train_steps}: the learning rate never reaches optim.lr={o.lr}")
+    return out
 
 
 def to_json(config: ml_collections.ConfigDict) -> str:
     return json.dumps(config.to_dict(), indent=2, sort_keys=True, default=list)
 
 
+def to_dict(config: ml_collections.ConfigDict) -> dict:
+    """The config as plain JSON types (tuples become lists), as it is saved with a run."""
+    return json.loads(to_json(config))
+
+
 def from_json(text: str) -> ml_collections.ConfigDict:
     """The locked config saved with a run (JSON lists come back as tuples)."""
+    return from_dict(json.loads(text))
+
+
+def from_dict(tree: dict) -> ml_collections.ConfigDict:
+    """A locked config from plain JSON types (lists become tuples)."""
 
     def tuples(node):
         if isinstance(node, dict):
@@ -135,6 +210,6 @@ def from_json(text: str) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in node)
         return node
 
-    config = ml_collections.ConfigDict(tuples(json.loads(text)))
+    config = ml_collections.ConfigDict(tuples(tree))
     config.lock()
     return config

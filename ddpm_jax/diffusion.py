@@ -3,9 +3,10 @@
 Notation follows the paper with 0-based indices: ``t in [0, T)`` in code is the paper's ``t + 1``.
 Images are ``[B, H, W, C]`` float32 in [-1, 1]; timesteps are ``int32 [B]``.
 
-All schedule constants are computed in float64 with numpy and cast to float32 once
-(``Diffusion.create``). Every function here is a pure function of a ``Diffusion`` pytree and
-arrays, so it can be jitted, vmapped and scanned.
+Every constant of the process, the logarithms included, is computed in float64 with numpy and
+cast to float32 once (``Diffusion.create``); nothing is derived from the float32 copies at trace
+time. Every function here is a pure function of a ``Diffusion`` pytree and arrays, so it can be
+jitted, vmapped and scanned.
 """
 
 from __future__ import annotations
@@ -31,14 +32,22 @@ HYBRID_LAMBDA = 0.001
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+def is_learned_variance(model_var_type: str) -> bool:
+    """Whether the network outputs the variance too (2C channels)."""
+    return model_var_type in ("learned", "learned_range")
+
+
 @flax.struct.dataclass
 class Diffusion:
     """Float32 constants of the forward process and the model's parameterisation.
 
-    Arrays are indexed by the 0-based timestep ``t``; all are ``float32 [T]``.
+    Arrays are indexed by the 0-based timestep ``t``; all are ``float32 [T]``, computed in
+    float64. ``betas64`` keeps the float64 betas the process was built from (a static tuple), so
+    a respaced process is derived from them exactly.
     """
 
     betas: jax.Array
+    log_betas: jax.Array
     alphas_cumprod: jax.Array
     alphas_cumprod_prev: jax.Array
     sqrt_alphas_cumprod: jax.Array
@@ -50,9 +59,12 @@ class Diffusion:
     posterior_log_variance_clipped: jax.Array
     posterior_mean_coef1: jax.Array
     posterior_mean_coef2: jax.Array
+    fixedlarge_variance: jax.Array
+    fixedlarge_log_variance: jax.Array
     model_mean_type: str = flax.struct.field(pytree_node=False, default="eps")
     model_var_type: str = flax.struct.field(pytree_node=False, default="fixedlarge")
     loss_type: str = flax.struct.field(pytree_node=False, default="mse")
+    betas64: tuple[float, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
     def num_timesteps(self) -> int:
@@ -73,34 +85,13 @@ class Diffusion:
         _check_choice("diffusion.loss_type", loss_type, LOSS_TYPES)
         betas = np.asarray(betas, dtype=np.float64)
         schedules.validate_betas(betas)
-        alphas = 1.0 - betas
-        abar = np.cumprod(alphas)
-        abar_prev = np.append(1.0, abar[:-1])
-        # q(x_{t-1} | x_t, x_0): beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
-        post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
-        # log beta~ clipped: the first entry (beta~ = 0) is replaced by beta~ of the next step.
-        post_log_var = np.log(np.append(post_var[1], post_var[1:]))
-        with np.errstate(divide="ignore"):
-            consts = dict(
-                betas=betas,
-                alphas_cumprod=abar,
-                alphas_cumprod_prev=abar_prev,
-                sqrt_alphas_cumprod=np.sqrt(abar),
-                sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
-                log_one_minus_alphas_cumprod=np.log(1.0 - abar),
-                sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
-                sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
-                posterior_variance=post_var,
-                posterior_log_variance_clipped=post_log_var,
-                posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
-                posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
-            )
-        consts = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in consts.items()}
+        consts = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in _constants(betas).items()}
         return cls(
             **consts,
             model_mean_type=model_mean_type,
             model_var_type=model_var_type,
             loss_type=loss_type,
+            betas64=tuple(float(b) for b in betas),
         )
 
     @classmethod
@@ -122,7 +113,38 @@ class Diffusion:
 
     @property
     def learned_variance(self) -> bool:
-        return self.model_var_type in ("learned", "learned_range")
+        return is_learned_variance(self.model_var_type)
+
+
+def _constants(betas: np.ndarray) -> dict[str, np.ndarray]:
+    """Every float64 constant of the process with betas ``betas`` (float64 ``[T]``)."""
+    alphas = 1.0 - betas
+    abar = np.cumprod(alphas)
+    abar_prev = np.append(1.0, abar[:-1])
+    # q(x_{t-1} | x_t, x_0): beta~_t = beta_t (1 - abar_{t-1}) / (1 - abar_t).
+    post_var = betas * (1.0 - abar_prev) / (1.0 - abar)
+    # log beta~ clipped: the first entry (beta~ = 0) is replaced by beta~ of the next step.
+    post_log_var = np.log(np.append(post_var[1], post_var[1:]))
+    # fixedlarge: sigma^2 = beta_t, the first entry set to beta~ of t=1 for a better decoder.
+    large_var = np.append(post_var[1], betas[1:])
+    with np.errstate(divide="ignore"):
+        return dict(
+            betas=betas,
+            log_betas=np.log(betas),
+            alphas_cumprod=abar,
+            alphas_cumprod_prev=abar_prev,
+            sqrt_alphas_cumprod=np.sqrt(abar),
+            sqrt_one_minus_alphas_cumprod=np.sqrt(1.0 - abar),
+            log_one_minus_alphas_cumprod=np.log(1.0 - abar),
+            sqrt_recip_alphas_cumprod=np.sqrt(1.0 / abar),
+            sqrt_recipm1_alphas_cumprod=np.sqrt(1.0 / abar - 1.0),
+            posterior_variance=post_var,
+            posterior_log_variance_clipped=post_log_var,
+            posterior_mean_coef1=betas * np.sqrt(abar_prev) / (1.0 - abar),
+            posterior_mean_coef2=(1.0 - abar_prev) * np.sqrt(alphas) / (1.0 - abar),
+            fixedlarge_variance=large_var,
+            fixedlarge_log_variance=np.log(large_var),
+        )
 
 
 def _check_choice(key: str, value: str, choices: tuple[str, ...]) -> None:
@@ -225,15 +247,15 @@ def model_variance(d: Diffusion, var_output: jax.Array | None, x_t: jax.Array, t
     if d.model_var_type == "learned_range":
         # log sigma^2 = v log beta_t + (1 - v) log beta~_t, v = (out + 1) / 2.
         min_log = extract(d.posterior_log_variance_clipped, t, x_t.shape)
-        max_log = extract(jnp.log(d.betas), t, x_t.shape)
+        max_log = extract(d.log_betas, t, x_t.shape)
         frac = (var_output + 1.0) / 2.0
         log_variance = frac * max_log + (1.0 - frac) * min_log
         return jnp.exp(log_variance), log_variance
     if d.model_var_type == "fixedlarge":
         # sigma^2 = beta_t, the first entry set to beta~ of t=1 for a better decoder likelihood.
-        var = jnp.concatenate([d.posterior_variance[1:2], d.betas[1:]])
-        variance = extract(var, t, x_t.shape)
-        return jnp.broadcast_to(variance, x_t.shape), jnp.broadcast_to(jnp.log(variance), x_t.shape)
+        variance = extract(d.fixedlarge_variance, t, x_t.shape)
+        log_variance = extract(d.fixedlarge_log_variance, t, x_t.shape)
+        return jnp.broadcast_to(variance, x_t.shape), jnp.broadcast_to(log_variance, x_t.shape)
     # fixedsmall: sigma^2 = beta~_t.
     variance = extract(d.posterior_variance, t, x_t.shape)
     log_variance = extract(d.posterior_log_variance_clipped, t, x_t.shape)

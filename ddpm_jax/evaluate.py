@@ -11,14 +11,13 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import sys
 
 import jax
 import numpy as np
-from absl import app, flags, logging
+from absl import flags, logging
+from etils import epath
 
-from ddpm_jax import api, checkpoints, input_pipeline
+from ddpm_jax import api, cli, datasets
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
@@ -29,6 +28,7 @@ flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.", lower_bound
 flags.DEFINE_integer("seed", 0, "Seed of the x_t draws of the bound.")
 flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
 flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
+cli.define_process_flags()
 
 
 def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: int) -> dict:
@@ -55,32 +55,27 @@ def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: 
     )
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
+def main():
     if FLAGS.workdir is None:
-        raise app.UsageError("--workdir is required")
+        cli.fail("--workdir is required")
     logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
-    try:
-        model = api.load(FLAGS.workdir, ema=not FLAGS.raw)
-        config = model.config
-        split = FLAGS.split or config.data.eval_split
-        if FLAGS.data_dir is not None:
-            with config.ignore_type():
-                config.data.data_dir = FLAGS.data_dir
-        images = input_pipeline.load_split(config, split, FLAGS.num_examples)
-    except (checkpoints.CheckpointError, input_pipeline.DataError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    cli.start_processes()
+    model = api.load(FLAGS.workdir, ema=not FLAGS.raw)
+    config = model.config
+    split = FLAGS.split or config.data.eval_split
+    if FLAGS.data_dir is not None:
+        with config.ignore_type():
+            config.data.data_dir = FLAGS.data_dir
+    images = datasets.load_split(config, split, FLAGS.num_examples)
     result = evaluate_bpd(model, images, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
     result.update(split=split, checkpoint_step=model.step, ema=not FLAGS.raw)
-    out = os.path.join(os.path.dirname(model.source), f"bpd_{split}.json")
-    with open(out, "w") as f:
-        json.dump(result, f, indent=2)
+    out = epath.Path(model.source).parent / f"bpd_{split}.json"
+    if jax.process_index() == 0:
+        out.write_text(json.dumps(result, indent=2))
     print(f"{result['bits_per_dim']:.4f} bits/dim (stderr {result['stderr']}) on "
           f"{result['num_examples']} images of {split}, checkpoint step {model.step}; "
           f"written to {out}")
 
 
 if __name__ == "__main__":
-    app.run(main)
+    cli.run(main)

@@ -1,130 +1,260 @@
-"""Batch sampling to files, resumable: what ``sample.py`` runs.
+"""Batch sampling: how N images are cut into compiled chunks, and the resumable run to files.
 
-Samples are written in shards (one ``.npz`` per batch, atomically) under
-``OUTPUT_DIR/sample_shards/``; a killed run started again with the same settings skips the
-shards it already has. At the end the shards are joined into ``OUTPUT_DIR/samples.npz``
-(uint8 NHWC under the key ``images``; loads with ``np.load`` and no pickle), a PNG grid
-``samples.png``, and ``samples.json`` describing how they were made.
+Chunk planning (``Plan``): N images are made in chunks of ``min(batch_size, N)`` rows; chunk i
+starts from ``fold_in(key, i)``. A chunk whose rows do not divide over the devices is padded to a
+multiple of the device count for the compiled chain and the padding is dropped (the first rows of
+a padded draw equal the unpadded draw), so the images depend only on (key, N, batch size): the
+same for any number of devices and processes.
+
+``generate`` (what ``sample.py`` runs) writes each finished chunk atomically as a shard
+``OUTPUT_DIR/sample_shards/shard_<i>.npz``; a killed run started again with the same settings
+samples only the chunks it lacks. At the end the shards are streamed into
+``OUTPUT_DIR/samples.npz`` (uint8 NHWC under the key ``images``; loads with ``np.load`` and no
+pickle), so memory is bounded by one chunk whatever N is; then a PNG grid ``samples.png`` and
+``samples.json`` describing how they were made. Every setting is checked before anything in
+OUTPUT_DIR is touched. With several processes every process samples its rows of every chunk and
+process 0 writes the files. Paths may be local or ``gs://``.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import io
 import json
-import os
-import shutil
 import time
+import zipfile
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
+from etils import epath
 
-from ddpm_jax import images, sampling
-from ddpm_jax.api import DDPM
+from ddpm_jax import config_lib, distributed, errors, images, sampling, sharding
+
+if TYPE_CHECKING:
+    from ddpm_jax.api import DDPM
 
 SHARDS = "sample_shards"
 
 
-class SampleSpecError(ValueError):
-    pass
+class SampleSpecError(errors.UserError, ValueError):
+    """Samples already in OUTPUT_DIR that another setting would overwrite."""
 
 
-def _spec(model: DDPM, *, num_samples, batch, seed, sampler, num_steps, eta) -> dict:
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How ``num_samples`` images are cut into compiled chunks.
+
+    Attributes:
+      num_samples: images wanted (N).
+      batch: rows per chunk, ``min(batch_size, N)``; the last chunk may hold fewer.
+      padded: rows of the compiled chain: ``batch`` rounded up to a multiple of the devices.
+    """
+
+    num_samples: int
+    batch: int
+    padded: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.batch)
+
+    def rows(self, i: int) -> int:
+        """Images kept from chunk i."""
+        return min(self.batch, self.num_samples - i * self.batch)
+
+
+def plan(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh) -> Plan:
+    """The chunks of ``num_samples`` images at ``batch_size`` rows per compiled chain."""
+    if num_samples < 1 or batch_size < 1:
+        raise config_lib.ConfigError(
+            f"--num_samples and --batch_size must be positive, got {num_samples} and "
+            f"{batch_size}")
+    batch = min(batch_size, num_samples)
+    return Plan(num_samples, batch, sharding.padded_size(batch, mesh))
+
+
+def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.SamplerSpec, *,
+                start: int = 0, x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """uint8 ``[rows(i), H, W, C]`` host arrays of chunks ``start``, ``start + 1``, ..."""
+    for i in range(start, chunk_plan.num_chunks):
+        chunk_key = jax.random.fold_in(key, i)
+        x0 = None
+        if x_T is not None:
+            x0 = np.asarray(x_T[i * chunk_plan.batch:(i + 1) * chunk_plan.batch], np.float32)
+            fill = sampling.initial_noise(chunk_key, (chunk_plan.padded,) + model.image_shape)
+            x0 = np.concatenate([x0, np.asarray(fill)[x0.shape[0]:]])
+        out = model.sample_batch(chunk_key, chunk_plan.padded, spec, x_T=x0)
+        yield sharding.to_host(out)[:chunk_plan.rows(i)]
+
+
+def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec) -> dict:
     return dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
-                num_samples=num_samples, batch_size=batch, seed=seed, sampler=sampler,
-                num_steps=num_steps, eta=eta, image_shape=list(model.image_shape))
+                num_samples=chunk_plan.num_samples, batch_size=chunk_plan.batch, seed=seed,
+                sampler=spec.sampler, num_steps=spec.num_steps, eta=spec.eta,
+                image_shape=list(model.image_shape))
 
 
-def _write_npz(path: str, **arrays) -> None:
-    tmp = path + ".tmp.npz"
-    np.savez(tmp, **arrays)
-    os.replace(tmp, path)
+def _read_json(path: epath.Path) -> dict | None:
+    return json.loads(path.read_text()) if path.exists() else None
 
 
-def _diffs(path: str, spec: dict) -> str | None:
-    """None if ``path`` is absent; "" if it holds ``spec``; else the differing fields."""
-    if not os.path.exists(path):
+def _changes(old: dict | None, new: dict) -> str | None:
+    """None without ``old``; "" when it equals ``new``; else the differing fields."""
+    if old is None:
         return None
-    with open(path) as f:
-        old = json.load(f)
-    return ", ".join(f"{k}: {old.get(k)!r} -> {v!r}" for k, v in spec.items() if old.get(k) != v)
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_lib.differences(old, new))
 
 
-def _move_aside(output_dir: str) -> str:
-    """Moves finished samples of other settings to previous_samples/<k>/; returns the folder."""
-    k = 0
-    while os.path.exists(os.path.join(output_dir, "previous_samples", str(k))):
-        k += 1
-    dst = os.path.join(output_dir, "previous_samples", str(k))
-    os.makedirs(dst)
-    for name in ("samples.npz", "samples.png", "samples.json"):
-        if os.path.exists(os.path.join(output_dir, name)):
-            os.replace(os.path.join(output_dir, name), os.path.join(dst, name))
-    return dst
+def _write_atomic(path: epath.Path, data: bytes) -> None:
+    tmp = path.parent / (path.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(path)
 
 
-def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
-             sampler: str = "ancestral", num_steps: int | None = None, eta: float = 0.0,
-             batch_size: int | None = None, progress: bool = True) -> str:
-    """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz."""
-    from tqdm.auto import tqdm  # noqa: PLC0415
+def _npz_bytes(**arrays) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(buffer, **arrays)
+    return buffer.getvalue()
 
-    batch = model.chunk_size(num_samples, batch_size)
-    spec = _spec(model, num_samples=num_samples, batch=batch, seed=seed, sampler=sampler,
-                 num_steps=num_steps, eta=eta)
-    os.makedirs(output_dir, exist_ok=True)
-    final = os.path.join(output_dir, "samples.npz")
-    done = _diffs(os.path.join(output_dir, "samples.json"), spec)
-    if done == "" and os.path.exists(final):
-        print(f"{final} is already complete ({num_samples} images)")
-        return final
-    if done:
-        print(f"samples of other settings ({done}) moved to {_move_aside(output_dir)}")
-    shard_dir = os.path.join(output_dir, SHARDS)
-    os.makedirs(shard_dir, exist_ok=True)
-    partial = _diffs(os.path.join(shard_dir, "spec.json"), spec)
+
+def write_npz_stream(path: epath.Path, name: str, shape: tuple[int, ...], dtype,
+                     chunks: Iterable[np.ndarray]) -> None:
+    """Writes one array ``name`` of ``shape`` as ``.npz`` from its row chunks, one at a time.
+
+    The file is what ``np.savez`` writes (an uncompressed zip holding ``name.npy``), so
+    ``np.load(path)[name]`` reads it without pickle; it is renamed into place when complete.
+    """
+    tmp = path.parent / (path.name + ".tmp")
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
+              "shape": tuple(shape)}
+    written = 0
+    with tmp.open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+        with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+            np.lib.format.write_array_header_1_0(out, header)
+            for chunk in chunks:
+                chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                out.write(chunk.tobytes())
+                written += chunk.shape[0]
+    if written != shape[0]:
+        tmp.unlink()
+        raise ValueError(f"wrote {written} rows of {name}, expected {shape[0]}")
+    tmp.replace(path)
+
+
+def _prepare(output_dir: epath.Path, spec: dict) -> epath.Path | None:
+    """Moves finished samples of other settings aside and checks unfinished ones.
+
+    Returns None when samples of ``spec`` are already complete, else the shard folder.
+    """
+    final = output_dir / "samples.npz"
+    done = _changes(_read_json(output_dir / "samples.json"), spec)
+    if done == "" and final.exists():
+        return None
+    shard_dir = output_dir / SHARDS
+    partial = _changes(_read_json(shard_dir / "spec.json"), spec)
     if partial:
         raise SampleSpecError(
             f"{shard_dir} holds an unfinished run with other settings ({partial}); rerun it with "
             "its settings to finish it, or pass another --output_dir (nothing was overwritten)")
-    if partial is None:
-        with open(os.path.join(shard_dir, "spec.json"), "w") as f:
-            json.dump(spec, f, indent=2)
-    key = jax.random.key(seed)
-    n_chunks = model.num_chunks(num_samples, batch_size)
-    shard = lambda i: os.path.join(shard_dir, f"shard_{i:06d}.npz")
-    todo = [i for i in range(n_chunks) if not os.path.exists(shard(i))]
-    bar = tqdm(total=num_samples, initial=min((n_chunks - len(todo)) * batch, num_samples),
-               unit="img", disable=not progress, dynamic_ncols=True)
-    start = time.time()
-    for i in todo:
-        x = model.sample_chunk(key, i, num_samples, batch_size=batch_size, sampler=sampler,
-                               num_steps=num_steps, eta=eta)
-        imgs = np.asarray(sampling.to_uint8(x))[: num_samples - i * batch]
-        _write_npz(shard(i), images=imgs)
+    if jax.process_index() == 0:
+        if done:
+            print(f"samples of other settings ({done}) moved to {_move_aside(output_dir)}")
+        shard_dir.mkdir(parents=True, exist_ok=True)
+        if partial is None:
+            (shard_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+    distributed.sync("generate_prepare")
+    return shard_dir
+
+
+def _move_aside(output_dir: epath.Path) -> epath.Path:
+    """Moves finished samples of other settings to previous_samples/<k>/; returns the folder."""
+    k = 0
+    while (output_dir / "previous_samples" / str(k)).exists():
+        k += 1
+    dst = output_dir / "previous_samples" / str(k)
+    dst.mkdir(parents=True)
+    for name in ("samples.npz", "samples.png", "samples.json"):
+        if (output_dir / name).exists():
+            (output_dir / name).replace(dst / name)
+    return dst
+
+
+def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
+             spec: sampling.SamplerSpec = sampling.ANCESTRAL,
+             batch_size: int | None = None, progress: bool = True) -> str:
+    """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz."""
+    spec.check(model.config.diffusion.num_timesteps)
+    chunk_plan = plan(num_samples, batch_size or model.config.sampling.batch_size, model.mesh)
+    description = _spec(model, chunk_plan, seed, spec)
+    out = epath.Path(output_dir)
+    final = out / "samples.npz"
+    if jax.process_index() == 0:
+        out.mkdir(parents=True, exist_ok=True)
+    shard_dir = _prepare(out, description)
+    if shard_dir is None:
+        print(f"{final} is already complete ({num_samples} images)")
+        return str(final)
+    shard = lambda i: shard_dir / f"shard_{i:06d}.npz"
+    first = distributed.broadcast_int(next(
+        (i for i in range(chunk_plan.num_chunks) if not shard(i).exists()), chunk_plan.num_chunks))
+    _sample_shards(model, chunk_plan, spec, seed, first, shard, progress)
+    if jax.process_index() == 0:
+        _finish(out, chunk_plan, model.image_shape, shard, description)
+    distributed.sync("generate_finish")
+    return str(final)
+
+
+def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
+                   progress: bool) -> None:
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    main = jax.process_index() == 0
+    done = min(first * chunk_plan.batch, chunk_plan.num_samples)
+    bar = tqdm(total=chunk_plan.num_samples, initial=done, unit="img",
+               disable=not (progress and main), dynamic_ncols=True)
+    start, made = time.time(), 0
+    chunks = iter_chunks(model, jax.random.key(seed), chunk_plan, spec, start=first)
+    for i, imgs in enumerate(chunks, start=first):
+        if main:
+            _write_atomic(shard(i), _npz_bytes(images=imgs))
+        made += imgs.shape[0]
         bar.update(imgs.shape[0])
-        bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.2f}")
+        bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
     bar.close()
-    out = np.concatenate([np.load(shard(i))["images"] for i in range(n_chunks)])
-    _write_npz(final, images=out)
-    images.save_grid(os.path.join(output_dir, "samples.png"), out[:100])
-    with open(os.path.join(output_dir, "samples.json"), "w") as f:
-        json.dump(spec, f, indent=2)
-    shutil.rmtree(shard_dir)
-    return final
+
+
+def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: dict) -> None:
+    """Streams the shards into samples.npz, writes the grid and the description, cleans up."""
+    n = chunk_plan.num_samples
+    read = lambda i: np.load(io.BytesIO(shard(i).read_bytes()), allow_pickle=False)["images"]
+    write_npz_stream(out / "samples.npz", "images", (n, *image_shape), np.uint8,
+                     (read(i) for i in range(chunk_plan.num_chunks)))
+    grid = []
+    for i in range(chunk_plan.num_chunks):
+        grid.append(read(i)[:100 - sum(len(g) for g in grid)])
+        if sum(len(g) for g in grid) >= 100:
+            break
+    images.save_grid(str(out / "samples.png"), np.concatenate(grid))
+    (out / "samples.json").write_text(json.dumps(description, indent=2))
+    (out / SHARDS).rmtree()
 
 
 def write_progressive(model: DDPM, output_dir: str, *, seed: int = 0, num: int = 8,
-                      every: int | None = None, **kwargs) -> tuple[str, str]:
+                      spec: sampling.SamplerSpec = sampling.ANCESTRAL) -> tuple[str, str]:
     """Paper Fig. 6: rows of predicted x_0 (progressive.png) and of x_t (trajectory.png).
 
-    One column every ``every`` steps of the chain (default: ten columns).
+    One column every ``spec.record_every`` steps of the chain (default: about ten columns).
     """
-    if every is None:
-        steps = kwargs.get("num_steps") or model.config.diffusion.num_timesteps
-        every = max(1, steps // 10)
-    x0, xs, x0s = model.progressive(jax.random.key(seed), num, every=every, **kwargs)
-    del x0
+    steps = spec.num_steps or model.config.diffusion.num_timesteps
+    if spec.record_every is None:
+        spec = dataclasses.replace(spec, record_every=sampling.default_record_every(steps))
+    spec.check(model.config.diffusion.num_timesteps)
+    _, xs, x0s = model.progressive(jax.random.key(seed), num, spec)
     n, k = x0s.shape[:2]
     grid = lambda a: a.reshape((n * k,) + a.shape[2:])
-    p1 = images.save_grid(os.path.join(output_dir, "progressive.png"), grid(x0s), ncols=k)
-    p2 = images.save_grid(os.path.join(output_dir, "trajectory.png"), grid(xs), ncols=k)
+    out = epath.Path(output_dir)
+    p1 = images.save_grid(str(out / "progressive.png"), grid(x0s), ncols=k)
+    p2 = images.save_grid(str(out / "trajectory.png"), grid(xs), ncols=k)
     return p1, p2

@@ -1,12 +1,30 @@
-"""Pictures for people: sample grids, progressive strips and loss curves as PNG files."""
+"""Images: the map between uint8 pixels and model space, and pictures for people.
+
+Model space is float32 in [-1, 1]: ``x = u / 127.5 - 1`` for uint8 ``u`` (the original's data
+map), and back ``u = clip(round((x + 1) * 127.5), 0, 255)``. Both run on the devices, inside the
+jitted steps. The rest writes sample grids, progressive strips and loss curves as PNG files.
+"""
 
 from __future__ import annotations
 
+import io
 import math
-import os
 
+import jax
+import jax.numpy as jnp
 import numpy as np
+from etils import epath
 from PIL import Image, ImageDraw
+
+
+def to_model_space(images: jax.Array) -> jax.Array:
+    """uint8 ``[..., C]`` -> float32 ``u / 127.5 - 1`` in [-1, 1]."""
+    return jnp.asarray(images).astype(jnp.float32) / 127.5 - 1.0
+
+
+def to_uint8(x: jax.Array) -> jax.Array:
+    """[-1, 1] float -> uint8 ``round((x + 1) * 127.5)``, clipped to 0..255."""
+    return jnp.clip(jnp.round((x + 1.0) * 127.5), 0, 255).astype(jnp.uint8)
 
 
 def make_grid(images: np.ndarray, *, ncols: int | None = None, pad: int = 1,
@@ -39,11 +57,25 @@ def save_png(path: str, image: np.ndarray) -> str:
     image = np.asarray(image)
     if image.ndim == 3 and image.shape[-1] == 1:
         image = image[..., 0]
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = path + ".tmp"
-    Image.fromarray(image).save(tmp, format="PNG")
-    os.replace(tmp, path)
+    _write_png(path, Image.fromarray(image))
     return path
+
+
+def _write_png(path: str, image: Image.Image) -> None:
+    """Writes ``image`` as PNG to a local path or a bucket (whole or not at all)."""
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    target = epath.Path(path)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = target.parent / (target.name + ".tmp")
+    tmp.write_bytes(buffer.getvalue())
+    tmp.replace(target)
+
+
+def read_png(path: str) -> np.ndarray:
+    """A PNG (local or in a bucket) as uint8 ``[H, W]`` or ``[H, W, C]``."""
+    with Image.open(io.BytesIO(epath.Path(path).read_bytes())) as image:
+        return np.asarray(image)
 
 
 def save_grid(path: str, images: np.ndarray, *, ncols: int | None = None) -> str:
@@ -73,6 +105,5 @@ def save_loss_curve(path: str, steps, losses, *, width: int = 640, height: int =
         draw.text((4, top), f"{10 ** y1:.3g}", fill="black")
         draw.text((4, bottom - 10), f"{10 ** y0:.3g}", fill="black")
     draw.text((left + 8, top + 4), "training loss (log scale)", fill="black")
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    img.save(path, format="PNG")
+    _write_png(path, img)
     return path

@@ -11,13 +11,10 @@ training reader looks for them. `celeb_a_hq/256` cannot be downloaded by tfds: p
 
 from __future__ import annotations
 
-import sys
-from collections.abc import Sequence
-
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
-from ddpm_jax import input_pipeline
+from ddpm_jax import cli, datasets
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "Experiment config file.")
 _MANUAL_DIR = flags.DEFINE_string(
@@ -25,15 +22,10 @@ _MANUAL_DIR = flags.DEFINE_string(
 )
 
 
-def main(argv: Sequence[str]) -> None:
+def main() -> None:
     """Prepares the dataset of --config and prints where it is and its split sizes."""
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     config = _CONFIG.value
-    try:
-        builder = input_pipeline.prepare_dataset(config, manual_dir=_MANUAL_DIR.value)
-    except input_pipeline.DataError as error:
-        sys.exit(f"error: {error}")
+    builder = datasets.prepare_dataset(config, manual_dir=_MANUAL_DIR.value)
     splits = builder.info.splits.items()
     sizes = ", ".join(f"{name} {info.num_examples:,}" for name, info in splits)
     print(f"{config.data.dataset} is ready in {builder.data_dir} ({sizes})")
@@ -41,4 +33,4 @@ def main(argv: Sequence[str]) -> None:
 
 if __name__ == "__main__":
     flags.mark_flag_as_required("config")
-    app.run(main)
+    cli.run(main)

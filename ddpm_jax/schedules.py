@@ -11,10 +11,12 @@ import math
 
 import numpy as np
 
+from ddpm_jax import errors
+
 BETA_SCHEDULES = ("linear", "quad", "const", "jsd", "warmup10", "warmup50", "cosine")
 
 
-class ScheduleError(ValueError):
+class ScheduleError(errors.UserError, ValueError):
     """A beta schedule that is unknown or not a valid diffusion process."""
 
 

@@ -1,12 +1,15 @@
-"""Training: the train state, the pure sharded train step, EMA, checkpoints and the loop.
+"""Training: the train state, the pure sharded train step, EMA, and the loop.
 
-The loop, in short::
+The loop, in short (``train_and_evaluate``)::
 
-    state, reader = restore_or_init(...)          # resume from WORKDIR/checkpoints if present
-    for step in range(start, num_train_steps):
-        batch = make_global_batch(next(reader))   # [B, H, W, C] sharded on the `data` axis
-        state, metrics = train_step(state, batch, base_key)
-        log / checkpoint / sample / check preemption at their intervals
+    for step in range(start, num_train_steps, k):             # k = training.steps_per_dispatch
+        batch = batches.next()                                 # uint8, split over `data`
+        state, metrics = train_step(state, batch, base_key)    # k steps in one compiled call
+        logger.record(step + k, metrics)                       # one step late: never waits
+        after_step(step + k, state)                            # checkpoint, grid, preemption
+
+Set-up (config checks, workdir, mesh, checkpoints, reader, state) is a few plain functions that
+return values, closed together by one ``contextlib.ExitStack``.
 
 Randomness: the key of step s is ``fold_in(base_key, s)`` (t, eps and dropout all come from it),
 so a run that stops and resumes draws exactly what an uninterrupted run draws.
@@ -14,11 +17,11 @@ so a run that stops and resumes draws exactly what an uninterrupted run draws.
 
 from __future__ import annotations
 
-import json
-import os
+import contextlib
+import dataclasses
 import signal
 import sys
-import time
+from collections.abc import Callable
 from typing import Any
 
 import flax.struct
@@ -27,22 +30,29 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 import optax
+from etils import epath
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import api, checkpoints, config_lib, diffusion, images, input_pipeline, unet
+from ddpm_jax import (
+    checkpoints,
+    config_lib,
+    diffusion,
+    distributed,
+    images,
+    input_pipeline,
+    metric_logging,
+    sampling,
+    sharding,
+    unet,
+)
 
-# Exit codes of train.py (documented in the README).
-EXIT_CONFIG = 2  # bad config, data or checkpoint: nothing was trained
-EXIT_NONFINITE = 3  # non-finite loss or gradient; the last committed checkpoint is intact
-EXIT_PREEMPTED = 143  # SIGTERM / SIGINT: a checkpoint of the current step was committed
-
-
-class NonFiniteError(RuntimeError):
-    pass
+NonFiniteError = metric_logging.NonFiniteError
 
 
 class Preempted(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """SIGTERM / SIGINT stopped the run after committing a checkpoint of ``step``."""
+
     def __init__(self, signum: int, step: int):
         super().__init__(f"stopped by signal {signum} at step {step}")
         self.signum, self.step = signum, step
@@ -92,6 +102,20 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
     )
 
 
+def abstract_state(abstract_params, tx) -> TrainState:
+    """Shapes and dtypes of the train state (ShapeDtypeStructs), without allocating it."""
+    return jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
+
+
+def create_train_state(config, tx, mesh: jax.sharding.Mesh) -> TrainState:
+    """The initial state, created already laid out as ``sharding.train_state_shardings`` says."""
+    def init():
+        return init_train_state(unet.split(unet.create_model(config, seed=config.seed))[1], tx)
+
+    shardings = sharding.train_state_shardings(mesh, jax.eval_shape(init))
+    return jax.jit(init, out_shardings=shardings)()
+
+
 # ---------------------------------------------------------------------------------------------
 # The train step.
 # ---------------------------------------------------------------------------------------------
@@ -100,10 +124,11 @@ def init_train_state(params, tx: optax.GradientTransformation) -> TrainState:
 def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     """Returns the pure ``train_step(state, batch, base_key) -> (state, metrics)``.
 
-    batch: float32 ``[B, H, W, C]`` in [-1, 1]. The loss is the batch mean of
-    ``diffusion.training_losses``. An update whose loss, gradient or update is not finite is
-    not applied (the state keeps its values and counts the step), so the state never holds
-    non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``).
+    batch: uint8 ``[B, H, W, C]``, scaled to [-1, 1] here (on the devices). The loss is the batch
+    mean of ``diffusion.training_losses``. An update whose loss, gradient or update is not finite
+    is not applied (the state keeps its values and counts the step), so the state never holds
+    non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``). The logged
+    ``lr`` is the one Adam applied: the schedule at the count of applied updates.
     """
     decay = config.optim.ema_decay
     lr_fn = learning_rate_fn(config)
@@ -111,10 +136,11 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         loss_key, dropout_key = jax.random.split(key)
+        x0 = images.to_model_space(batch)
 
         def loss_fn(params):
             model_fn = lambda x, t: unet.apply(graphdef, params, x, t, dropout_key=dropout_key)
-            return jnp.mean(diffusion.training_losses(d, model_fn, batch, loss_key))
+            return jnp.mean(diffusion.training_losses(d, model_fn, x0, loss_key))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
@@ -138,7 +164,7 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
         metrics = dict(
             loss=loss,
             grad_norm=grad_norm,
-            lr=lr_fn(state.step),
+            lr=lr_fn(state.step - state.nonfinite_steps),
             nonfinite_steps=new_state.nonfinite_steps,
             first_nonfinite_step=new_state.first_nonfinite_step,
         )
@@ -147,184 +173,170 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     return train_step
 
 
-def compile_train_step(train_step, mesh, state: TrainState):
-    """jit over the mesh: state replicated (and donated), batch sharded on ``data``."""
-    replicated = NamedSharding(mesh, P())
-    state_sharding = jax.tree.map(lambda _: replicated, state)
+def make_multi_step(train_step, k: int):
+    """``k`` train steps in one call: batches ``[k, B, H, W, C]``; the metrics of the last step.
+
+    One loop over the stacked batches whose trip count the compiler does not see, so the step
+    inside compiles the same whatever ``k`` is: k calls with k = 1 and one call with k give the
+    same state bit for bit. (A step compiled inside a loop is not bit-identical to the same step
+    compiled alone: XLA fuses them differently. On XLA:CPU, jaxlib 0.10, the weight gradients of
+    convolutions inside a loop also run about 40x slower; ``steps_per_dispatch`` is for
+    accelerators.)
+    """
+
+    def multi_step(state, batches, base_key):
+        trips = jax.lax.optimization_barrier(jnp.int32(batches.shape[0]))  # opaque to XLA
+
+        def body(i, carry):
+            return train_step(carry[0], jax.lax.dynamic_index_in_dim(batches, i, 0, False),
+                              base_key)
+
+        metrics = jax.eval_shape(train_step, state, batches[0], base_key)[1]
+        zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
+        return jax.lax.fori_loop(0, trips, body, (state, zeros))
+
+    del k  # the loop takes its trip count from the batches
+    return multi_step
+
+
+def compile_train_step(train_step, mesh, state, *, steps_per_dispatch: int = 1):
+    """jit over the mesh: state replicated (and donated), batch split over ``data``."""
+    state_shardings = sharding.train_state_shardings(mesh, state)
+    batch = sharding.data_sharding(mesh) if steps_per_dispatch == 1 else NamedSharding(
+        mesh, P(None, sharding.DATA))  # [k, B, ...]: the batch axis split
+    replicated = sharding.replicated(mesh)
+    step = train_step if steps_per_dispatch == 1 else make_multi_step(train_step,
+                                                                      steps_per_dispatch)
     return jax.jit(
-        train_step,
+        step,
         in_shardings=(
-            state_sharding,  # state: replicated on every device
-            NamedSharding(mesh, P("data")),  # batch: split over the data axis
+            state_shardings,  # state: replicated on every device
+            batch,  # batch: split over the data axis
             replicated,  # base_key
         ),
-        out_shardings=(state_sharding, replicated),  # new state, scalar metrics
+        out_shardings=(state_shardings, replicated),  # new state, scalar metrics
         donate_argnums=(0,),  # the old state's buffers are reused for the new one
     )
 
 
 # ---------------------------------------------------------------------------------------------
-# Set-up helpers.
+# Set-up: plain functions that return values.
 # ---------------------------------------------------------------------------------------------
 
 
-def check_workdir(workdir: str) -> str:
-    """Creates ``workdir`` and checks that a file can be written there."""
-    workdir = os.path.abspath(os.path.expanduser(workdir))
+def prepare_workdir(workdir: str) -> epath.Path:
+    """Creates ``workdir`` (local or ``gs://``) and checks that a file can be written there."""
+    path = checkpoints.absolute(workdir)
     try:
-        os.makedirs(workdir, exist_ok=True)
-        probe = os.path.join(workdir, f".write_test.{os.getpid()}")
-        with open(probe, "w") as f:
-            f.write("ok")
-        os.remove(probe)
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / f".write_test.{jax.process_index()}"
+        probe.write_text("ok")
+        probe.unlink()
     except OSError as e:
         raise config_lib.ConfigError(
-            f"workdir {workdir} is not writable ({e.strerror}); choose another --workdir"
+            f"workdir {path} is not writable ({e.strerror or e}); choose another --workdir"
         ) from None
-    return workdir
+    return path
+
+
+_RESUME_FIXED = ("model", "diffusion", "data.dataset", "data.image_size", "data.channels",
+                 "data.random_flip", "data.split", "seed", "training.batch_size")
 
 
 def check_resume_config(saved: dict, config: ml_collections.ConfigDict, path: str) -> None:
     """A run resumes only with the settings that define its model, process and data."""
-    current = json.loads(config_lib.to_json(config))
-    fixed = ["model", "diffusion", "data.dataset", "data.image_size", "data.channels",
-             "data.random_flip", "data.split", "seed", "training.batch_size"]
-    for key in fixed:
-        a, b = _lookup(saved, key), _lookup(current, key)
-        if a != b:
-            diffs = _diff(a, b, key)
+    current = config_lib.to_dict(config)
+    for key in _RESUME_FIXED:
+        diffs = config_lib.differences(config_lib.lookup(saved, key, None),
+                                       config_lib.lookup(current, key, None), key)
+        if diffs:
+            name, a, b = diffs[0]
             raise checkpoints.CheckpointError(
-                f"the checkpoint in {path} was made with a different config ({diffs}); use a new "
-                "--workdir or the saved settings"
-            )
+                f"the checkpoint in {path} was made with a different config ({name}: checkpoint "
+                f"{a!r}, config {b!r}); use a new --workdir or the saved settings")
 
 
-def _lookup(tree: dict, key: str):
-    for part in key.split("."):
-        tree = tree.get(part) if isinstance(tree, dict) else None
-    return tree
+@dataclasses.dataclass(frozen=True)
+class Start:
+    """Where a run starts: its state, base key, data position and step."""
+
+    state: TrainState
+    base_key: jax.Array
+    data_position: int
+    step: int
 
 
-def _diff(a, b, key: str) -> str:
-    if isinstance(a, dict) and isinstance(b, dict):
-        for k in sorted(a.keys() | b.keys()):
-            if a.get(k) != b.get(k):
-                return _diff(a.get(k), b.get(k), f"{key}.{k}")
-    return f"{key}: checkpoint {a!r}, config {b!r}"
+def fresh_start(config, tx, mesh) -> Start:
+    """Step 0: initial parameters from ``config.seed``, the base key ``key(config.seed)``."""
+    key = jax.device_put(jax.random.key(config.seed), sharding.replicated(mesh))
+    return Start(create_train_state(config, tx, mesh), key, 0, 0)
 
 
-def abstract_state(config, tx, sharding, params=None) -> TrainState:
-    """Shapes and shardings of the train state, without allocating it.
-
-    ``params``: the abstract parameters, when already built (``unet.abstract_model``).
-    """
-    if params is None:
-        _, params = unet.abstract_model(config)
-    state = jax.eval_shape(lambda p: init_train_state(p, tx), params)
-    return jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=sharding),
-                        state)
-
-
-def restore_state(manager, step: int, abstract: TrainState) -> tuple[TrainState, dict]:
-    """The train state and meta of a committed step, placed as ``abstract`` says."""
-    restored = checkpoints.restore(manager, step, dict(
-        params=abstract.params, ema_params=abstract.ema_params, opt_state=abstract.opt_state))
-    meta = restored["meta"]
-    replicated = abstract.step.sharding
+def restore_start(config, ckpt: checkpoints.Checkpointer, step: int, abstract: TrainState,
+                  mesh) -> Start:
+    """The committed checkpoint ``step`` of the run, checked against ``config``, on ``mesh``."""
+    check_resume_config(config_lib.to_dict(ckpt.read_config(step)), config, ckpt.step_dir(step))
+    placed = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
+                          abstract, sharding.train_state_shardings(mesh, abstract))
+    items, meta = ckpt.restore(step, dict(params=placed.params, ema_params=placed.ema_params,
+                                          opt_state=placed.opt_state))
+    replicated = sharding.replicated(mesh)
     scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), replicated)
-    state = TrainState(
-        step=scalar(meta["step"]),
-        params=restored["params"],
-        ema_params=restored["ema_params"],
-        opt_state=restored["opt_state"],
-        nonfinite_steps=scalar(meta.get("nonfinite_steps", 0)),
-        first_nonfinite_step=scalar(meta.get("first_nonfinite_step", -1)),
-    )
-    return state, meta
+    state = TrainState(step=scalar(meta["step"]), **items,
+                       nonfinite_steps=scalar(meta.get("nonfinite_steps", 0)),
+                       first_nonfinite_step=scalar(meta.get("first_nonfinite_step", -1)))
+    key = jax.random.wrap_key_data(np.asarray(meta["base_key"], np.uint32))
+    return Start(state, jax.device_put(key, replicated), int(meta["data_position"]), step)
 
 
-def save_state(manager, state: TrainState, *, data_position: int, base_key, config) -> None:
-    step = int(jax.device_get(state.step))
+def save_state(ckpt: checkpoints.Checkpointer, state: TrainState, *, data_position: int,
+               base_key, config) -> None:
+    """Starts an asynchronous save of ``state`` with everything a resume needs."""
     meta = dict(
         data_position=int(data_position),
         base_key=np.asarray(jax.random.key_data(base_key)).tolist(),
         nonfinite_steps=int(jax.device_get(state.nonfinite_steps)),
         first_nonfinite_step=int(jax.device_get(state.first_nonfinite_step)),
     )
-    checkpoints.save(manager, step, params=state.params, ema_params=state.ema_params,
-                     opt_state=state.opt_state, meta=meta, config=config)
+    ckpt.save(int(jax.device_get(state.step)), params=state.params, ema_params=state.ema_params,
+              opt_state=state.opt_state, meta=meta, config=config)
+
+
+class Batches:
+    """Global batches for the devices: ``k`` reader batches stacked, assembled over the mesh."""
+
+    def __init__(self, reader: input_pipeline.Reader, mesh, rows: np.ndarray, k: int):
+        self.reader, self.mesh, self.rows, self.k = reader, mesh, rows, k
+
+    def next(self) -> jax.Array:
+        global_batch = self.reader.spec.global_batch
+        if self.k == 1:
+            return sharding.make_global_batch(next(self.reader), self.mesh, self.rows,
+                                              global_batch)
+        stacked = np.stack([next(self.reader) for _ in range(self.k)], axis=1)  # [b, k, ...]
+        batch = sharding.make_global_batch(stacked, self.mesh, self.rows, global_batch)
+        return jnp.swapaxes(batch, 0, 1)  # [k, B, ...], B still split over `data`
 
 
 # ---------------------------------------------------------------------------------------------
-# Logging and preemption.
+# Preemption.
 # ---------------------------------------------------------------------------------------------
-
-
-class MetricWriter:
-    """Scalars as one JSON object per log step in ``metrics.jsonl`` and as TensorBoard events.
-
-    Only process 0 writes. On resume, lines past the restored step are dropped first, so the
-    file reads as if the run had never stopped.
-    """
-
-    def __init__(self, workdir: str, *, resume_step: int, enabled: bool):
-        self.enabled = enabled
-        self.path = os.path.join(workdir, "metrics.jsonl")
-        self._tb = None
-        if not enabled:
-            return
-        if os.path.exists(self.path):
-            with open(self.path) as f:
-                lines = [ln for ln in f if _row_step(ln) <= resume_step]
-            with open(self.path + ".tmp", "w") as f:
-                f.writelines(lines)
-            os.replace(self.path + ".tmp", self.path)
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 needs it
-
-        self._tb = SummaryWriter(os.path.join(workdir, "tensorboard"), purge_step=resume_step + 1)
-
-    def write(self, step: int, scalars: dict[str, float]) -> None:
-        if not self.enabled:
-            return
-        with open(self.path, "a") as f:
-            f.write(json.dumps(dict(step=int(step), **scalars)) + "\n")
-        for name, value in scalars.items():
-            self._tb.add_scalar(name, value, int(step))
-
-    def read(self) -> list[dict]:
-        if not os.path.exists(self.path):
-            return []
-        with open(self.path) as f:
-            return [json.loads(ln) for ln in f if ln.strip()]
-
-    def close(self) -> None:
-        if self._tb is not None:
-            self._tb.close()
-
-
-def _row_step(line: str) -> float:
-    """The step of a metrics.jsonl row; a torn last line (killed mid-write) counts as past."""
-    try:
-        return json.loads(line)["step"]
-    except (ValueError, KeyError, TypeError):
-        return float("inf")
 
 
 class PreemptionHandler:
     """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
 
-    With several processes, JAX's preemption sync point makes all of them stop at the same
-    step (``jax.distributed`` installs its own notifier).
+    With several processes, JAX's preemption sync point (its own SIGTERM notifier) makes every
+    process stop at the same step.
     """
 
     def __init__(self):
         self.signum: int | None = None
         self._previous = {}
 
-    def __enter__(self):
-        if jax.process_count() > 1:
-            return self  # jax.distributed's preemption notifier owns SIGTERM
-        for sig in (signal.SIGTERM, signal.SIGINT):
+    def __enter__(self) -> PreemptionHandler:
+        signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
+        for sig in signals:
             self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
@@ -342,22 +354,8 @@ class PreemptionHandler:
 
             if multihost_utils.reached_preemption_sync_point(step):
                 self.signum = self.signum or signal.SIGTERM
-                return True
-            return False
+            return distributed.broadcast_int(self.signum or 0) != 0
         return self.signum is not None
-
-
-def maybe_initialize_distributed() -> None:
-    """``jax.distributed.initialize()`` when the environment describes several processes."""
-    env = os.environ
-    multi = (
-        "JAX_COORDINATOR_ADDRESS" in env
-        or int(env.get("SLURM_NTASKS", "1")) > 1
-        or "," in env.get("TPU_WORKER_HOSTNAMES", "")
-        or int(env.get("OMPI_COMM_WORLD_SIZE", "1")) > 1
-    )
-    if multi:
-        jax.distributed.initialize()
 
 
 # ---------------------------------------------------------------------------------------------
@@ -365,223 +363,146 @@ def maybe_initialize_distributed() -> None:
 # ---------------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass
 class Run:
-    """The pieces of one training run, all checked and built before anything compiles."""
+    """What the loop needs, built by ``setup``."""
 
-    def __init__(self, config, workdir):
-        config_lib.validate(config)
-        self.config = config
-        self.workdir = check_workdir(workdir)
-        self.is_main = jax.process_index() == 0
-        self.mesh = api.create_mesh()
-        input_pipeline.check_batch_divisible(
-            config.training.batch_size, self.mesh.size, jax.process_count())
-        self.manager = checkpoints.create_manager(
-            os.path.join(self.workdir, checkpoints.CHECKPOINT_SUBDIR),
-            max_to_keep=config.training.max_to_keep)
-        self.replicated = NamedSharding(self.mesh, P())
-        self.tx = create_optimizer(config)
-        self.diffusion = diffusion.Diffusion.from_config(config)
-        self.graphdef, self._abstract_params = unet.abstract_model(config)
-        self.resume_step = self.manager.latest_step()
-        meta = {}
-        if self.resume_step is not None:
-            path = checkpoints.step_dir(self.manager, self.resume_step)
-            meta, saved_config = checkpoints.read_json_items(self.manager, self.resume_step)
-            check_resume_config(saved_config, config, path)
-        # The reader validates the dataset (name, prepared, image size) before any compile.
-        self.reader = None
-        try:
-            self.reader = input_pipeline.create_train_reader(
-                config, start_position=int(meta.get("data_position", 0)))
-            self.state, self.base_key = self._restore_or_init()
-        except BaseException:
-            self.manager.close()
-            if self.reader is not None:
-                self.reader.close()
-            raise
+    config: ml_collections.ConfigDict
+    workdir: epath.Path
+    mesh: jax.sharding.Mesh
+    ckpt: checkpoints.Checkpointer
+    batches: Batches
+    start: Start
+    train_step: Callable
+    write_grid: Callable[[TrainState, int], str | None]
+    is_main: bool
 
-    def _restore_or_init(self):
-        c = self.config
-        if self.resume_step is None:
-            params = unet.split(unet.create_model(c, seed=c.seed))[1]
-            state = jax.device_put(init_train_state(params, self.tx), self.replicated)
-            return state, jax.device_put(jax.random.key(c.seed), self.replicated)
-        abstract = abstract_state(c, self.tx, self.replicated, self._abstract_params)
-        state, meta = restore_state(self.manager, self.resume_step, abstract)
-        key = jax.random.wrap_key_data(np.asarray(meta["base_key"], np.uint32))
-        return state, jax.device_put(key, self.replicated)
 
-    def save(self) -> None:
-        """Starts an asynchronous save; a failed write names the last committed step."""
-        try:
-            save_state(self.manager, self.state, data_position=self.reader.position,
-                       base_key=self.base_key, config=self.config)
-        except Exception as e:  # noqa: BLE001 - disk full, permissions, storage errors
-            raise self._save_failed(e) from None
+def setup(config, workdir: str, stack: contextlib.ExitStack) -> Run:
+    """Checks and builds everything before anything compiles; ``stack`` closes it all.
 
-    def wait_for_save(self) -> None:
-        try:
-            self.manager.wait_until_finished()
-        except Exception as e:  # noqa: BLE001 - errors of the background save surface here
-            raise self._save_failed(e) from None
+    The data is opened (and so checked) before the initial state is compiled; a resumed run
+    first checks the saved config, then restores, then opens the data at the saved position.
+    """
+    config_lib.validate(config)
+    for warning in config_lib.warnings(config):
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
+    path = prepare_workdir(workdir)
+    mesh = sharding.create_mesh()
+    rows = sharding.process_rows(mesh, config.training.batch_size)
+    ckpt = stack.enter_context(checkpoints.Checkpointer(
+        path / checkpoints.CHECKPOINT_SUBDIR, max_to_keep=config.training.max_to_keep))
+    tx = create_optimizer(config)
+    d = diffusion.Diffusion.from_config(config)
+    graphdef, abstract_params = unet.abstract_model(config)
+    abstract = abstract_state(abstract_params, tx)
+    latest = ckpt.latest_step()
+    if latest is None:
+        reader = stack.enter_context(input_pipeline.create_train_reader(config, rows))
+        start = fresh_start(config, tx, mesh)
+    else:
+        start = restore_start(config, ckpt, latest, abstract, mesh)
+        reader = stack.enter_context(input_pipeline.create_train_reader(
+            config, rows, position=start.data_position))
+    k = config.training.steps_per_dispatch
+    train_step = compile_train_step(make_train_step(config, graphdef, d, tx), mesh, abstract,
+                                    steps_per_dispatch=k)
+    return Run(config, path, mesh, ckpt, Batches(reader, mesh, rows, k), start, train_step,
+               make_grid_writer(config, graphdef, d, mesh, path), jax.process_index() == 0)
 
-    def _save_failed(self, e: Exception) -> checkpoints.CheckpointError:
-        committed = [s for s in self.manager.all_steps() if s != int(self.state.step)]
-        return checkpoints.CheckpointError(
-            f"saving the checkpoint of step {int(self.state.step)} failed "
-            f"({e.__class__.__name__}: {e}); the last committed checkpoint "
-            f"({max(committed, default='none')}) is intact: free space or fix the workdir "
-            "and rerun the same command to resume from it")
 
-    def check_finite(self, metrics: dict[str, Any]) -> None:
-        """Stops the run at a non-finite step unless ``optim.skip_nonfinite``."""
-        count = int(metrics["nonfinite_steps"])
-        if count and not self.config.optim.skip_nonfinite:
-            first = int(metrics["first_nonfinite_step"])
-            raise NonFiniteError(
-                f"non-finite loss or gradient at step {first + 1} (update skipped, nothing "
-                f"saved after it); lower optim.lr or set optim.skip_nonfinite=True")
+def make_grid_writer(config, graphdef, d, mesh, workdir: epath.Path):
+    """``write(state, step)``: a grid of EMA samples (the same noise each time) as
+    ``samples/step_<N>.png``, returning its path on process 0."""
+    s = config.sampling
+    spec = sampling.SamplerSpec(s.sampler, s.num_steps, s.eta, s.clip_denoised)
+    n = config.training.num_sample_images
+    shape = (sharding.padded_size(n, mesh), config.data.image_size, config.data.image_size,
+             config.data.channels)
+    sample_fn = sampling.get_sampling_fn(graphdef, spec, shape, mesh)
 
-    def close(self) -> None:
-        try:
-            self.wait_for_save()
-        finally:
-            self.manager.close()
-            self.reader.close()
+    def write(state: TrainState, step: int) -> str | None:
+        grid = sharding.to_host(sample_fn(state.ema_params, d, jax.random.key(config.seed + 1)))
+        if jax.process_index() != 0:
+            return None
+        return images.save_grid(str(workdir / "samples" / f"step_{step:07d}.png"), grid[:n])
+
+    return write
 
 
 def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
     """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state."""
-    run = Run(config, workdir)
-    try:
-        with PreemptionHandler() as preemption:
-            _train_loop(run, preemption)
-    finally:
-        run.close()
-    return run.state
+    with contextlib.ExitStack() as stack:
+        run = setup(config, workdir, stack)
+        preemption = stack.enter_context(PreemptionHandler())
+        writer = stack.enter_context(metric_logging.MetricWriter(
+            run.workdir, resume_step=run.start.step, enabled=run.is_main))
+        return train_loop(run, writer, preemption)
 
 
-class ProgressLog:
-    """Progress bar, metric rows and the non-finite check of the loop.
-
-    Device metrics are fetched one step late (after the next step is dispatched), so logging
-    never leaves the devices idle.
-    """
-
-    def __init__(self, run: Run, start: int):
-        from tqdm.auto import tqdm  # noqa: PLC0415
-
-        self.run, self.batch_size = run, run.config.training.batch_size
-        self.log_every = run.config.training.log_every
-        self.writer = MetricWriter(run.workdir, resume_step=start, enabled=run.is_main)
-        self.bar = tqdm(total=run.config.training.num_train_steps, initial=start, unit="step",
-                        disable=not run.is_main, dynamic_ncols=True, file=sys.stderr)
-        self.clock = (time.time(), start)
-        self.pending = None
-        self.previous = None  # the loss of the last dispatched step
-
-    def step_done(self, step: int, metrics: dict[str, jax.Array], *, last: bool) -> None:
-        """Called right after step ``step`` is dispatched.
-
-        Waits for the previous step only (one step stays queued on the devices), so the bar
-        counts finished steps and its rate and ETA are true.
-        """
-        if self.previous is not None:
-            self.previous.block_until_ready()
-            self.bar.update(1)
-        self.previous = metrics["loss"]
-        self.flush()  # the previous log step: the devices are already busy with this one
-        if step % self.log_every == 0 or last:
-            self.pending = (step, metrics)
-
-    def flush(self) -> None:
-        if self.pending is None:
-            return
-        (step, metrics), self.pending = self.pending, None
-        m = {k: float(v) for k, v in jax.device_get(metrics).items()}
-        now = time.time()
-        rate = (step - self.clock[1]) / max(now - self.clock[0], 1e-9)
-        self.clock = (now, step)
-        self.writer.write(step, dict(
-            loss=m["loss"], grad_norm=m["grad_norm"], lr=m["lr"], steps_per_sec=rate,
-            images_per_sec=rate * self.batch_size, nonfinite_steps=m["nonfinite_steps"]))
-        self.bar.set_postfix(loss=f"{m['loss']:.4f}", img_s=f"{rate * self.batch_size:.0f}")
-        self.run.check_finite(m)
-
-    def close(self) -> None:
-        if self.previous is not None:
-            self.previous.block_until_ready()
-            self.bar.update(1)
-        self.bar.close()
-        self.writer.close()
+def _announce(run: Run) -> None:
+    c, start = run.config, run.start.step
+    (run.workdir / "config.json").write_text(config_lib.to_json(c))
+    print(f"{'Resuming' if start else 'Starting'} at step {start}: "
+          f"{unet.count_params(run.start.state.params):,} parameters, {run.mesh.size} device(s)"
+          f" in {jax.process_count()} process(es), global batch {c.training.batch_size}, "
+          f"workdir {run.workdir}", file=sys.stderr, flush=True)
 
 
-def _train_loop(run: Run, preemption: PreemptionHandler) -> None:
-    c, t = run.config, run.config.training
-    start = run.resume_step or 0
+def train_loop(run: Run, writer: metric_logging.MetricWriter,
+               preemption: PreemptionHandler) -> TrainState:
+    """The loop of the module docstring; returns the final state."""
+    tc = run.config.training
+    k, state, key = tc.steps_per_dispatch, run.start.state, run.start.base_key
     if run.is_main:
-        with open(os.path.join(run.workdir, "config.json"), "w") as f:
-            f.write(config_lib.to_json(c))
-        print(f"{'Resuming' if start else 'Starting'} at step {start}: "
-              f"{unet.count_params(run.state.params):,} parameters, {run.mesh.size} device(s), "
-              f"global batch {t.batch_size}, workdir {run.workdir}", file=sys.stderr, flush=True)
-    sampler = api.DDPM(c, run.graphdef, run.state.ema_params, mesh=run.mesh)
-    train_step = compile_train_step(
-        make_train_step(c, run.graphdef, run.diffusion, run.tx), run.mesh, run.state)
-    log = ProgressLog(run, start)
-    try:
-        for step in range(start, t.num_train_steps):
-            batch = input_pipeline.make_global_batch(next(run.reader), run.mesh)
-            run.state, metrics = train_step(run.state, batch, run.base_key)
-            s = step + 1
-            log.step_done(s, metrics, last=s == t.num_train_steps)
-            stop = preemption.should_stop(s)
-            if s % t.checkpoint_every == 0 or stop:
-                log.flush()
-                run.check_finite(metrics)  # a checkpoint never follows an unreported NaN
-                run.save()
-            if stop:
-                run.wait_for_save()
-                raise Preempted(preemption.signum, s)
-            if s % t.sample_every == 0 and s != t.num_train_steps:
-                _write_samples(run, sampler, s)
-        log.flush()
-    finally:
-        log.close()
-    final = int(jax.device_get(run.state.step))
-    if run.manager.latest_step() != final:
-        run.save()
-    run.wait_for_save()
-    grid = _write_samples(run, sampler, final)
-    _summary(run, log.writer, grid, final)
+        _announce(run)
+    logger = metric_logging.MetricLogger(
+        writer, total=tc.num_train_steps, start=run.start.step, batch_size=tc.batch_size,
+        log_every=tc.log_every, skip_nonfinite=run.config.optim.skip_nonfinite,
+        enabled=run.is_main)
+    with logger:
+        for step in range(run.start.step, tc.num_train_steps, k):
+            state, metrics = run.train_step(state, run.batches.next(), key)
+            logger.record(step + k, metrics)
+            _after_step(run, logger, preemption, state, metrics, step + k)
+    _finish(run, writer, state)
+    return state
 
 
-def _write_samples(run: Run, sampler: api.DDPM, step: int) -> str | None:
-    """A grid of EMA samples (the same noise every time) as samples/step_<N>.png."""
-    sampler.params = run.state.ema_params
-    n = run.config.training.num_sample_images
-    s = run.config.sampling
-    imgs = sampler.sample(jax.random.key(run.config.seed + 1), n, sampler=s.sampler,
-                          num_steps=s.num_steps, eta=s.eta)
-    if not run.is_main:
-        return None
-    return images.save_grid(os.path.join(run.workdir, "samples", f"step_{step:07d}.png"), imgs)
+def _after_step(run: Run, logger, preemption, state: TrainState, metrics, step: int) -> None:
+    """Checkpoint, preemption and sample grid at their intervals."""
+    tc = run.config.training
+    stop = preemption.should_stop(step)
+    if step % tc.checkpoint_every == 0 or stop:
+        logger.flush()
+        logger.check_finite(metrics)  # a checkpoint never follows an unreported non-finite step
+        save_state(run.ckpt, state, data_position=run.batches.reader.position,
+                   base_key=run.start.base_key, config=run.config)
+    if stop:
+        run.ckpt.wait()
+        raise Preempted(preemption.signum, step)
+    if step % tc.sample_every == 0 and step < tc.num_train_steps:
+        grid = run.write_grid(state, step)
+        if grid is not None:
+            logger.writer.write_image(step, "samples", grid)
 
 
-def _summary(run: Run, writer: MetricWriter, grid: str | None, step: int) -> None:
+def _finish(run: Run, writer: metric_logging.MetricWriter, state: TrainState) -> None:
+    """The last checkpoint and grid, and the summary of where everything is."""
+    final = int(jax.device_get(state.step))
+    if run.ckpt.latest_step() != final:
+        save_state(run.ckpt, state, data_position=run.batches.reader.position,
+                   base_key=run.start.base_key, config=run.config)
+    run.ckpt.wait()
+    grid = run.write_grid(state, final)
     if not run.is_main:
         return
-    rows = writer.read()
-    curve = None
-    if rows:
-        curve = images.save_loss_curve(os.path.join(run.workdir, "loss.png"),
-                                       [r["step"] for r in rows], [r["loss"] for r in rows])
-    ckpt = checkpoints.step_dir(run.manager, step)
+    writer.write_image(final, "samples", grid)
+    curve = writer.save_loss_curve(run.workdir / "loss.png")
     print(
-        f"\nTrained to step {step}.\n  checkpoint:   {ckpt}\n  samples:      {grid}\n"
-        f"  loss curve:   {curve}\n  metrics:      {writer.path}\n"
-        f"  tensorboard:  tensorboard --logdir {os.path.join(run.workdir, 'tensorboard')}\n"
+        f"\nTrained to step {final}.\n  checkpoint:   {run.ckpt.step_dir(final)}\n"
+        f"  samples:      {grid}\n  loss curve:   {curve}\n  metrics:      {writer.path}\n"
+        f"  tensorboard:  tensorboard --logdir {run.workdir / 'tensorboard'}\n"
         f"  sample more:  python sample.py --workdir={run.workdir} --num_samples=64",
         flush=True,
     )

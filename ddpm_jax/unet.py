@@ -19,15 +19,17 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from ddpm_jax import diffusion
 
-# The original initialiser: variance scaling, fan_avg, uniform; scale ~0 for "zero" layers.
+
+# The original initialiser: variance scaling, fan_avg, uniform. The layers the original calls
+# "zero" (the last conv of each ResNet block, the attention output, conv_out) use scale 1e-10:
+# nearly zero, as there (variance scaling cannot take a scale of exactly 0).
 def _init(scale: float = 1.0):
-    return jax.nn.initializers.variance_scaling(
-        max(scale, 1e-10), mode="fan_avg", distribution="uniform"
-    )
+    return jax.nn.initializers.variance_scaling(scale, mode="fan_avg", distribution="uniform")
 
 
-_ZERO = 0.0
+NEAR_ZERO_SCALE = 1e-10
 NUM_GROUPS = 32
 GN_EPS = 1e-6
 
@@ -88,7 +90,7 @@ class ResnetBlock(nnx.Module):
         self.conv1 = _conv(cin, cout, rngs, dtype)
         self.temb_proj = _dense(temb_ch, cout, rngs, dtype)
         self.norm2 = _norm(cout, rngs, dtype)
-        self.conv2 = _conv(cout, cout, rngs, dtype, scale=_ZERO)
+        self.conv2 = _conv(cout, cout, rngs, dtype, scale=NEAR_ZERO_SCALE)
         if cin != cout:
             self.nin_shortcut = _dense(cin, cout, rngs, dtype)
 
@@ -111,7 +113,7 @@ class AttnBlock(nnx.Module):
         self.q = _dense(c, c, rngs, dtype)
         self.k = _dense(c, c, rngs, dtype)
         self.v = _dense(c, c, rngs, dtype)
-        self.proj_out = _dense(c, c, rngs, dtype, scale=_ZERO)
+        self.proj_out = _dense(c, c, rngs, dtype, scale=NEAR_ZERO_SCALE)
 
     def __call__(self, x):
         B, H, W, C = x.shape
@@ -237,7 +239,7 @@ class UNet(nnx.Module):
                 res *= 2
             setattr(self, f"up_{i}", Level(blocks, attns, up))
         self.norm_out = _norm(cur, **kw)
-        self.conv_out = _conv(cur, out_ch * block_size**2, **kw, scale=_ZERO)
+        self.conv_out = _conv(cur, out_ch * block_size**2, **kw, scale=NEAR_ZERO_SCALE)
 
     def __call__(self, x: jax.Array, t: jax.Array, *, dropout_key: jax.Array | None = None):
         """Args: x ``[B, H, W, C]``, t ``int [B]`` (0-based), dropout_key (None = eval)."""
@@ -287,7 +289,7 @@ class UNet(nnx.Module):
 
 def output_channels(config) -> int:
     """C, or 2C for a learned variance."""
-    learned = config.diffusion.model_var_type in ("learned", "learned_range")
+    learned = diffusion.is_learned_variance(config.diffusion.model_var_type)
     return config.data.channels * (2 if learned else 1)
 
 

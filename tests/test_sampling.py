@@ -2,20 +2,16 @@
 
 import json
 import os
-import subprocess
-import sys
-import textwrap
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_script
 
 import ddpm_jax
 from configs import test as test_config
-from ddpm_jax import diffusion, generate, sampling, schedules
-
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from ddpm_jax import diffusion, generate, images, sampling, schedules, unet
 
 
 def _process(T=50, var="fixedlarge", mean="eps"):
@@ -33,14 +29,17 @@ def model():
     m = ddpm_jax.create(test_config.get_config(), seed=0)
     leaves, tree = jax.tree.flatten(m.params)
     keys = jax.random.split(jax.random.key(5), len(leaves))
-    m.params = jax.tree.unflatten(
-        tree, [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
-    return m
+    noisy = [p + 0.05 * jax.random.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)]
+    return m.replace(params=jax.tree.unflatten(tree, noisy))
+
+
+def _model_fn(model):
+    return lambda x, t: unet.apply(model.graphdef, model.params, x, t)
 
 
 def test_scan_equals_python_loop_step_for_step(model):
     d, shape, key = model.diffusion, (3, 8, 8, 1), jax.random.key(11)
-    model_fn = model.model_fn(model.params)
+    model_fn = _model_fn(model)
     x_final, xs, _ = jax.jit(lambda k: sampling.sample_loop(
         d, model_fn, k, shape, record_every=1))(key)
     # The same step function in a plain Python loop, with the documented keys.
@@ -130,7 +129,7 @@ def test_chain_with_the_true_noise_model_ends_at_x0(var):
 def test_respaced_chain_with_learned_variance_ends_at_x0():
     d, betas = _process(var="learned_range")
     x0 = jnp.linspace(-0.5, 0.5, 16).reshape(1, 4, 4, 1)
-    sub, tmap = sampling.respace(d, betas, sampling.ddim_timesteps(50, 10))
+    sub, tmap = sampling.respace(d, sampling.ddim_timesteps(50, 10))
     np.testing.assert_allclose(np.cumprod(1 - np.asarray(sub.betas, np.float64)),
                                np.cumprod(1 - betas)[np.asarray(tmap)], rtol=1e-5)
     eps = _true_eps_model(d, x0)
@@ -160,82 +159,109 @@ def test_batches_depend_only_on_key_count_and_batch_size(model):
 
 
 def test_progressive_records_every_k_steps(model):
-    x0, xs, x0s = model.progressive(jax.random.key(0), 2, every=10)
-    assert xs.shape == x0s.shape == (2, 5, 8, 8, 1)
+    spec = sampling.SamplerSpec(record_every=10)
+    x0, xs, x0s = model.progressive(jax.random.key(0), 2, spec)
+    assert xs.shape == x0s.shape == (2, 5, 8, 8, 1) and x0s.dtype == np.uint8
     np.testing.assert_array_equal(xs[:, -1], x0)  # the last record is the final sample
+    np.testing.assert_array_equal(x0, model.sample_batch(jax.random.key(0), 2))
+    # x0s[:, k] is the x_0 predicted at the last step of chunk k: recompute it step by step.
+    d, model_fn = model.diffusion, _model_fn(model)
+    _, xs_f, x0s_f = jax.jit(lambda k: sampling.sample_loop(
+        d, model_fn, k, (2, 8, 8, 1), record_every=1))(jax.random.key(0))
+    np.testing.assert_array_equal(x0s, np.swapaxes(images.to_uint8(x0s_f[9::10]), 0, 1))
+    np.testing.assert_array_equal(xs, np.swapaxes(images.to_uint8(xs_f[9::10]), 0, 1))
+    assert len({x0s[0, k].tobytes() for k in range(5)}) == 5  # the prediction sharpens
+
+
+def test_progressive_with_the_true_noise_model_predicts_x0_all_along():
+    d, _ = _process()
+    x0 = jnp.linspace(-0.9, 0.9, 2 * 16).reshape(2, 4, 4, 1)
+    _, _, x0s = sampling.sample_loop(d, _true_eps_model(d, x0), jax.random.key(0), x0.shape,
+                                     record_every=10)
+    for k in range(5):
+        np.testing.assert_allclose(x0s[k], x0, atol=1e-4)
+
+
+def test_default_progressive_interval_divides_the_steps():
+    for steps, every in ((1000, 100), (100, 10), (25, 5), (50, 5), (7, 1), (13, 1)):
+        assert sampling.default_record_every(steps) == every
+        assert steps % every == 0
 
 
 def test_interpolation_endpoints_are_the_decoded_inputs(model):
     img = model.sample(jax.random.key(1), 2, batch_size=2)
-    out = model.interpolate(jax.random.key(2), img[0], img[1], t=0, num=3)
-    assert out.shape == (3, 8, 8, 1)
-    # Diffusing to t = 0 and denoising one step changes an image only slightly.
-    assert np.abs(out[0].astype(int) - img[0].astype(int)).mean() < 40
+    out = model.interpolate(jax.random.key(2), img[0], img[1], t=20, num=5)
+    assert out.shape == (5, 8, 8, 1) and out.dtype == np.uint8
+    # The endpoints are the chains from image1 and image2 alone (rows share every draw).
+    for lam, row in ((0.0, 0), (1.0, 4)):
+        alone = jax.jit(lambda key, lam=lam: sampling.interpolate(
+            model.diffusion, _model_fn(model), key, images.to_model_space(img[0]),
+            images.to_model_space(img[1]), t=20, lambdas=[lam]))(jax.random.key(2))
+        np.testing.assert_array_equal(out[row], images.to_uint8(alone[0]))
+    assert not np.array_equal(out[0], out[4])
+    # With the true noise model of x1 (or x2), the chain from x1 (or x2) ends exactly there.
+    d, _ = _process()
+    x1 = jnp.linspace(-0.8, 0.8, 16).reshape(4, 4, 1)
+    x2 = -x1
+    for x, row in ((x1, 0), (x2, -1)):
+        out = sampling.interpolate(d, _true_eps_model(d, x[None]), jax.random.key(3), x1, x2,
+                                   t=40, lambdas=jnp.linspace(0, 1, 3))
+        np.testing.assert_allclose(out[row], x, atol=1e-4)
 
 
-_SHARDED = textwrap.dedent("""
-    import json, sys, jax, numpy as np
-    import ddpm_jax
-    from configs import test as test_config
-    m = ddpm_jax.create(test_config.get_config(), seed=0)
-    assert jax.device_count() == int(sys.argv[1])
-    out = {}
+def test_sampling_on_8_devices_equals_1_device_and_splits_the_work():
+    one, eight = run_script("sharded_sampling.py", devices=1), run_script(
+        "sharded_sampling.py", devices=8)
     for sampler in ("ancestral", "ddim"):
-        img = m.sample_batch(jax.random.key(3), 8, sampler=sampler, num_steps=10)
-        out[sampler] = (np.asarray(img).tolist(), len(img.sharding.device_set))
-    print(json.dumps(out))
-""")
+        assert one[sampler]["devices"] == 1 and eight[sampler]["devices"] == 8
+        np.testing.assert_array_equal(np.array(eight[sampler]["images"]),
+                                      np.array(one[sampler]["images"]))
+        # Each device runs an eighth of the chain's network evaluations.
+        assert eight[sampler]["flops"] < 0.2 * one[sampler]["flops"]
 
 
-def _run_on_devices(n: int) -> dict:
-    env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={n}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT)
-    out = subprocess.run([sys.executable, "-c", _SHARDED, str(n)], env=env, cwd=ROOT,
-                         capture_output=True, text=True, timeout=300, check=True)
-    return json.loads(out.stdout.strip().splitlines()[-1])
-
-
-def test_sampling_on_8_devices_equals_1_device():
-    one, eight = _run_on_devices(1), _run_on_devices(8)
-    for sampler in ("ancestral", "ddim"):
-        assert one[sampler][1] == 1 and eight[sampler][1] == 8  # really sharded
-        np.testing.assert_allclose(np.array(eight[sampler][0]), np.array(one[sampler][0]),
-                                   atol=1e-5)
+DDIM5 = sampling.SamplerSpec("ddim", 5)
 
 
 def test_generate_writes_files_and_resumes_a_killed_run(model, tmp_path, monkeypatch):
     full = generate.generate(model, str(tmp_path / "full"), num_samples=5, batch_size=2,
-                             sampler="ddim", num_steps=5, progress=False)
+                             spec=DDIM5, progress=False)
     expected = np.load(full)["images"]
     assert expected.shape == (5, 8, 8, 1) and expected.dtype == np.uint8
     assert os.path.exists(tmp_path / "full" / "samples.png")
 
     calls = []
-    real = model.sample_chunk
+    real = generate.iter_chunks
 
-    def dies_after_two(key, i, *a, **k):
-        if len(calls) == 2:
-            raise KeyboardInterrupt("killed")
-        calls.append(i)
-        return real(key, i, *a, **k)
+    def dies_after_two(*a, start=0, **k):
+        for i, chunk in enumerate(real(*a, start=start, **k), start=start):
+            if len(calls) == 2:
+                raise KeyboardInterrupt("killed")
+            calls.append(i)
+            yield chunk
 
-    monkeypatch.setattr(model, "sample_chunk", dies_after_two)
+    monkeypatch.setattr(generate, "iter_chunks", dies_after_two)
     out = str(tmp_path / "resumed")
     with pytest.raises(KeyboardInterrupt):
-        generate.generate(model, out, num_samples=5, batch_size=2, sampler="ddim", num_steps=5,
+        generate.generate(model, out, num_samples=5, batch_size=2, spec=DDIM5,
                           progress=False)
     assert sorted(os.listdir(os.path.join(out, generate.SHARDS))) == [
         "shard_000000.npz", "shard_000001.npz", "spec.json"]
     calls.clear()
-    monkeypatch.setattr(model, "sample_chunk", lambda key, i, *a, **k: (
-        calls.append(i), real(key, i, *a, **k))[1])
-    path = generate.generate(model, out, num_samples=5, batch_size=2, sampler="ddim",
-                             num_steps=5, progress=False)
+
+    def counting(*a, start=0, **k):
+        for i, chunk in enumerate(real(*a, start=start, **k), start=start):
+            calls.append(i)
+            yield chunk
+
+    monkeypatch.setattr(generate, "iter_chunks", counting)
+    path = generate.generate(model, out, num_samples=5, batch_size=2, spec=DDIM5,
+                             progress=False)
     assert calls == [2]  # only the missing batch was sampled
     np.testing.assert_array_equal(np.load(path)["images"], expected)
     # Finished samples of other settings are moved aside, never overwritten.
-    generate.generate(model, out, num_samples=2, batch_size=2, seed=1, sampler="ddim",
-                      num_steps=5, progress=False)
+    generate.generate(model, out, num_samples=2, batch_size=2, seed=1, spec=DDIM5,
+                      progress=False)
     np.testing.assert_array_equal(
         np.load(os.path.join(out, "previous_samples", "0", "samples.npz"))["images"], expected)
     assert np.load(os.path.join(out, "samples.npz"))["images"].shape[0] == 2
@@ -245,3 +271,31 @@ def test_generate_writes_files_and_resumes_a_killed_run(model, tmp_path, monkeyp
         json.dump({"seed": 7}, f)
     with pytest.raises(generate.SampleSpecError, match="unfinished run with other settings"):
         generate.generate(model, out, num_samples=5, batch_size=2, seed=3, progress=False)
+
+
+def test_bad_settings_change_nothing_in_the_output_dir(model, tmp_path):
+    out = tmp_path / "out"
+    generate.generate(model, str(out), num_samples=2, batch_size=2, spec=DDIM5, progress=False)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    for spec in (sampling.SamplerSpec("ddim", 5000), sampling.SamplerSpec("ddim", 5, eta=-1.0),
+                 sampling.SamplerSpec("ancestral", eta=0.5)):
+        with pytest.raises(ddpm_jax.config_lib.ConfigError):
+            generate.generate(model, str(out), num_samples=3, spec=spec, progress=False)
+    after = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    assert after == before  # nothing moved aside, no shard folder, no spec written
+
+
+def test_samples_npz_is_streamed_chunk_by_chunk_into_what_np_savez_writes(tmp_path):
+    from etils import epath
+
+    rng = np.random.default_rng(0)
+    chunks = [rng.integers(0, 256, (n, 4, 4, 3), dtype=np.uint8) for n in (3, 3, 2)]
+    path = epath.Path(tmp_path) / "s.npz"
+    generate.write_npz_stream(path, "images", (8, 4, 4, 3), np.uint8, iter(chunks))
+    with np.load(path, allow_pickle=False) as f:
+        assert list(f.keys()) == ["images"]
+        np.testing.assert_array_equal(f["images"], np.concatenate(chunks))
+    with pytest.raises(ValueError, match="wrote 6 rows of images, expected 8"):
+        generate.write_npz_stream(path, "images", (8, 4, 4, 3), np.uint8, iter(chunks[:2]))
+    with np.load(path, allow_pickle=False) as f:  # the complete file was not replaced
+        assert f["images"].shape == (8, 4, 4, 3)

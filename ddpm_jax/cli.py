@@ -1,0 +1,94 @@
+"""The command-line layer of ``train.py``, ``sample.py`` and the ``python -m ddpm_jax.*`` tools.
+
+``run(main)`` parses the flags and runs ``main``. A ``UserError`` (a bad flag, config value,
+dataset, path or checkpoint) is printed as one line ``error: <message>`` and ends the program with
+its exit code (2 unless the error says otherwise); any other exception is a bug and keeps its
+traceback. Flag mistakes are one line too, unknown ``--config.a.b`` keys included (with the
+nearest valid keys).
+
+``define_process_flags()`` adds ``--coordinator_address``, ``--num_processes``, ``--process_id``
+and ``--distributed_timeout`` to a program; ``start_processes()`` then joins the other processes
+(``ddpm_jax.distributed.initialize``).
+"""
+
+from __future__ import annotations
+
+import runpy
+import sys
+from collections.abc import Callable, Sequence
+
+from absl import app, flags
+
+from ddpm_jax import errors
+
+
+def fail(message: str, code: int = 2) -> None:
+    """Prints ``error: <message>`` on stderr and exits with ``code``."""
+    print(f"error: {message}", file=sys.stderr, flush=True)
+    sys.exit(code)
+
+
+def run(main: Callable[[], None]) -> None:
+    """Parses the flags, then runs ``main()``; user errors become one line and an exit code."""
+
+    def wrapped(argv: Sequence[str]) -> None:
+        if len(argv) > 1:
+            fail(f"unexpected arguments: {' '.join(argv[1:])}")
+        try:
+            main()
+        except errors.UserError as e:
+            fail(str(e), e.exit_code)
+
+    app.run(wrapped, flags_parser=parse_flags)
+
+
+def parse_flags(argv: Sequence[str]) -> list[str]:
+    """absl's parsing with every mistake as one line and exit code 2."""
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as e:
+        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+    except (AttributeError, KeyError) as e:  # an unknown --config.a.b override key
+        fail(_unknown_override(argv) or f"bad config override ({e})")
+    return []  # not reached
+
+
+def _unknown_override(argv: Sequence[str]) -> str | None:
+    """Names the first ``--config.a.b=v`` whose key the config file does not have."""
+    from ddpm_jax import config_lib  # noqa: PLC0415 - keeps `--help` light
+
+    path = next((a.split("=", 1)[1] for a in argv if a.startswith("--config=")), None)
+    if path is None:
+        return None
+    file, _, arg = path.partition(":")
+    get_config = runpy.run_path(file)["get_config"]
+    config = get_config(arg) if arg else get_config()
+    for a in argv:
+        if a.startswith("--config.") and "=" in a:
+            key = a[len("--config."):].split("=", 1)[0]
+            if config_lib.lookup(config, key) is config_lib.MISSING:
+                return config_lib.unknown_key_message(config, key)
+    return None
+
+
+def define_process_flags() -> None:
+    """The flags that describe several processes (each defaults to JAX_* or JAX's detection)."""
+    flags.DEFINE_string("coordinator_address", None,
+                        "host:port of process 0 (default: $JAX_COORDINATOR_ADDRESS, or JAX's "
+                        "detection on Cloud TPU, SLURM, Open MPI and Kubernetes).")
+    flags.DEFINE_integer("num_processes", None, "Number of processes (default: "
+                         "$JAX_NUM_PROCESSES or detected).", lower_bound=1)
+    flags.DEFINE_integer("process_id", None, "This process, in [0, num_processes) (default: "
+                         "$JAX_PROCESS_ID or detected).", lower_bound=0)
+    flags.DEFINE_integer("distributed_timeout", 300, "Seconds to wait for every process to "
+                         "join before giving up.", lower_bound=1)
+
+
+def start_processes() -> None:
+    """Joins the other processes, as the process flags and the environment describe."""
+    from ddpm_jax import distributed  # noqa: PLC0415
+
+    f = flags.FLAGS
+    distributed.initialize(coordinator_address=f.coordinator_address,
+                           num_processes=f.num_processes, process_id=f.process_id,
+                           timeout=f.distributed_timeout)

@@ -1,0 +1,25 @@
+"""One compiled chain of 8 images (ancestral and DDIM, 10 steps) on however many devices there
+are: the images, how many devices hold them and the FLOPs XLA counts per device (compared across
+device counts by the tests)."""
+
+import json
+
+import jax
+import numpy as np
+
+import ddpm_jax
+from configs import test as test_config
+from ddpm_jax import sampling
+
+model = ddpm_jax.create(test_config.get_config(), seed=0)
+out = {}
+for sampler in ("ancestral", "ddim"):
+    spec = sampling.SamplerSpec(sampler, 10)
+    fn = sampling.get_sampling_fn(model.graphdef, spec, (8, 8, 8, 1), model.mesh)
+    key = jax.random.key(3)
+    compiled = fn.lower(model.params, model.diffusion, key).compile()
+    images = fn(model.params, model.diffusion, key)
+    out[sampler] = dict(images=np.asarray(images).tolist(),
+                        devices=len(images.sharding.device_set),
+                        flops=compiled.cost_analysis()["flops"])
+print(json.dumps(out))
