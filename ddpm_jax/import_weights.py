@@ -1,15 +1,20 @@
 """Imports the paper's released weights into an Orbax checkpoint that ``sample.py`` restores.
 
-  python -m ddpm_jax.import_weights --source=ddpm-cifar10-32 --config=configs/cifar10.py \
-      --workdir=runs/cifar10_official
+  python -m ddpm_jax.import_weights --source=hf://google/ddpm-cifar10-32 \
+      --config=configs/cifar10.py --workdir=runs/cifar10_official
 
-Two sources (reference.md section 5):
+Three kinds of source (reference.md section 5):
 
-- diffusers ``UNet2DModel`` checkpoints (``google/ddpm-cifar10-32``, ``google/ddpm-celebahq-256``,
-  ``google/ddpm-{church,bedroom,cat}-256`` on the Hugging Face hub): a directory with
-  ``config.json`` and ``diffusion_pytorch_model.safetensors`` (or the ``.safetensors`` file
-  alone), read with the safetensors numpy API. PyTorch layout: conv ``[out, in, kh, kw]``,
-  linear ``[out, in]``.
+- ``hf://owner/name[@revision]``: a diffusers model on the Hugging Face Hub by name
+  (``google/ddpm-cifar10-32``, ``google/ddpm-celebahq-256``,
+  ``google/ddpm-{church,bedroom,cat}-256``), fetched with ``huggingface_hub.snapshot_download``
+  into its usual cache (config files and the U-Net's weights only; ``unet/`` or the top level,
+  whichever the repository uses). A model already in the cache imports offline
+  (``HF_HUB_OFFLINE=1``). Needs the ``hf`` extra (``pip install 'ddpm_jax[hf]'``).
+- a diffusers ``UNet2DModel`` directory with ``config.json`` and
+  ``diffusion_pytorch_model.safetensors`` (or a pipeline directory with ``unet/``, or the
+  ``.safetensors`` file alone), read with the safetensors numpy API. PyTorch layout: conv
+  ``[out, in, kh, kw]``, linear ``[out, in]``.
 - the original TF checkpoints (``diffusion_cifar10_model/model.ckpt-790000`` and the LSUN and
   CelebA-HQ models), read with ``tf.train.load_checkpoint``. The scopes are ours already
   (``model/down_0/block_0/conv1/W``); the EMA weights are the ``ExponentialMovingAverage``
@@ -17,27 +22,33 @@ Two sources (reference.md section 5):
 
 Every source tensor must be used exactly once and every parameter of the config's U-Net filled;
 anything else is a one-line ``WeightsError`` naming the tensors, before anything is written.
-The library functions ``convert_diffusers``, ``convert_tf`` and ``check_diffusers_config`` work on
-in-memory tensors, for tests and notebooks. Nothing here uses pickle; TensorFlow and torch are
-imported only for the sources that need them.
+A scheduler config found beside diffusers weights is compared with the config's process and
+each difference is printed as a note (ddpm_jax samples with the config's process).
+
+One name mapping serves both directions: ``diffusers_plan`` / ``tf_plan`` give each of our
+parameters its source names and ``Transform`` (layout); ``convert`` reads through it and
+``unconvert`` writes through it (``ddpm_jax.export_weights`` uses ``diffusers_state_dict``).
+The library functions ``convert_diffusers``, ``diffusers_state_dict``, ``convert_tf`` and
+``check_diffusers_config`` work on in-memory tensors, for tests and notebooks. Nothing here uses
+pickle; TensorFlow, torch and huggingface_hub are imported only for the sources that need them.
 """
 
 from __future__ import annotations
 
 import functools
+import importlib.util
 import json
 import os
 import re
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Mapping
 from typing import Any, NamedTuple
 
 import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoints, config_lib, unet
+from ddpm_jax import checkpoints, config_lib, errors, unet
 
 DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
 DIFFUSERS_PICKLE = "diffusion_pytorch_model.bin"
@@ -47,25 +58,37 @@ TF_EMA = "ExponentialMovingAverage"
 _TF_SLOT = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?)$")
 
 
-class WeightsError(ValueError):
+class WeightsError(errors.UserError, ValueError):
     """A source checkpoint that does not fit the config; the message names what differs."""
+
+
+class HubError(WeightsError):
+    """An ``hf://`` source that cannot be found or downloaded; the message says what to do."""
 
 
 # -- layouts -------------------------------------------------------------------------------------
 class Transform(NamedTuple):
-    """A source array layout: how to turn it into ours, and the source shape ours implies."""
+    """A source array layout: ``to_ours`` turns a source array into ours, ``from_ours`` back.
+
+    Both are pure axis permutations or reshapes, so ``to_ours(from_ours(a))`` is ``a`` bit for
+    bit; import and export use the same ``Transform`` in opposite directions.
+    """
 
     to_ours: Callable[[np.ndarray], np.ndarray]
-    source_shape: Callable[[tuple[int, ...]], tuple[int, ...]]
+    from_ours: Callable[[np.ndarray], np.ndarray]
+
+    def source_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The source shape of an array of our ``shape`` (computed on a stride-0 view)."""
+        return tuple(self.from_ours(np.broadcast_to(np.float32(0), tuple(shape))).shape)
 
 
-SAME = Transform(lambda a: a, lambda s: s)
-# PyTorch conv [out, in, kh, kw] -> Flax [kh, kw, in, out].
-TORCH_CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda s: (s[3], s[2], s[0], s[1]))
-# PyTorch linear [out, in] -> [in, out].
-TORCH_LINEAR = Transform(lambda a: a.T, lambda s: (s[1], s[0]))
-# PyTorch 1x1 conv [out, in, 1, 1] -> dense [in, out] (diffusers' conv_shortcut).
-TORCH_CONV1X1 = Transform(lambda a: a[:, :, 0, 0].T, lambda s: (s[1], s[0], 1, 1))
+SAME = Transform(lambda a: a, lambda a: a)
+# PyTorch conv [out, in, kh, kw] <-> Flax [kh, kw, in, out].
+TORCH_CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
+# PyTorch linear [out, in] <-> [in, out].
+TORCH_LINEAR = Transform(lambda a: a.T, lambda a: a.T)
+# PyTorch 1x1 conv [out, in, 1, 1] <-> dense [in, out] (diffusers' conv_shortcut).
+TORCH_CONV1X1 = Transform(lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None])
 
 # A layer: our leaf -> (torch leaf, layout).
 CONV = {"kernel": ("weight", TORCH_CONV), "bias": ("bias", SAME)}
@@ -223,6 +246,47 @@ def convert(
     return _unflatten(expected, flat)
 
 
+def unconvert(
+    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
+    params,
+    expected,
+    *,
+    what: str,
+) -> dict[str, np.ndarray]:
+    """The inverse of ``convert``: our parameter tree -> named source tensors (float32 numpy).
+
+    Each parameter goes, in the source layout, to the first (current) name of its plan entry;
+    the same plan and ``Transform`` that import read it, so ``convert(unconvert(p))`` is ``p``
+    bit for bit.
+
+    Args:
+      plan: our leaf path -> (source names, layout), as for ``convert``.
+      params: our parameter tree.
+      expected: the config's tree (``expected_params(config)``) that ``params`` must match.
+      what: the parameters, for messages.
+
+    Raises:
+      WeightsError: a parameter missing from ``params``, an extra one, or a wrong shape.
+    """
+    flat, want = _flat(params), _flat(expected)
+    problems = [f"{path} has shape {tuple(np.shape(flat[path]))} but the config needs "
+                f"{tuple(want[path].shape)}" for path in sorted(flat.keys() & want.keys())
+                if tuple(np.shape(flat[path])) != tuple(want[path].shape)]
+    if want.keys() - flat.keys():
+        problems.append(f"missing {_listing(sorted(want.keys() - flat.keys()))}")
+    if flat.keys() - want.keys():
+        problems.append(f"unexpected {_listing(sorted(flat.keys() - want.keys()))}")
+    if problems:
+        raise WeightsError(f"{what} do not fit the config: {'; '.join(problems)}")
+    out: dict[str, np.ndarray] = {}
+    for path in want:
+        names, layout = plan[path]
+        if names[0] in out:  # the mapping must be one to one
+            raise AssertionError(f"two parameters map to the source tensor {names[0]}")
+        out[names[0]] = np.ascontiguousarray(layout.from_ours(np.asarray(flat[path], np.float32)))
+    return out
+
+
 # -- diffusers -----------------------------------------------------------------------------------
 def diffusers_plan(config: ml_collections.ConfigDict, expected=None,
                    ) -> dict[str, tuple[tuple[str, ...], Transform]]:
@@ -249,6 +313,20 @@ def convert_diffusers(state_dict: Mapping[str, np.ndarray], config: ml_collectio
     shapes = {name: tuple(np.shape(a)) for name, a in state_dict.items()}
     return convert(diffusers_plan(config, expected), shapes, state_dict.__getitem__, expected,
                    what=what)
+
+
+def diffusers_state_dict(params, config: ml_collections.ConfigDict, *,
+                         what: str = "the parameters") -> dict[str, np.ndarray]:
+    """Our parameter tree -> a diffusers ``UNet2DModel`` state dict (numpy, PyTorch layouts).
+
+    The inverse of ``convert_diffusers``, through the same name mapping and layouts; tensors
+    carry the current diffusers names (``to_q``, ``to_out.0``, ...).
+
+    Raises:
+      WeightsError: ``params`` is not the parameter tree of ``config``'s U-Net.
+    """
+    expected = expected_params(config)
+    return unconvert(diffusers_plan(config, expected), params, expected, what=what)
 
 
 # UNet2DModel's defaults: what a config.json that omits a field means (diffusers 0.30-0.42).
@@ -307,6 +385,17 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     )
 
 
+def unet2d_cannot_express(config: ml_collections.ConfigDict) -> list[str]:
+    """The settings of ``config``'s U-Net that diffusers' ``UNet2DModel`` has no equivalent for."""
+    problems = []
+    if config.model.block_size != 1:
+        problems.append(f"model.block_size is {config.model.block_size} (diffusers has no "
+                        "space-to-depth: use 1)")
+    if not config.model.resamp_with_conv:
+        problems.append("model.resamp_with_conv is False (diffusers resamples with convs)")
+    return problems
+
+
 def _equivalent(field: str, have, want, config) -> bool:
     """Whether a config.json value means the same network as ours."""
     norm = (lambda v: list(v) if isinstance(v, list | tuple) else v)
@@ -337,11 +426,7 @@ def check_diffusers_config(config_json: Mapping[str, Any],
     cls = config_json.get("_class_name", "UNet2DModel")
     if cls != "UNet2DModel":
         diffs.append(f"_class_name is {cls!r}, not 'UNet2DModel'")
-    if config.model.block_size != 1:
-        diffs.append(f"model.block_size is {config.model.block_size} (diffusers has no "
-                     "space-to-depth: use 1)")
-    if not config.model.resamp_with_conv:
-        diffs.append("model.resamp_with_conv is False (diffusers resamples with convs)")
+    diffs += unet2d_cannot_express(config)
     for field, want in diffusers_config(config).items():
         have = config_json.get(field, UNET2D_DEFAULTS[field])
         if not _equivalent(field, have, want, config):
@@ -473,9 +558,144 @@ def _load_tf(prefix: str):
     return tf.train.load_checkpoint(prefix)
 
 
+# -- the Hugging Face Hub ------------------------------------------------------------------------
+HUB_PREFIX = "hf://"
+HUB_EXTRA = "pip install 'ddpm_jax[hf]'"
+# The small files of a diffusers repository, in both layouts: pipeline folders (unet/,
+# scheduler/) and the older one with the model's files at the top level.
+HUB_CONFIGS = ("model_index.json", "config.json", "scheduler_config.json", "unet/config.json",
+               "scheduler/scheduler_config.json")
+_HUB_NAME = re.compile(r"[A-Za-z0-9][\w.-]*/[A-Za-z0-9][\w.-]*")
+
+
+def parse_hub_source(source: str) -> tuple[str, str | None]:
+    """``hf://owner/name[@revision]`` -> (repo id, revision or None for the default branch)."""
+    name, at, revision = source[len(HUB_PREFIX):].partition("@")
+    if not _HUB_NAME.fullmatch(name) or (at and not revision):
+        raise HubError(f"{source} is not a Hub model name: use hf://owner/name or "
+                       "hf://owner/name@revision (a branch, tag or commit)")
+    return name, revision or None
+
+
+def _hub():
+    try:
+        import huggingface_hub  # noqa: PLC0415
+    except ImportError:
+        raise HubError(f"hf:// sources need huggingface_hub: {HUB_EXTRA}") from None
+    return huggingface_hub
+
+
+def _hub_error(e: Exception, hub, name: str) -> Exception:
+    """The one-line HubError for a failure of ``huggingface_hub`` (``e`` itself if a bug)."""
+    errs = importlib.import_module("huggingface_hub.errors")
+    constants = hub.constants
+    cache = constants.HF_HUB_CACHE
+    not_cached = tuple(c for c in (getattr(errs, "LocalEntryNotFoundError", None),
+                                   getattr(errs, "IncompleteSnapshotError", None)) if c)
+    if isinstance(e, not_cached) and constants.HF_HUB_OFFLINE:
+        return HubError(f"{name} is not in the Hugging Face cache ({cache}) and HF_HUB_OFFLINE "
+                        "is set: go online and unset HF_HUB_OFFLINE to download it once (or set "
+                        "HF_HUB_CACHE to a cache that holds it)")
+    if isinstance(e, not_cached):
+        return HubError(f"cannot download {name}: the Hugging Face Hub is out of reach and the "
+                        f"cache ({cache}) does not hold it; check the network (or HF_ENDPOINT)")
+    if isinstance(e, errs.RevisionNotFoundError):
+        return HubError(f"{name}: the repository has no such revision; use one of its branches, "
+                        "tags or commits")
+    if isinstance(e, errs.RepositoryNotFoundError):
+        return HubError(f"{name} is not a model on the Hugging Face Hub that this account can "
+                        "read: check the name (private and gated models need `hf auth login`)")
+    if isinstance(e, errs.HfHubHTTPError):
+        return HubError(f"the Hugging Face Hub refused {name}: {str(e).splitlines()[0]}")
+    if isinstance(e, ValueError):  # HFValidationError: a name the Hub cannot hold
+        return HubError(f"{name} is not a valid Hub model name ({str(e).splitlines()[0]})")
+    if isinstance(e, OSError):
+        return HubError(f"cannot write {name} into the Hugging Face cache ({cache}): {e}; set "
+                        "HF_HUB_CACHE to a writable directory")
+    return e
+
+
+def hub_snapshot(source: str) -> tuple[str, str]:
+    """Finds ``hf://owner/name[@revision]`` in the Hugging Face cache, downloading it if needed.
+
+    Only the config files (``HUB_CONFIGS``) and the U-Net's weights are fetched, through
+    ``huggingface_hub.snapshot_download`` into its usual cache (``HF_HUB_CACHE`` or
+    ``HF_HOME``), so later imports, with ``HF_HUB_OFFLINE=1`` too, read the cache alone. The
+    U-Net is ``unet/`` when the repository has that folder, else its top level (the older
+    layout). ``diffusion_pytorch_model.bin`` is fetched only when there is no ``.safetensors``.
+
+    Returns:
+      (the local directory holding the U-Net's config.json and weights, ``owner/name@commit``).
+
+    Raises:
+      HubError: no huggingface_hub, a bad name, not cached while offline, no such repository or
+        revision, or no UNet2DModel files in it.
+    """
+    repo_id, revision = parse_hub_source(source)
+    hub = _hub()
+    name = repo_id + (f"@{revision}" if revision else "")
+
+    def fetch(patterns) -> str:
+        try:
+            return hub.snapshot_download(repo_id, revision=revision, allow_patterns=list(patterns))
+        except Exception as e:  # noqa: BLE001 - Hub failures become one line, bugs propagate
+            raise _hub_error(e, hub, name) from None
+
+    root = fetch(HUB_CONFIGS)
+    folder = "unet" if os.path.exists(os.path.join(root, "unet", "config.json")) else ""
+    if not os.path.exists(os.path.join(root, folder, "config.json")):
+        raise HubError(f"{name} holds neither unet/config.json nor config.json: it is not a "
+                       "diffusers UNet2DModel or DDPMPipeline repository")
+    for weights in (DIFFUSERS_WEIGHTS, DIFFUSERS_PICKLE):
+        path = f"{folder}/{weights}" if folder else weights
+        if weights == DIFFUSERS_PICKLE and importlib.util.find_spec("torch") is None:
+            break  # a pickle could be read only with torch; do not download it
+        root = fetch([path])
+        if os.path.exists(os.path.join(root, path)):
+            directory = os.path.join(root, folder) if folder else root
+            return directory, f"{repo_id}@{os.path.basename(root)}"
+    path = f"{folder}/{DIFFUSERS_WEIGHTS}" if folder else DIFFUSERS_WEIGHTS
+    if hub.constants.HF_HUB_OFFLINE:
+        raise HubError(f"the cached copy of {name} lacks {path}: go online and unset "
+                       "HF_HUB_OFFLINE to complete it")
+    raise HubError(f"{name} holds no {path} (a {DIFFUSERS_PICKLE} needs the torch extra: pip "
+                   "install 'ddpm_jax[torch]')")
+
+
+def scheduler_notes(directory: str, config: ml_collections.ConfigDict) -> list[str]:
+    """How the scheduler config beside a diffusers U-Net differs from the config's process.
+
+    Looks for ``scheduler/scheduler_config.json`` (pipeline layout) or ``scheduler_config.json``
+    (older layout); the config's process is the one ddpm_jax samples with either way.
+    """
+    from ddpm_jax import export_weights  # noqa: PLC0415 - it imports this module
+
+    parent = os.path.dirname(os.path.abspath(directory))
+    candidates = (os.path.join(directory, "scheduler_config.json"),
+                  os.path.join(directory, "scheduler", "scheduler_config.json"),
+                  os.path.join(parent, "scheduler", "scheduler_config.json"))
+    found = next((c for c in candidates if os.path.isfile(c)), None)
+    if found is None:
+        return []
+    with open(found) as f:
+        diffs = export_weights.scheduler_differences(json.load(f), config)
+    if not diffs:
+        return []
+    return [f"{found} differs from the config's process, which ddpm_jax samples with: "
+            + "; ".join(diffs)]
+
+
 # -- the program ---------------------------------------------------------------------------------
 def read_source(source: str, config: ml_collections.ConfigDict, *, ema: bool = True):
-    """(params, ema_params, info) of a diffusers or TF source; info: format, step, file."""
+    """(params, ema_params, info) of a diffusers, Hub or TF source; info: format, step, file.
+
+    ``info["notes"]`` lists how a scheduler config found beside diffusers weights differs from
+    the config's process; ``info["source"]`` names the Hub snapshot (``owner/name@commit``).
+    """
+    if source.startswith(HUB_PREFIX):
+        directory, snapshot = hub_snapshot(source)
+        params, _, info = read_source(directory, config)
+        return params, params, dict(info, source=HUB_PREFIX + snapshot)
     prefix = _tf_prefix(source)
     if prefix is not None:
         reader = _load_tf(prefix)
@@ -484,19 +704,20 @@ def read_source(source: str, config: ml_collections.ConfigDict, *, ema: bool = T
         avg = convert_tf(reader, config, ema=True, what=what) if ema else raw
         names = reader.get_variable_to_shape_map()
         step = int(reader.get_tensor("global_step")) if "global_step" in names else 0
-        return raw, avg, dict(format="tf", step=step, file=prefix, ema=ema)
+        return raw, avg, dict(format="tf", step=step, file=prefix, ema=ema, notes=[])
     if not (os.path.isdir(source) or source.endswith((".safetensors", ".bin"))) or \
             not os.path.exists(source):
         raise WeightsError(
             f"no checkpoint at {source}: expected a diffusers directory (config.json and "
-            f"{DIFFUSERS_WEIGHTS}), a .safetensors file, or a TF checkpoint prefix such as "
-            "model.ckpt-790000 (beside its .index and .data files)")
+            f"{DIFFUSERS_WEIGHTS}), a .safetensors file, a TF checkpoint prefix such as "
+            "model.ckpt-790000 (beside its .index and .data files), or hf://owner/name")
     state_dict, config_json, weights = read_diffusers(source)
     if config_json is not None:
         check_diffusers_config(config_json, config)
     params = convert_diffusers(state_dict, config, what=weights)
+    notes = scheduler_notes(os.path.dirname(weights), config)
     info = dict(format="diffusers", step=0, file=weights, ema=True,
-                config_checked=config_json is not None)
+                config_checked=config_json is not None, notes=notes)
     return params, params, info
 
 
@@ -541,8 +762,8 @@ def _flags():
 
     config_flags.DEFINE_config_file("config", None, "Experiment config file (configs/*.py).",
                                     lock_config=True)
-    flags.DEFINE_string("source", None, "diffusers directory / .safetensors file, or TF "
-                        "checkpoint prefix (model.ckpt-790000).")
+    flags.DEFINE_string("source", None, "diffusers directory / .safetensors file, TF "
+                        "checkpoint prefix (model.ckpt-790000), or hf://owner/name[@revision].")
     flags.DEFINE_string("workdir", None, "Empty directory for the Orbax checkpoint.")
     flags.DEFINE_bool("no_ema", False, "TF sources: import the raw variables, not the EMA "
                       "shadows.")
@@ -551,32 +772,28 @@ def _flags():
     return flags.FLAGS
 
 
-def main(argv: Iterable[str]) -> None:
-    from absl import app, flags, logging  # noqa: PLC0415
+def main() -> None:
+    """The command: flags -> ``import_checkpoint`` -> a summary (errors: one line, exit 2)."""
+    from absl import flags, logging  # noqa: PLC0415
 
-    argv = list(argv)
-    if len(argv) > 1:
-        raise app.UsageError(f"unexpected arguments: {' '.join(argv[1:])}")
     f = flags.FLAGS
     if not f["verbosity"].present:
         logging.set_verbosity(logging.WARNING)  # Orbax logs every step of a save at INFO
-    try:
-        info = import_checkpoint(f.source, f.config, f.workdir, ema=not f.no_ema, step=f.step)
-    except (WeightsError, config_lib.ConfigError, checkpoints.CheckpointError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+    info = import_checkpoint(f.source, f.config, f.workdir, ema=not f.no_ema, step=f.step)
     weights = {"diffusers": "the same weights as params and ema_params",
                "tf": "raw -> params, EMA -> ema_params" if info["ema"] else "raw weights only"}
     unchecked = "" if info.get("config_checked", True) else (
         " (no config.json beside it: only the tensor shapes were checked)")
+    origin = f"{info['source']} ({info['file']})" if "source" in info else info["file"]
+    notes = "".join(f"\n  note:       {n}" for n in info.get("notes", ()))
     print(f"imported {info['num_params']:,} parameters ({weights[info['format']]}) from "
-          f"{info['format']} {info['file']}{unchecked}\n  checkpoint: {info['path']} "
+          f"{info['format']} {origin}{unchecked}\n  checkpoint: {info['path']} "
           f"(step {info['step']}, {info['seconds']:.1f} s)\n  sample:     python sample.py "
-          f"--workdir={f.workdir} --num_samples=64", flush=True)
+          f"--workdir={f.workdir} --num_samples=64{notes}", flush=True)
 
 
 if __name__ == "__main__":
-    from absl import app
+    from ddpm_jax import cli
 
     _flags()
-    app.run(main)
+    cli.run(main)
