@@ -64,7 +64,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import checkpoints, errors, import_weights, schedules, unet
+from ddpm_jax import checkpoints, diffusion, errors, import_weights, unet
 
 # The diffusers version whose file format the exported configs follow (and were tested with).
 DIFFUSERS_VERSION = "0.42.1"
@@ -157,9 +157,7 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 
 
 def _betas(config: ml_collections.ConfigDict) -> np.ndarray:
-    d = config.diffusion
-    return schedules.get_beta_schedule(d.beta_schedule, beta_start=d.beta_start,
-                                       beta_end=d.beta_end, num_timesteps=d.num_timesteps)
+    return np.asarray(diffusion.Diffusion.from_config(config).betas64, np.float64)
 
 
 def scheduler_betas(sched: Mapping[str, Any]) -> np.ndarray | None:

@@ -721,13 +721,6 @@ def read_source(source: str, config: ml_collections.ConfigDict, *, ema: bool = T
     return params, params, info
 
 
-def _check_workdir(workdir: str) -> None:
-    directory = os.path.join(workdir, checkpoints.CHECKPOINT_SUBDIR)
-    if os.path.isdir(directory) and any(n.isdigit() for n in os.listdir(directory)):
-        raise checkpoints.CheckpointError(
-            f"{directory} already holds checkpoints; import into an empty workdir")
-
-
 def import_checkpoint(source: str, config: ml_collections.ConfigDict, workdir: str, *,
                       ema: bool = True, step: int | None = None) -> dict[str, Any]:
     """Converts ``source`` for ``config`` and commits it as an Orbax checkpoint in ``workdir``.
@@ -743,7 +736,7 @@ def import_checkpoint(source: str, config: ml_collections.ConfigDict, workdir: s
     """
     start = time.perf_counter()
     config_lib.validate(config)
-    _check_workdir(workdir)
+    checkpoints.check_empty(workdir)
     params, ema_params, info = read_source(source, config, ema=ema)
     info["step"] = info["step"] if step is None else step
     os.makedirs(workdir, exist_ok=True)

@@ -1,5 +1,6 @@
 """Training: a real run end to end, the optimiser, EMA, and sharded == unsharded."""
 
+import io
 import json
 import os
 
@@ -30,9 +31,25 @@ def test_train_end_to_end_writes_everything(test_cfg, tmp_path):
     grid = Image.open(os.path.join(workdir, "samples", "step_0000004.png"))
     assert grid.size[0] > 8 and grid.mode == "L"
     assert Image.open(os.path.join(workdir, "loss.png")).size == (640, 360)
-    assert os.listdir(os.path.join(workdir, "tensorboard"))
+    events = _tensorboard_events(os.path.join(workdir, "tensorboard"))
+    assert {("loss", step) for step in (1, 2, 3, 4)} <= {(t, s) for t, s, _ in events}
+    (png,) = [v for t, s, v in events if t == "samples" and s == 4]  # the final grid, at its step
+    assert Image.open(io.BytesIO(png)).size == grid.size
     saved = json.load(open(os.path.join(workdir, "config.json")))
     assert saved["model"]["ch"] == 32 and saved["data"]["dataset"] == "digits"
+
+
+def _tensorboard_events(logdir):
+    """(tag, step, value or encoded image) of every summary in the event files of ``logdir``."""
+    import tensorflow as tf
+
+    out = []
+    for name in os.listdir(logdir):
+        for event in tf.compat.v1.train.summary_iterator(os.path.join(logdir, name)):
+            for v in event.summary.value:
+                out.append((v.tag, event.step, v.image.encoded_image_string
+                            if v.HasField("image") else v.simple_value))
+    return out
 
 
 def test_one_step_on_mock_cifar10(tmp_path):
