@@ -54,14 +54,14 @@ class DDPM:
     def build(cls, config, graphdef, params, *, mesh=None, **provenance) -> DDPM:
         """A DDPM of ``params`` for ``config``, its parameters replicated over ``mesh``."""
         mesh = mesh or sharding.create_mesh()
-        params = jax.device_put(params, sharding.replicated(mesh))
+        params = sharding.put(params, sharding.replicated(mesh))
         return cls(config, graphdef, params, diffusion.Diffusion.from_config(config), mesh,
                    **provenance)
 
     def replace(self, **changes) -> DDPM:
         """A copy with some fields changed (``params`` are placed on the mesh)."""
         if "params" in changes:
-            changes["params"] = jax.device_put(changes["params"], sharding.replicated(self.mesh))
+            changes["params"] = sharding.put(changes["params"], sharding.replicated(self.mesh))
         return dataclasses.replace(self, **changes)
 
     @property
@@ -80,24 +80,22 @@ class DDPM:
         For learned-variance models the eps half of the output; for x0- or x_{t-1}-predicting
         models the eps implied by the prediction.
         """
-        x_t = jnp.asarray(x_t, jnp.float32)
+        x_t = np.asarray(x_t, np.float32)
         t = self._check_timesteps(t, x_t)
         padded, n = _pad_rows(x_t, self.mesh), x_t.shape[0]
         t = _pad_rows(t, self.mesh)
         return _eps_fn(self.graphdef, self.mesh)(self.params, self.diffusion, padded, t)[:n]
 
-    def _check_timesteps(self, t, x_t) -> jax.Array:
+    def _check_timesteps(self, t, x_t) -> np.ndarray:
         self._check_images(x_t, "x_t")
         T = self.config.diffusion.num_timesteps
-        if not isinstance(t, jax.core.Tracer):
-            values = np.asarray(t)
-            if values.size and (values.min() < 0 or values.max() >= T):
-                raise ValueError(f"t must lie in [0, {T}) (0-based timesteps of this model's "
-                                 f"T = {T} steps), got values in [{values.min()}, {values.max()}]")
-        t = jnp.asarray(t, jnp.int32)
-        if t.shape != (x_t.shape[0],):
-            raise ValueError(f"t must be int32 [B] = [{x_t.shape[0]}], got shape {t.shape}")
-        return t
+        t = np.asarray(t)
+        if t.shape != (x_t.shape[0],) or not np.issubdtype(t.dtype, np.integer):
+            raise ValueError(f"t must be integer [B] = [{x_t.shape[0]}], got {t.dtype} {t.shape}")
+        if t.size and (t.min() < 0 or t.max() >= T):
+            raise ValueError(f"t must lie in [0, {T}) (0-based timesteps of this model's T = {T} "
+                             f"steps), got values in [{t.min()}, {t.max()}]")
+        return t.astype(np.int32)
 
     def _check_images(self, x, name):
         if x.ndim != 4 or tuple(x.shape[1:]) != self.image_shape:
@@ -116,7 +114,7 @@ class DDPM:
         fn = sampling.get_sampling_fn(self.graphdef, spec, (batch,) + self.image_shape,
                                       self.mesh)
         return fn(self.params, self.diffusion, key, None if x_T is None else
-                  jnp.asarray(x_T, jnp.float32))
+                  np.asarray(x_T, np.float32))
 
     def sample(self, key, num_samples: int, *, sampler: str = "ancestral",
                num_steps: int | None = None, eta: float = 0.0, x_T=None,
@@ -192,11 +190,12 @@ class DDPM:
 def _pad_rows(x, mesh) -> jax.Array:
     """``x`` with its leading axis padded (repeating the last row) to a multiple of the devices,
     split over them."""
+    x = np.asarray(x)
     n = x.shape[0]
     padded = sharding.padded_size(n, mesh)
     if padded != n:
-        x = jnp.concatenate([jnp.asarray(x), jnp.repeat(jnp.asarray(x)[-1:], padded - n, axis=0)])
-    return jax.device_put(x, sharding.data_sharding(mesh))
+        x = np.concatenate([x, np.repeat(x[-1:], padded - n, axis=0)])
+    return sharding.put(x, sharding.data_sharding(mesh))
 
 
 @functools.lru_cache(maxsize=8)

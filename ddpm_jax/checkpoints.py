@@ -168,6 +168,17 @@ class Checkpointer:
             raise _damaged(path, "arrays or meta", e) from None
         return {item: restored[item] for item in abstract}, restored["meta"]
 
+    def read_arrays(self, step: int, item: str) -> Any:
+        """One array item of a step as stored (whatever mesh wrote it), as host numpy arrays."""
+        stored = self._item_metadata(step).get(item)
+        if stored is None:
+            raise CheckpointError(f"checkpoint {self.step_dir(step)} has no {item!r}")
+        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
+        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
+                              stored)
+        restored, _ = self.restore(step, {item: target})
+        return jax.tree.map(np.asarray, restored[item])
+
     def _item_metadata(self, step: int) -> dict[str, Any]:
         try:
             metadata = self._manager.item_metadata(step)

@@ -12,15 +12,19 @@ Every entry point (``train.py``, ``sample.py``, ``python -m ddpm_jax.evaluate``)
 
 On CPU, collectives between processes use gloo, so several processes on one machine (each with
 its own simulated devices) work; that is how the tests run. Joining is bounded by ``timeout``
-seconds: a coordinator that never answers is a one-line ``DistributedError``, not a hang. A
-process that dies is noticed by the others within ``min(timeout, 100)`` seconds (JAX's
-heartbeat), and they stop too.
+seconds: a process other than 0 first waits for the coordinator's port to accept connections,
+and a coordinator that never answers is a one-line ``DistributedError`` (exit code 2), not a
+hang. Past that point JAX's own service takes over: processes that never join, or a process that
+dies later, make the others stop (JAX aborts them with its own message) within ``timeout`` or
+``min(timeout, 100)`` seconds (its heartbeat).
 """
 
 from __future__ import annotations
 
 import importlib.util
 import os
+import socket
+import time
 
 import jax
 import numpy as np
@@ -77,6 +81,8 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             f"missing {', '.join(missing)}")
     if index is not None and count is not None and not 0 <= index < count:
         raise DistributedError(f"--process_id={index} is not in [0, {count})")
+    if address is not None and index not in (None, 0):
+        _wait_for_coordinator(address, timeout)
     try:
         jax.distributed.initialize(
             coordinator_address=address, num_processes=count, process_id=index,
@@ -88,6 +94,25 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             f"{address or 'detected'}, process {index}, {count} processes): {first}; check "
             "that every process was started with the same coordinator address and count"
         ) from None
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Waits until process 0's coordinator accepts connections at ``host:port``."""
+    host, _, port = address.rpartition(":")
+    if not port.isdigit():
+        raise DistributedError(f"--coordinator_address={address!r} is not host:port")
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
+                return
+        except OSError as e:
+            if time.monotonic() > deadline:
+                raise DistributedError(
+                    f"the coordinator {address} did not answer within {timeout} s ({e}); start "
+                    "process 0 with the same --coordinator_address, or raise "
+                    "--distributed_timeout") from None
+            time.sleep(0.5)
 
 
 def broadcast_int(value: int) -> int:

@@ -17,7 +17,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from ddpm_jax import api, cli, datasets
+from ddpm_jax import api, cli, datasets, sharding
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
@@ -40,7 +40,8 @@ def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: 
         n = len(chunk)
         if n < batch_size:  # pad to the compiled shape
             chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        out = jax.device_get(model.bound_terms(chunk, jax.random.fold_in(key, i)))
+        out = {k: sharding.to_host(v) for k, v in
+               model.bound_terms(chunk, jax.random.fold_in(key, i)).items()}
         totals.append(out["total_bpd"][:n])
         terms.append(out["terms_bpd"][:n])
         priors.append(out["prior_bpd"][:n])

@@ -80,7 +80,8 @@ def _chain(step_fn, x_T, ts, record_every: int | None, carry_sharding=None):
         x, preds = jax.lax.scan(step_fn, x, ts_chunk)
         return x, (x, preds[-1])
 
-    x, (xs, x0s) = jax.lax.scan(chunk, x_T, ts.reshape(n // record_every, record_every))
+    x, (xs, x0s) = jax.lax.scan(
+        chunk, x_T, ts.reshape(n // record_every, record_every, *ts.shape[1:]))
     return x, xs, x0s
 
 

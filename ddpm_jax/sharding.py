@@ -51,6 +51,14 @@ def replicated(mesh: jax.sharding.Mesh) -> NamedSharding:
     return NamedSharding(mesh, P())
 
 
+def put(tree: Any, target: NamedSharding) -> Any:
+    """Places a pytree that every process holds in full (host or device arrays) as ``target``
+    says, across processes too (``jax.device_put`` only reaches this process's devices)."""
+    if jax.process_count() == 1:
+        return jax.device_put(tree, target)
+    return jax.jit(lambda t: t, out_shardings=target)(tree)
+
+
 def train_state_shardings(mesh: jax.sharding.Mesh, state: Any) -> Any:
     """The sharding of every leaf of the train state (a pytree like ``state``): replicated."""
     return jax.tree.map(lambda _: replicated(mesh), state)

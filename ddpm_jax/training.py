@@ -38,7 +38,6 @@ from ddpm_jax import (
     checkpoints,
     config_lib,
     diffusion,
-    distributed,
     images,
     input_pipeline,
     metric_logging,
@@ -268,7 +267,7 @@ class Start:
 
 def fresh_start(config, tx, mesh) -> Start:
     """Step 0: initial parameters from ``config.seed``, the base key ``key(config.seed)``."""
-    key = jax.device_put(jax.random.key(config.seed), sharding.replicated(mesh))
+    key = sharding.put(jax.random.key(config.seed), sharding.replicated(mesh))
     return Start(create_train_state(config, tx, mesh), key, 0, 0)
 
 
@@ -281,12 +280,12 @@ def restore_start(config, ckpt: checkpoints.Checkpointer, step: int, abstract: T
     items, meta = ckpt.restore(step, dict(params=placed.params, ema_params=placed.ema_params,
                                           opt_state=placed.opt_state))
     replicated = sharding.replicated(mesh)
-    scalar = lambda v: jax.device_put(jnp.asarray(v, jnp.int32), replicated)
+    scalar = lambda v: sharding.put(np.int32(v), replicated)
     state = TrainState(step=scalar(meta["step"]), **items,
                        nonfinite_steps=scalar(meta.get("nonfinite_steps", 0)),
                        first_nonfinite_step=scalar(meta.get("first_nonfinite_step", -1)))
     key = jax.random.wrap_key_data(np.asarray(meta["base_key"], np.uint32))
-    return Start(state, jax.device_put(key, replicated), int(meta["data_position"]), step)
+    return Start(state, sharding.put(key, replicated), int(meta["data_position"]), step)
 
 
 def save_state(ckpt: checkpoints.Checkpointer, state: TrainState, *, data_position: int,
@@ -326,8 +325,9 @@ class Batches:
 class PreemptionHandler:
     """SIGTERM / SIGINT set a flag; the loop saves at the next step boundary and exits.
 
-    With several processes, JAX's preemption sync point (its own SIGTERM notifier) makes every
-    process stop at the same step.
+    With several processes, SIGTERM (what a TPU maintenance event sends to every host) goes
+    through JAX's preemption sync point, which makes every process stop at the same step; SIGINT
+    keeps its default there (one interrupted process ends, and the others with it).
     """
 
     def __init__(self):
@@ -335,9 +335,9 @@ class PreemptionHandler:
         self._previous = {}
 
     def __enter__(self) -> PreemptionHandler:
-        signals = (signal.SIGINT,) if jax.process_count() > 1 else (signal.SIGTERM, signal.SIGINT)
-        for sig in signals:
-            self._previous[sig] = signal.signal(sig, self._handle)
+        if jax.process_count() == 1:  # else jax.distributed's notifier owns SIGTERM
+            for sig in (signal.SIGTERM, signal.SIGINT):
+                self._previous[sig] = signal.signal(sig, self._handle)
         return self
 
     def _handle(self, signum, frame):
@@ -353,8 +353,7 @@ class PreemptionHandler:
             from jax.experimental import multihost_utils  # noqa: PLC0415
 
             if multihost_utils.reached_preemption_sync_point(step):
-                self.signum = self.signum or signal.SIGTERM
-            return distributed.broadcast_int(self.signum or 0) != 0
+                self.signum = signal.SIGTERM
         return self.signum is not None
 
 

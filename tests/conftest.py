@@ -51,3 +51,59 @@ def run_script(name: str, *args, devices: int = 1, timeout: int = 600) -> dict:
                       timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
     return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_processes(args, *, num_processes: int, devices: int, env=None):
+    """Starts ``python args...`` as ``num_processes`` JAX processes on 127.0.0.1 (a free port),
+    each with ``devices`` simulated CPU devices; returns the Popen objects."""
+    import subprocess
+
+    port = free_port()
+    procs = []
+    for i in range(num_processes):
+        full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+                        JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
+                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                        JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
+        full_env.update(env or {})
+        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
+                                      text=True, stdout=subprocess.PIPE,
+                                      stderr=subprocess.PIPE))
+    return procs
+
+
+def finish(procs, timeout: float = 600):
+    """Waits for every process (killing all of them past ``timeout`` seconds or when the test
+    fails); returns [(returncode, stdout, stderr)]."""
+    import time
+
+    deadline = time.time() + timeout
+    out = []
+    try:
+        for p in procs:
+            o, e = p.communicate(timeout=max(1.0, deadline - time.time()))
+            out.append((p.returncode, o, e))
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+                p.communicate()
+    return out
+
+
+def run_processes(args, *, num_processes: int = 2, devices: int = 2, timeout: float = 600,
+                  env=None):
+    """``start_processes`` then ``finish``; asserts that every process succeeded."""
+    results = finish(start_processes(args, num_processes=num_processes, devices=devices, env=env),
+                     timeout)
+    for i, (code, _, err) in enumerate(results):
+        assert code == 0, f"process {i} exited {code}: {err[-3000:]}"
+    return results

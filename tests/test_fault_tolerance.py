@@ -30,8 +30,7 @@ def _leaves(workdir, step):
     out = {}
     with checkpoints.Checkpointer.open(workdir) as ckpt:
         for item in checkpoints.ARRAY_ITEMS:
-            restored = ckpt._manager.restore(step, args=checkpoints.ocp.args.Composite(
-                **{item: checkpoints.ocp.args.StandardRestore()}))[item]
+            restored = ckpt.read_arrays(step, item)
             for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
                 out[f"{item}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
         (meta,) = ckpt.read_json(step, "meta")

@@ -171,6 +171,11 @@ def test_progressive_records_every_k_steps(model):
     np.testing.assert_array_equal(x0s, np.swapaxes(images.to_uint8(x0s_f[9::10]), 0, 1))
     np.testing.assert_array_equal(xs, np.swapaxes(images.to_uint8(xs_f[9::10]), 0, 1))
     assert len({x0s[0, k].tobytes() for k in range(5)}) == 5  # the prediction sharpens
+    ddim = sampling.SamplerSpec("ddim", 10, record_every=5)
+    x0, xs, x0s = model.progressive(jax.random.key(0), 3, ddim)  # 3 rows: padded to the devices
+    assert xs.shape == x0s.shape == (3, 2, 8, 8, 1)
+    np.testing.assert_array_equal(x0, model.sample_batch(
+        jax.random.key(0), 3, sampling.SamplerSpec("ddim", 10)))
 
 
 def test_progressive_with_the_true_noise_model_predicts_x0_all_along():
@@ -299,3 +304,14 @@ def test_samples_npz_is_streamed_chunk_by_chunk_into_what_np_savez_writes(tmp_pa
         generate.write_npz_stream(path, "images", (8, 4, 4, 3), np.uint8, iter(chunks[:2]))
     with np.load(path, allow_pickle=False) as f:  # the complete file was not replaced
         assert f["images"].shape == (8, 4, 4, 3)
+
+
+def test_predict_noise_refuses_timesteps_outside_the_process(model):
+    x = np.zeros((2, 8, 8, 1), np.float32)
+    eps = model.predict_noise(x, np.array([0, 49]))
+    assert eps.shape == (2, 8, 8, 1) and eps.dtype == np.float32
+    for t in ([0, 50], [-3, 1], [5000, 0]):
+        with pytest.raises(ValueError, match=r"t must lie in \[0, 50\)"):
+            model.predict_noise(x, np.array(t))
+    with pytest.raises(ValueError, match="t must be integer"):
+        model.predict_noise(x, np.array([0.5, 1.0]))

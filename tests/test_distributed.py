@@ -1,0 +1,126 @@
+"""Several real JAX processes on 127.0.0.1 (gloo collectives, two simulated CPU devices each):
+training, sampling, preemption, failures. Each test bounds its time and kills its children."""
+
+import json
+import os
+import signal
+import time
+
+import numpy as np
+from conftest import finish, run_processes, run_python, run_script, start_processes
+
+
+def _train(workdir, digits_dir, *extra):
+    return ["train.py", "--config=configs/test.py", f"--workdir={workdir}",
+            f"--config.data.data_dir={digits_dir}", *extra]
+
+
+def _dump(workdir, step):
+    return run_script("dump_run.py", workdir, step)
+
+
+def test_rows_go_to_the_devices_that_own_them_across_processes():
+    results = run_processes(["tests/scripts/process_rows.py"], num_processes=2, devices=2)
+    outs = [json.loads(out.strip().splitlines()[-1]) for _, out, _ in results]
+    # An interleaved mesh (p0 d0, p1 d0, p0 d1, p1 d1) gives each process rows 0-1 and 4-5 of
+    # process 0 ... not contiguous; the global batch still equals the rows read.
+    assert outs[0]["rows"] == [0, 1, 4, 5] and outs[1]["rows"] == [2, 3, 6, 7]
+    assert all(o["ok"] for o in outs)
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(digits_dir, tmp_path):
+    two, one = str(tmp_path / "two"), str(tmp_path / "one")
+    run_processes(_train(two, digits_dir), num_processes=2, devices=2)
+    proc = run_python(_train(one, digits_dir), devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _dump(two, 4), _dump(one, 4)
+    assert a["meta"] == b["meta"] and a["leaves"].keys() == b["leaves"].keys()
+    losses_a, losses_b = np.array(list(a["losses"].values())), np.array(list(b["losses"].values()))
+    assert len(losses_a) == 4
+    # The gradient all-reduce sums the devices' parts in another order across processes (gloo)
+    # than inside one process: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-6)
+    assert losses_a[0] == losses_b[0]  # the first step's loss (before any update) is exact
+
+
+def test_sampling_on_two_processes_writes_the_same_file(digits_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    proc = run_python(_train(workdir, digits_dir, "--config.training.num_train_steps=2"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    sample = ["sample.py", f"--workdir={workdir}", "--num_samples=7", "--batch_size=3",
+              "--sampler=ddim", "--num_steps=5"]
+    run_processes([*sample, f"--output_dir={tmp_path / 'two'}"], num_processes=2, devices=2)
+    proc = run_python([*sample, f"--output_dir={tmp_path / 'one'}"], devices=1)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    two, one = (open(tmp_path / d / "samples.npz", "rb").read() for d in ("two", "one"))
+    assert two == one  # the same bytes: every image of every batch
+    assert not os.path.exists(tmp_path / "two" / "sample_shards")
+
+
+def _wait_for_rows(path, count, procs, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path) and len(open(path).readlines()) >= count:
+            return True
+        if any(p.poll() is not None for p in procs):
+            return False
+        time.sleep(0.05)
+    return False
+
+
+def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(digits_dir, tmp_path):
+    workdir = str(tmp_path / "preempted")
+    long = ("--config.training.num_train_steps=100000", "--config.training.checkpoint_every=100000")
+    procs = start_processes(_train(workdir, digits_dir, *long), num_processes=2, devices=2)
+    try:
+        assert _wait_for_rows(os.path.join(workdir, "metrics.jsonl"), 3, procs)
+        for p in procs:
+            p.send_signal(signal.SIGTERM)
+    finally:
+        results = finish(procs, timeout=240)
+    assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:]
+    steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    assert len(steps) == 1
+    k = steps[0]
+    for _, _, err in results:  # both processes stopped at the same, committed step
+        assert f"the checkpoint of step {k} is committed" in err
+    steps_flag = f"--config.training.num_train_steps={k + 2}"
+    run_processes(_train(workdir, digits_dir, steps_flag), num_processes=2, devices=2)
+    straight = str(tmp_path / "straight")
+    run_processes(_train(straight, digits_dir, steps_flag), num_processes=2, devices=2)
+    assert _dump(workdir, k + 2) == _dump(straight, k + 2)  # bit for bit, losses included
+
+
+def test_a_process_that_dies_stops_the_others(digits_dir, tmp_path):
+    workdir = str(tmp_path / "run")
+    args = _train(workdir, digits_dir, "--config.training.num_train_steps=100000",
+                  "--distributed_timeout=20")
+    procs = start_processes(args, num_processes=2, devices=2)
+    try:
+        assert _wait_for_rows(os.path.join(workdir, "metrics.jsonl"), 2, procs)
+        procs[1].kill()
+        start = time.time()
+        procs[0].wait(timeout=120)  # JAX's heartbeat notices the dead process
+        assert procs[0].returncode != 0 and time.time() - start < 120
+    finally:
+        finish(procs, timeout=10)
+
+
+def test_a_coordinator_that_never_answers_is_one_line_and_exit_code_2(tmp_path):
+    from conftest import free_port
+
+    start = time.time()
+    proc = run_python(["train.py", "--config=configs/test.py", f"--workdir={tmp_path / 'w'}",
+                       f"--coordinator_address=127.0.0.1:{free_port()}", "--num_processes=2",
+                       "--process_id=1", "--distributed_timeout=3"], timeout=120)
+    assert proc.returncode == 2 and time.time() - start < 60
+    (line,) = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
+    assert "did not answer within 3 s" in line and "Traceback" not in proc.stderr
+    assert not os.path.exists(tmp_path / "w")  # nothing was written
+
+
+def test_incomplete_process_flags_are_refused():
+    proc = run_python(["train.py", "--config=configs/test.py", "--workdir=/nonexistent/w",
+                       "--num_processes=2"], timeout=120)
+    assert proc.returncode == 2
+    assert "missing --coordinator_address, --process_id" in proc.stderr
