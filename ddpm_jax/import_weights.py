@@ -47,6 +47,7 @@ from typing import Any, NamedTuple
 import jax
 import ml_collections
 import numpy as np
+from etils import epath
 
 from ddpm_jax import checkpoints, config_lib, errors, unet
 
@@ -442,31 +443,27 @@ def read_diffusers(path: str) -> tuple[dict[str, np.ndarray], dict | None, str]:
     directory with a ``unet/`` folder works too). ``diffusion_pytorch_model.bin`` is read only
     when torch is installed, with ``torch.load(weights_only=True)``.
     """
-    if os.path.isdir(path):
-        if not os.path.exists(os.path.join(path, "config.json")) and os.path.isdir(
-                os.path.join(path, "unet")):
-            path = os.path.join(path, "unet")
-        found = [n for n in (DIFFUSERS_WEIGHTS, DIFFUSERS_PICKLE)
-                 if os.path.exists(os.path.join(path, n))]
+    p = epath.Path(path)
+    if p.is_dir():
+        if not (p / "config.json").exists() and (p / "unet").is_dir():
+            p = p / "unet"
+        found = [n for n in (DIFFUSERS_WEIGHTS, DIFFUSERS_PICKLE) if (p / n).exists()]
         if not found:
-            raise WeightsError(
-                f"{path} holds no {DIFFUSERS_WEIGHTS} (it holds {sorted(os.listdir(path))})")
-        directory, weights = path, os.path.join(path, found[0])
+            held = sorted(c.name for c in p.iterdir())
+            raise WeightsError(f"{p} holds no {DIFFUSERS_WEIGHTS} (it holds {held})")
+        directory, weights = p, p / found[0]
     else:
-        directory, weights = os.path.dirname(os.path.abspath(path)), path
-    config_file = os.path.join(directory, "config.json")
-    config_json = None
-    if os.path.exists(config_file):
-        with open(config_file) as f:
-            config_json = json.load(f)
-    return _read_tensors(weights), config_json, weights
+        directory, weights = p.parent, p
+    config_file = directory / "config.json"
+    config_json = json.loads(config_file.read_text()) if config_file.exists() else None
+    return _read_tensors(weights), config_json, str(weights)
 
 
-def _read_tensors(weights: str) -> dict[str, np.ndarray]:
-    if weights.endswith(".safetensors"):
-        from safetensors.numpy import load_file  # noqa: PLC0415
+def _read_tensors(weights: epath.Path) -> dict[str, np.ndarray]:
+    if weights.name.endswith(".safetensors"):
+        from safetensors.numpy import load  # noqa: PLC0415
 
-        return load_file(weights)
+        return load(weights.read_bytes())
     try:
         import torch  # noqa: PLC0415
     except ImportError:
@@ -474,7 +471,8 @@ def _read_tensors(weights: str) -> dict[str, np.ndarray]:
             f"{weights} is a PyTorch pickle; install the torch extra (pip install "
             "'ddpm_jax[torch]') to read it safely, or download the .safetensors file"
         ) from None
-    state = torch.load(weights, map_location="cpu", weights_only=True)
+    with weights.open("rb") as f:
+        state = torch.load(f, map_location="cpu", weights_only=True)
     return {k: v.float().numpy() for k, v in state.items()}
 
 
@@ -539,9 +537,9 @@ def convert_tf(reader_or_dict, config: ml_collections.ConfigDict, *, ema: bool =
 def _tf_prefix(path: str) -> str | None:
     """The checkpoint prefix of a TF source path (prefix, .index/.data file, or directory)."""
     stripped = re.sub(r"\.(index|data-\d+-of-\d+|meta)$", "", path)
-    if os.path.exists(stripped + ".index"):
+    if epath.Path(stripped + ".index").exists():
         return stripped
-    if os.path.isdir(path) and os.path.exists(os.path.join(path, "checkpoint")):
+    if epath.Path(path).is_dir() and (epath.Path(path) / "checkpoint").exists():
         import tensorflow as tf  # noqa: PLC0415
 
         return tf.train.latest_checkpoint(path)
@@ -670,15 +668,14 @@ def scheduler_notes(directory: str, config: ml_collections.ConfigDict) -> list[s
     """
     from ddpm_jax import export_weights  # noqa: PLC0415 - it imports this module
 
-    parent = os.path.dirname(os.path.abspath(directory))
-    candidates = (os.path.join(directory, "scheduler_config.json"),
-                  os.path.join(directory, "scheduler", "scheduler_config.json"),
-                  os.path.join(parent, "scheduler", "scheduler_config.json"))
-    found = next((c for c in candidates if os.path.isfile(c)), None)
+    directory = epath.Path(directory)
+    candidates = (directory / "scheduler_config.json",
+                  directory / "scheduler" / "scheduler_config.json",
+                  directory.parent / "scheduler" / "scheduler_config.json")
+    found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         return []
-    with open(found) as f:
-        diffs = export_weights.scheduler_differences(json.load(f), config)
+    diffs = export_weights.scheduler_differences(json.loads(found.read_text()), config)
     if not diffs:
         return []
     return [f"{found} differs from the config's process, which ddpm_jax samples with: "
@@ -705,8 +702,8 @@ def read_source(source: str, config: ml_collections.ConfigDict, *, ema: bool = T
         names = reader.get_variable_to_shape_map()
         step = int(reader.get_tensor("global_step")) if "global_step" in names else 0
         return raw, avg, dict(format="tf", step=step, file=prefix, ema=ema, notes=[])
-    if not (os.path.isdir(source) or source.endswith((".safetensors", ".bin"))) or \
-            not os.path.exists(source):
+    if not (epath.Path(source).is_dir() or source.endswith((".safetensors", ".bin"))) or \
+            not epath.Path(source).exists():
         raise WeightsError(
             f"no checkpoint at {source}: expected a diffusers directory (config.json and "
             f"{DIFFUSERS_WEIGHTS}), a .safetensors file, a TF checkpoint prefix such as "
@@ -715,7 +712,7 @@ def read_source(source: str, config: ml_collections.ConfigDict, *, ema: bool = T
     if config_json is not None:
         check_diffusers_config(config_json, config)
     params = convert_diffusers(state_dict, config, what=weights)
-    notes = scheduler_notes(os.path.dirname(weights), config)
+    notes = scheduler_notes(epath.Path(weights).parent, config)
     info = dict(format="diffusers", step=0, file=weights, ema=True,
                 config_checked=config_json is not None, notes=notes)
     return params, params, info
@@ -739,11 +736,10 @@ def import_checkpoint(source: str, config: ml_collections.ConfigDict, workdir: s
     checkpoints.check_empty(workdir)
     params, ema_params, info = read_source(source, config, ema=ema)
     info["step"] = info["step"] if step is None else step
-    os.makedirs(workdir, exist_ok=True)
+    epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     info["path"] = checkpoints.save_weights(workdir, config, params, ema_params=ema_params,
                                             step=info["step"])
-    with open(os.path.join(workdir, "config.json"), "w") as f:
-        f.write(config_lib.to_json(config))
+    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
     info["num_params"] = unet.count_params(params)
     info["seconds"] = time.perf_counter() - start
     return info
