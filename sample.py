@@ -21,11 +21,7 @@ flags.DEFINE_string("output_dir", None, "Where to write samples (default: the wo
 flags.DEFINE_integer("num_samples", 64, "Number of images.", lower_bound=1)
 flags.DEFINE_integer("batch_size", None, "Images per compiled batch (default: config).",
                      lower_bound=1)
-flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"],
-                  "Reverse process (default: config.sampling.sampler).")
-flags.DEFINE_integer("num_steps", None, "Steps S < T: DDIM / respaced chain on i * (T // S) "
-                     "(default: config.sampling.num_steps; None = all T steps).")
-flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: config.sampling.eta).")
+cli.define_sampler_flags()
 flags.DEFINE_integer("seed", 0, "Sampling seed.")
 flags.DEFINE_bool("progressive", False, "Also write progressive.png and trajectory.png.")
 flags.DEFINE_integer("progressive_every", None, "Chain steps between columns of the progressive "
@@ -34,33 +30,19 @@ flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weigh
 cli.define_process_flags()
 
 
-def sampler_spec(config):
-    """The sampler of the flags, completed from ``config.sampling`` and checked."""
-    from ddpm_jax import sampling  # noqa: PLC0415
-
-    c = config.sampling
-    sampler = FLAGS.sampler or c.sampler
-    same = FLAGS.sampler in (None, c.sampler)
-    num_steps = FLAGS.num_steps if FLAGS.num_steps is not None else (
-        c.num_steps if same else None)
-    eta = FLAGS.eta if FLAGS.eta is not None else (c.eta if same else 0.0)
-    record = FLAGS.progressive_every if FLAGS.progressive else None
-    spec = sampling.SamplerSpec(sampler, num_steps, float(eta), c.clip_denoised, record)
-    spec.check(config.diffusion.num_timesteps)
-    return spec
-
-
 def main():
     import dataclasses  # noqa: PLC0415
 
-    from ddpm_jax import api, checkpoints, generate  # noqa: PLC0415
+    from ddpm_jax import api, checkpoints, generate, sampling  # noqa: PLC0415
 
     if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
         cli.fail("give exactly one of --workdir or --checkpoint")
     logging.set_verbosity(logging.ERROR)  # Orbax reports every file, and read-only opens
     cli.start_processes()
     model = api.load(FLAGS.workdir or FLAGS.checkpoint, ema=not FLAGS.raw)
-    spec = sampler_spec(model.config)
+    spec = sampling.spec_from_config(
+        model.config, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+        record_every=FLAGS.progressive_every if FLAGS.progressive else None)
     out = FLAGS.output_dir or FLAGS.workdir or str(checkpoints.locate(FLAGS.checkpoint)[0].parent)
     steps = spec.num_steps or model.config.diffusion.num_timesteps
     print(f"{model.num_params:,} parameters, checkpoint step {model.step}, {spec.sampler} "

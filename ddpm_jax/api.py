@@ -22,7 +22,17 @@ import jax.numpy as jnp
 import ml_collections
 import numpy as np
 
-from ddpm_jax import checkpoints, config_lib, diffusion, generate, images, sampling, sharding, unet
+from ddpm_jax import (
+    checkpoints,
+    config_lib,
+    diffusion,
+    generate,
+    images,
+    sampling,
+    sharding,
+    unet,
+    xla_cpu,
+)
 
 SamplerSpec = sampling.SamplerSpec
 
@@ -204,7 +214,8 @@ def _eps_fn(graphdef, mesh):
         out = unet.apply(graphdef, params, x, t)
         return diffusion.p_mean_variance(d, out, x, t, clip_denoised=False)["eps"]
 
-    return jax.jit(eps, out_shardings=sharding.data_sharding(mesh))
+    return jax.jit(eps, out_shardings=sharding.data_sharding(mesh),
+                   compiler_options=xla_cpu.compiler_options("forward"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -214,7 +225,8 @@ def _bound_fn(graphdef, clip_denoised: bool, mesh):
         return diffusion.calc_bpd_loop(d, model_fn, images.to_model_space(x_uint8), key,
                                        clip_denoised=clip_denoised)
 
-    return jax.jit(bound, out_shardings=sharding.data_sharding(mesh))
+    return jax.jit(bound, out_shardings=sharding.data_sharding(mesh),
+                   compiler_options=xla_cpu.compiler_options("forward"))
 
 
 @functools.lru_cache(maxsize=8)
@@ -226,7 +238,7 @@ def _interpolation_fn(graphdef, t: int, clip_denoised: bool):
                                    clip_denoised=clip_denoised)
         return images.to_uint8(out)
 
-    return jax.jit(interpolate)
+    return jax.jit(interpolate, compiler_options=xla_cpu.compiler_options("forward"))
 
 
 def create(config: ml_collections.ConfigDict, *, seed: int = 0, mesh=None) -> DDPM:

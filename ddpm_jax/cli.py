@@ -71,6 +71,16 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
     return None
 
 
+def define_sampler_flags() -> None:
+    """``--sampler``, ``--num_steps`` and ``--eta`` (each defaults to ``config.sampling``)."""
+    flags.DEFINE_enum("sampler", None, ["ancestral", "ddim"],
+                      "Reverse process (default: config.sampling.sampler).")
+    flags.DEFINE_integer("num_steps", None, "Steps S < T: DDIM / respaced chain on i * (T // S) "
+                         "(default: config.sampling.num_steps; None = all T steps).")
+    flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: "
+                       "config.sampling.eta).")
+
+
 def define_process_flags() -> None:
     """The flags that describe several processes (each defaults to JAX_* or JAX's detection)."""
     flags.DEFINE_string("coordinator_address", None,

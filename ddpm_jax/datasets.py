@@ -99,6 +99,13 @@ DATASETS: tuple[str, ...] = tuple(_SPECS)
 # Validation and messages
 
 
+def spec_by_name(name: str, what: str = "dataset") -> DatasetSpec:
+    """The spec of a dataset name; DataError naming the known ones if there is none."""
+    if name not in _SPECS:
+        raise DataError(f"unknown dataset {what}={name!r}; known datasets: {', '.join(DATASETS)}")
+    return _SPECS[name]
+
+
 def dataset_spec(config: Any) -> DatasetSpec:
     """Returns the spec of `config.data.dataset` after checking its size and channels.
 
@@ -112,11 +119,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
         DataError: unknown dataset, or an image size / channel count the data cannot give.
     """
     name = config.data.dataset
-    if name not in _SPECS:
-        raise DataError(
-            f"unknown dataset config.data.dataset={name!r}; known datasets: {', '.join(DATASETS)}"
-        )
-    spec = _SPECS[name]
+    spec = spec_by_name(name, "config.data.dataset")
     size, channels = config.data.image_size, config.data.channels
     if channels != spec.channels:
         raise DataError(

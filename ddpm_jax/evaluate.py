@@ -1,36 +1,100 @@
-"""Bits/dim of a checkpoint on a dataset split (the paper's NLL column).
+"""Evaluates a checkpoint: the paper's sample metrics (FID, Inception Score, KID) and its NLL.
 
-  python -m ddpm_jax.evaluate --workdir=runs/digits --num_examples=300
+  python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=fid,is --num_samples=50000
+  python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=bpd --split=test
+  python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=fid --ref_stats=fid_stats.npz
 
-Evaluates the full variational bound (T network evaluations per batch, one compiled scan) on the
-first ``num_examples`` images of ``config.data.eval_split`` and writes ``bpd_<split>.json``
-beside the checkpoint with the mean, its standard error and the mean of each bound term.
+Sample metrics (``fid``, ``is``, ``kid``) are computed on ``--num_samples`` EMA samples (the
+paper: 50,000 from the full ancestral chain) with the FID Inception-v3 of ``ddpm_jax.metrics``:
+
+1. Samples: a ``samples.npz`` in ``--samples_dir`` (default the workdir) that ``sample.py`` made
+   from this checkpoint with the same sampler and at least N images is reused (its first N
+   images, with its seed and batch size); otherwise the samples are made there, resumably, as
+   ``sample.py`` makes them (samples of other settings are moved to ``previous_samples/``).
+2. Features: pool3 and logits of the samples in sharded batches (a progress bar shows images/s),
+   streamed from the file so memory is bounded by one batch.
+3. Reference: ``--ref=DATASET:SPLIT`` (default the config's dataset and training split, the
+   paper's protocol) is read through the project's data pipeline at the samples' resolution and
+   its statistics (mu, sigma in float64, N, mode, weights hash) are cached once under
+   ``<tfds data_dir>/<dataset>/<version>/ddpm_jax_fid_stats/``; ``--ref_stats=FILE.npz`` takes
+   statistics from elsewhere (ours, or TTUR / pytorch-fid / clean-fid files with ``mu`` and
+   ``sigma``). KID needs the reference features themselves, so it needs ``--ref``.
+4. Scores on the host in float64 (``ddpm_jax.metrics.scores``).
+
+``bpd`` is the full variational bound on ``--split`` (default ``config.data.eval_split``; T
+network evaluations per batch), also written to ``bpd_<split>.json`` beside the checkpoint.
+
+One JSON (``--out``, default ``<workdir>/evaluation.json``) holds every metric asked for at the
+top level (``fid``, ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std``, ``bpd``) and a
+``provenance`` object: checkpoint, step, EMA or raw, sampler, steps, N, seed, the Inception
+mode and weights hash, the reference, IS splits and KID subsets. Every flag, file and shape is
+checked before anything compiles; on several processes every process takes part (process flags
+as for ``train.py``) and process 0 writes.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import math
+import os
+import time
 
 import jax
 import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from ddpm_jax import api, cli, datasets, sharding
+from ddpm_jax import api, cli, datasets, errors, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
+METRICS = ("fid", "is", "kid", "bpd")
+SAMPLE_METRICS = ("fid", "is", "kid")
+STATS_DIR = "ddpm_jax_fid_stats"
+
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
-flags.DEFINE_string("split", None, "Split to evaluate (default: config.data.eval_split).")
-flags.DEFINE_integer("num_examples", None, "First N images of the split (default: all).",
-                     lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Images per compiled batch.", lower_bound=1)
-flags.DEFINE_integer("seed", 0, "Seed of the x_t draws of the bound.")
-flags.DEFINE_string("data_dir", None, "Override config.data.data_dir.")
+flags.DEFINE_list("metrics", ["bpd"], f"Comma-separated, from: {', '.join(METRICS)}.")
+flags.DEFINE_string("out", None, "The JSON written (default: <workdir>/evaluation.json).")
 flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
+flags.DEFINE_integer("seed", 0, "Seed of the samples, of the bound's x_t draws and of the KID "
+                     "subsets.")
+flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (tfds data).")
+# Samples.
+flags.DEFINE_integer("num_samples", 50000, "Samples for FID / IS / KID.", lower_bound=1)
+flags.DEFINE_string("samples_dir", None, "Where samples.npz is reused or made (default: the "
+                    "workdir).")
+flags.DEFINE_integer("sample_batch_size", None, "Images per compiled sampling chain (default: "
+                     "config.sampling.batch_size).", lower_bound=1)
+cli.define_sampler_flags()
+# The FID network and the reference.
+flags.DEFINE_string("inception_weights", None, "The converted FID Inception weights "
+                    "(default: $DDPM_JAX_INCEPTION_WEIGHTS).")
+flags.DEFINE_enum("mode", "tf1", ["tf1", "pytorch_fid"], "Inception preprocessing: tf1 (the "
+                  "paper's TF-GAN / TTUR conventions) or pytorch_fid.")
+flags.DEFINE_integer("inception_batch_size", 64, "Images per compiled Inception batch.",
+                     lower_bound=1)
+flags.DEFINE_string("ref", None, "Reference images DATASET:SPLIT (default: the config's dataset "
+                    "and config.data.split).")
+flags.DEFINE_string("ref_stats", None, "Reference statistics FILE.npz (mu, sigma) instead of "
+                    "--ref; not for KID.")
+flags.DEFINE_integer("ref_num_examples", None, "First N images of the reference split "
+                     "(default: all).", lower_bound=1)
+flags.DEFINE_integer("is_splits", 10, "Inception Score splits.", lower_bound=1)
+flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", lower_bound=1)
+flags.DEFINE_integer("kid_subset_size", 1000, "Images per KID subset.", lower_bound=2)
+# The bound.
+flags.DEFINE_string("split", None, "Split for bpd (default: config.data.eval_split).")
+flags.DEFINE_integer("num_examples", None, "First N images of --split for bpd (default: all).",
+                     lower_bound=1)
+flags.DEFINE_integer("batch_size", 64, "Images per compiled batch of the bound.", lower_bound=1)
 cli.define_process_flags()
 
 
+class EvaluationError(errors.UserError, ValueError):
+    """A metric, reference or sample setting that cannot be evaluated as asked."""
+
+
+# -- the bound -------------------------------------------------------------------------------------
 def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: int) -> dict:
     """The bound in bits/dim of uint8 ``[N, H, W, C]`` images: mean, stderr and term means."""
     totals, terms, priors = [], [], []
@@ -56,26 +120,279 @@ def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: 
     )
 
 
+# -- the plan: every setting checked before anything compiles --------------------------------------
+@dataclasses.dataclass
+class Reference:
+    """Where the reference statistics come from."""
+
+    name: str  # DATASET:SPLIT, or the statistics file
+    config: object | None = None  # the config that reads DATASET:SPLIT
+    split: str | None = None
+    count: int | None = None  # images read from the split
+    cache: epath.Path | None = None  # our cached statistics of the split
+    stats: object | None = None  # ReferenceStats of a --ref_stats file
+
+
+def parse_metrics(names) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise EvaluationError(f"--metrics={','.join(names)}: unknown or empty "
+                              f"({', '.join(unknown) or 'nothing asked'}); choose from "
+                              f"{','.join(METRICS)}")
+    return names
+
+
+def _ref_config(config, ref: str, image_shape):
+    """The model's config reading DATASET (``data.dataset`` and channels changed, same size)."""
+    dataset, sep, split = ref.partition(":")
+    if not sep or not dataset or not split:
+        raise EvaluationError(f"--ref={ref!r} must be DATASET:SPLIT, e.g. cifar10:train; known "
+                              f"datasets: {', '.join(datasets.DATASETS)}")
+    spec = datasets.spec_by_name(dataset, "--ref DATASET")
+    h, w, _ = image_shape
+    if spec.layout == "exact" and spec.stored_size != h:
+        s = spec.stored_size
+        raise EvaluationError(f"the samples are {h}x{w} but the reference {ref} holds {s}x{s} "
+                              "images: compare samples with a reference of their size")
+    config = config.copy_and_resolve_references()
+    with config.unlocked():
+        config.data.dataset = dataset
+        config.data.channels = spec.channels
+    return config, split
+
+
+def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Reference | None:
+    """Checks the reference of FID / KID and opens (but does not read) its images."""
+    if not {"fid", "kid"} & set(metrics):
+        return None
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    if FLAGS.ref and FLAGS.ref_stats:
+        raise EvaluationError("give --ref=DATASET:SPLIT or --ref_stats=FILE.npz, not both")
+    if FLAGS.ref_stats:
+        if "kid" in metrics:
+            raise EvaluationError("KID needs the reference images' features, which a statistics "
+                                  "file does not hold: pass --ref=DATASET:SPLIT for kid")
+        stats = m.load_reference_stats(FLAGS.ref_stats, mode=FLAGS.mode, weights_sha256=sha)
+        return Reference(FLAGS.ref_stats, stats=stats)
+    c = model.config.data
+    ref = FLAGS.ref or f"{c.dataset}:{c.split}"
+    config, split = _ref_config(model.config, ref, model.image_shape)
+    source = datasets.open_source(config, split)  # a split or data that is not there: one line
+    size = config.data.image_size
+    count = len(source) if FLAGS.ref_num_examples is None else FLAGS.ref_num_examples
+    if count > len(source):
+        raise EvaluationError(f"--ref_num_examples={count} but {ref} holds {len(source)} images")
+    if "kid" in metrics and count < FLAGS.kid_subset_size:
+        raise EvaluationError(f"KID subsets of {FLAGS.kid_subset_size} images need at least as "
+                              f"many reference images, {ref} gives {count}: lower "
+                              "--kid_subset_size")
+    builder = datasets.make_builder(config)
+    suffix = "" if count == len(source) else f"_first{count}"
+    name = f"{split.replace('/', '_')}{suffix}_{size}px_{FLAGS.mode}_{sha[:12]}.npz"
+    return Reference(ref, config=config, split=split, count=count,
+                     cache=epath.Path(builder.data_dir) / STATS_DIR / name)
+
+
+def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec) -> dict:
+    return dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
+                sampler=spec.sampler, num_steps=spec.num_steps, eta=spec.eta,
+                image_shape=list(model.image_shape))
+
+
+def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
+                 n: int) -> dict | None:
+    """The description of reusable samples in ``samples_dir``: same checkpoint, weights and
+    sampler, at least ``n`` images; None if there are none."""
+    path = samples_dir / "samples.json"
+    if not (path.exists() and (samples_dir / "samples.npz").exists()):
+        return None
+    made = json.loads(path.read_text())
+    want = _samples_record(model, spec)
+    same = all(made.get(k) == v for k, v in want.items() if k != "checkpoint")
+    same_source = os.path.abspath(str(made.get("checkpoint"))) == os.path.abspath(
+        str(model.source)) if "://" not in str(model.source) else made.get("checkpoint") == str(
+        model.source)
+    return made if same and same_source and made.get("num_samples", 0) >= n else None
+
+
+# -- features and scores ---------------------------------------------------------------------------
+def _bar(total: int, what: str):
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, unit="img", desc=what, dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_logits: bool,
+                    weights: str, chunk: int):
+    """Feature statistics (and, if asked, pool3 / unbiased logits) of uint8 image batches."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    stats = m.FeatureStats(2048)
+    pool3, logits = [], []
+    bar = _bar(total, what)
+    start, done = time.time(), 0
+    for images in batches:
+        feats = m.inception_features(images, weights=weights, mode=FLAGS.mode,
+                                     batch_size=FLAGS.inception_batch_size)
+        stats.update(feats["pool3"])
+        if keep_pool3:
+            pool3.append(feats["pool3"])
+        if keep_logits:
+            logits.append(feats["logits_unbiased"])
+        done += len(images)
+        bar.update(len(images))
+        bar.set_postfix(img_s=f"{done / max(time.time() - start, 1e-9):.1f}")
+    bar.close()
+    seconds = time.time() - start
+    cat = lambda parts: np.concatenate(parts) if parts else None
+    return stats, cat(pool3), cat(logits), seconds
+
+
+def _reference_batches(ref: Reference, chunk: int):
+    return datasets.iter_split(ref.config, ref.split, batch_size=chunk, num_examples=ref.count)
+
+
+def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sha: str,
+                   provenance: dict) -> dict:
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    n = FLAGS.num_samples
+    samples_dir = epath.Path(FLAGS.samples_dir or FLAGS.workdir)
+    made = find_samples(samples_dir, model, spec, n)
+    if made is None:
+        generate.generate(model, str(samples_dir), num_samples=n, seed=FLAGS.seed, spec=spec,
+                          batch_size=FLAGS.sample_batch_size)
+        made = json.loads((samples_dir / "samples.json").read_text())
+    else:
+        print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
+              f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
+    chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
+    shape, rows = generate.iter_npz_rows(samples_dir / "samples.npz", "images", chunk, n)
+    if shape[0] < n or tuple(shape[1:]) != model.image_shape:
+        raise EvaluationError(f"{samples_dir / 'samples.npz'} holds {shape}, not {n} images of "
+                              f"{model.image_shape}: remove it and samples.json to sample again")
+    stats, pool3, logits, secs = stream_features(
+        rows, n, what="samples", keep_pool3="kid" in metrics, keep_logits="is" in metrics,
+        weights=weights, chunk=chunk)
+    provenance.update(
+        num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
+        sample_batch_size=made["batch_size"], sampler=spec.sampler,
+        num_steps=spec.num_steps or model.config.diffusion.num_timesteps, eta=spec.eta,
+        mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
+            sha), sample_features_seconds=round(secs, 2))
+    result = {}
+    if "is" in metrics:
+        result["is_mean"], result["is_std"] = m.inception_score(logits, splits=FLAGS.is_splits)
+        provenance["is_splits"] = FLAGS.is_splits
+    if ref is None:
+        return result
+    ref_pool3 = None
+    if ref.stats is not None:  # a statistics file
+        ref_stats = ref.stats
+        provenance["reference"] = dict(stats_file=ref.name, n=ref_stats.n, mode=ref_stats.mode,
+                                       weights_sha256=ref_stats.weights_sha256)
+    else:
+        def compute():
+            nonlocal ref_pool3
+            s, ref_pool3, _, _ = stream_features(
+                _reference_batches(ref, chunk), ref.count, what=f"reference {ref.name}",
+                keep_pool3="kid" in metrics, keep_logits=False, weights=weights, chunk=chunk)
+            return s.result()
+
+        cached = ref.cache.exists()
+        if cached:  # computed before: provenance checked (another mode or weights is refused)
+            ref_stats = m.load_reference_stats(str(ref.cache), mode=FLAGS.mode,
+                                               weights_sha256=sha)
+            if ref_stats.mode is None or ref_stats.weights_sha256 is None:
+                raise EvaluationError(f"{ref.cache} records no mode and weights: delete it to "
+                                      "recompute the statistics")
+        if not cached or "kid" in metrics:  # KID needs the features themselves
+            mu, sigma, count = compute()
+            if not cached:
+                if jax.process_index() == 0:
+                    m.save_reference_stats(str(ref.cache), mu, sigma, count, mode=FLAGS.mode,
+                                           weights_sha256=sha)
+                ref_stats = m.ReferenceStats(mu, sigma, count, FLAGS.mode, sha)
+        provenance["reference"] = dict(dataset_split=ref.name, n=ref_stats.n,
+                                       stats_file=str(ref.cache), reused_cache=cached)
+    if "fid" in metrics:
+        mu, sigma, _ = stats.result()
+        result["fid"] = m.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma)
+    if "kid" in metrics:
+        result["kid_mean"], result["kid_std"] = m.kernel_inception_distance(
+            pool3, ref_pool3, subsets=FLAGS.kid_subsets, subset_size=FLAGS.kid_subset_size,
+            seed=FLAGS.seed)
+        provenance.update(kid_subsets=FLAGS.kid_subsets, kid_subset_size=FLAGS.kid_subset_size,
+                          kid_seed=FLAGS.seed)
+    return result
+
+
 def main():
     if FLAGS.workdir is None:
         cli.fail("--workdir is required")
+    metrics = parse_metrics(FLAGS.metrics)
     logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
     cli.start_processes()
     model = api.load(FLAGS.workdir, ema=not FLAGS.raw)
     config = model.config
-    split = FLAGS.split or config.data.eval_split
     if FLAGS.data_dir is not None:
         with config.ignore_type():
             config.data.data_dir = FLAGS.data_dir
-    images = datasets.load_split(config, split, FLAGS.num_examples)
-    result = evaluate_bpd(model, images, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-    result.update(split=split, checkpoint_step=model.step, ema=not FLAGS.raw)
-    out = epath.Path(model.source).parent / f"bpd_{split}.json"
+    out = epath.Path(FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json"))
+
+    # Everything is checked and opened before anything compiles.
+    spec = weights = sha = ref = bpd_images = None
+    wants_samples = bool(set(SAMPLE_METRICS) & set(metrics))
+    if wants_samples:
+        from ddpm_jax import metrics as m  # noqa: PLC0415
+
+        spec = sampling.spec_from_config(config, sampler=FLAGS.sampler,
+                                         num_steps=FLAGS.num_steps, eta=FLAGS.eta)
+        weights = m.weights.resolve_path(FLAGS.inception_weights)
+        sha = m.weights_sha256(weights)
+        m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked
+        if not m.is_official(sha):
+            print(f"note: {weights} was not converted from pytorch-fid's released Inception "
+                  "weights; its numbers are not comparable with published ones", flush=True)
+        if "is" in metrics and FLAGS.num_samples < FLAGS.is_splits:
+            raise EvaluationError(f"--num_samples={FLAGS.num_samples} cannot be cut into "
+                                  f"--is_splits={FLAGS.is_splits} splits")
+        if "kid" in metrics and FLAGS.num_samples < FLAGS.kid_subset_size:
+            raise EvaluationError(f"KID subsets of --kid_subset_size={FLAGS.kid_subset_size} "
+                                  f"images need at least as many samples, --num_samples="
+                                  f"{FLAGS.num_samples}: raise it or lower the subset size")
+        ref = plan_reference(model, metrics, sha)
+    split = FLAGS.split or config.data.eval_split
+    if "bpd" in metrics:
+        bpd_images = datasets.load_split(config, split, FLAGS.num_examples)
+
+    provenance = dict(checkpoint=str(model.source), checkpoint_step=model.step,
+                      ema=not FLAGS.raw, metrics=list(metrics))
+    result = {}
+    if wants_samples:
+        result.update(sample_metrics(model, metrics, spec, ref, weights, sha, provenance))
+    if "bpd" in metrics:
+        bpd = evaluate_bpd(model, bpd_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
+        bpd.update(split=split, checkpoint_step=model.step, ema=not FLAGS.raw)
+        result["bpd"] = bpd["bits_per_dim"]
+        provenance["bpd"] = bpd
+        bpd_file = epath.Path(model.source).parent / f"bpd_{split}.json"
+        if jax.process_index() == 0:
+            bpd_file.write_text(json.dumps(bpd, indent=2))
+        print(f"{bpd['bits_per_dim']:.4f} bits/dim (stderr {bpd['stderr']}) on "
+              f"{bpd['num_examples']} images of {split}, checkpoint step {model.step}; "
+              f"written to {bpd_file}")
+    result["provenance"] = provenance
     if jax.process_index() == 0:
-        out.write_text(json.dumps(result, indent=2))
-    print(f"{result['bits_per_dim']:.4f} bits/dim (stderr {result['stderr']}) on "
-          f"{result['num_examples']} images of {split}, checkpoint step {model.step}; "
-          f"written to {out}")
+        out.parent.mkdir(parents=True, exist_ok=True)
+        tmp = out.parent / (out.name + ".tmp")
+        tmp.write_text(json.dumps(result, indent=2))
+        tmp.replace(out)
+    shown = {k: round(v, 4) for k, v in result.items() if k != "provenance"}
+    print(f"{shown} at checkpoint step {model.step}; written to {out}")
 
 
 if __name__ == "__main__":

@@ -143,6 +143,41 @@ def write_npz_stream(path: epath.Path, name: str, shape: tuple[int, ...], dtype,
     tmp.replace(path)
 
 
+def iter_npz_rows(path: epath.Path, name: str, batch: int,
+                  count: int | None = None) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
+    """The shape of array ``name`` in an uncompressed ``.npz`` and an iterator over its first
+    ``count`` rows (default all), ``batch`` rows at a time: memory is bounded by one batch.
+
+    Raises:
+      SampleSpecError: the file does not hold ``name``, is compressed, or holds objects.
+    """
+    zf = zipfile.ZipFile(path.open("rb"))
+    member = f"{name}.npy"
+    if member not in zf.namelist() or zf.getinfo(member).compress_type != zipfile.ZIP_STORED:
+        zf.close()
+        raise SampleSpecError(f"{path} holds no uncompressed array {name!r} (as sample.py "
+                              "writes it)")
+    f = zf.open(member)
+    version = np.lib.format.read_magic(f)
+    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                   else np.lib.format.read_array_header_2_0)
+    shape, fortran, dtype = read_header(f)
+    if dtype.hasobject or fortran:
+        zf.close()
+        raise SampleSpecError(f"{path}: {name} is not a plain C-order array (objects are never "
+                              "unpickled here)")
+    total = shape[0] if count is None else min(count, shape[0])
+    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
+
+    def rows() -> Iterator[np.ndarray]:
+        with zf, f:
+            for start in range(0, total, batch):
+                n = min(batch, total - start)
+                yield np.frombuffer(f.read(n * row_bytes), dtype).reshape(n, *shape[1:])
+
+    return tuple(shape), rows()
+
+
 def _prepare(output_dir: epath.Path, spec: dict) -> epath.Path | None:
     """Moves finished samples of other settings aside and checks unfinished ones.
 

@@ -3,7 +3,7 @@
   python -m ddpm_jax.import_weights --source=hf://google/ddpm-cifar10-32 \
       --config=configs/cifar10.py --workdir=runs/cifar10_official
 
-Three kinds of source (reference.md section 5):
+Three kinds of source:
 
 - ``hf://owner/name[@revision]``: a diffusers model on the Hugging Face Hub by name
   (``google/ddpm-cifar10-32``, ``google/ddpm-celebahq-256``,
@@ -97,7 +97,7 @@ LINEAR = {"kernel": ("weight", TORCH_LINEAR), "bias": ("bias", SAME)}
 CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
 NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
 
-# -- the name mapping (reference.md section 5) ---------------------------------------------------
+# -- the name mapping ----------------------------------------------------------------------------
 # Layers of a ResNet block and of an attention block: ours -> (diffusers names, layout). Older
 # diffusers checkpoints (google/ddpm-cifar10-32 as uploaded) name the attention projections
 # query / key / value / proj_attn; current diffusers to_q / to_k / to_v / to_out.0.
@@ -167,7 +167,7 @@ def diffusers_layer(scope: str, num_levels: int) -> tuple[tuple[str, ...], dict]
         if m["layer"] in layers:
             names, layout = layers[m["layer"]]
             return tuple(f"{module}.{n}" for n in names), layout
-    raise AssertionError(f"reference.md section 5 has no diffusers name for {scope!r}")
+    raise AssertionError(f"no diffusers name is known for {scope!r}")
 
 
 # -- the generic converter -----------------------------------------------------------------------

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import config_lib, diffusion, images, sharding, unet
+from ddpm_jax import config_lib, diffusion, images, sharding, unet, xla_cpu
 from ddpm_jax.diffusion import Diffusion
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
@@ -307,6 +307,24 @@ class SamplerSpec:
 ANCESTRAL = SamplerSpec()  # Algorithm 2 on all T steps, x_0 clipped: the default
 
 
+def spec_from_config(config, *, sampler: str | None = None, num_steps: int | None = None,
+                     eta: float | None = None, record_every: int | None = None) -> SamplerSpec:
+    """The sampler of ``config.sampling`` with command-line overrides, checked.
+
+    A sampler other than the config's starts from its own defaults (all T steps, eta 0) rather
+    than inheriting the config's steps and eta.
+    """
+    c = config.sampling
+    same = sampler in (None, c.sampler)
+    spec = SamplerSpec(
+        sampler or c.sampler,
+        num_steps if num_steps is not None else (c.num_steps if same else None),
+        float(eta if eta is not None else (c.eta if same else 0.0)),
+        c.clip_denoised, record_every)
+    spec.check(config.diffusion.num_timesteps)
+    return spec
+
+
 def _divisors(n: int) -> list[int]:
     return [k for k in range(1, n + 1) if n % k == 0]
 
@@ -352,4 +370,5 @@ def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
         x = chain(d, model_fn, key, shape, spec, x_T=x_T, carry_sharding=data)
         return jax.tree.map(images.to_uint8, x)
 
-    return jax.jit(sample_fn, out_shardings=out)
+    return jax.jit(sample_fn, out_shardings=out,
+                   compiler_options=xla_cpu.compiler_options("forward"))

@@ -44,6 +44,7 @@ from ddpm_jax import (
     sampling,
     sharding,
     unet,
+    xla_cpu,
 )
 
 NonFiniteError = metric_logging.NonFiniteError
@@ -208,6 +209,7 @@ def compile_train_step(train_step, mesh, state, *, steps_per_dispatch: int = 1):
                                                                       steps_per_dispatch)
     return jax.jit(
         step,
+        compiler_options=xla_cpu.compiler_options("train"),  # fast XLA:CPU convs (None else)
         in_shardings=(
             state_shardings,  # state: replicated on every device
             batch,  # batch: split over the data axis

@@ -3,11 +3,30 @@ harness that runs a program with simulated devices (``run_python``, ``run_script
 
 import json
 import os
+import shutil
 import sys
+import tempfile
 
 import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+# One persistent XLA compilation cache for the session, shared by this process and every program
+# the tests start (they inherit the environment): dozens of train.py / sample.py runs compile the
+# same steps of the test config, and reading them back instead of compiling again halves their
+# time. A compiled program read from the cache is the one that was compiled, so results do not
+# change. Set before anything imports JAX; a cache the caller chose is kept.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _XLA_CACHE = tempfile.mkdtemp(prefix="ddpm_jax_tests_xla_cache_")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _XLA_CACHE
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0")
+else:
+    _XLA_CACHE = None
+
+
+def pytest_sessionfinish(session, exitstatus):
+    if _XLA_CACHE is not None:
+        shutil.rmtree(_XLA_CACHE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

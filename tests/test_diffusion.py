@@ -1,9 +1,9 @@
 """The diffusion process (``ddpm_jax.diffusion``) against float64 numpy references.
 
-Every reference here is written from the equations of ``shared/reference.md`` section 1 (paper
-notation, 0-based index t in code), in float64, independently of the code under test. Float32
-results are compared with tolerances derived from float32 rounding (eps32 ~ 1.2e-7) times the
-amplification of the formula at hand.
+Every reference here is written from the paper's equations (Ho et al. 2020, section 2 and
+appendix; paper notation, 0-based index t in code), in float64, independently of the code under
+test. Float32 results are compared with tolerances derived from float32 rounding (eps32 ~ 1.2e-7)
+times the amplification of the formula at hand.
 """
 
 from __future__ import annotations
@@ -306,7 +306,7 @@ def p_mean_variance64(ref, mean_type, var_type, out, xt, t, clip):
 @pytest.mark.parametrize("var_type", dm.VAR_TYPES)
 @pytest.mark.parametrize("mean_type", dm.MEAN_TYPES)
 def test_p_mean_variance_matches_reference(mean_type, var_type):
-    # Mean from the mean parameterisation, variance from the variance type (reference.md §1).
+    # Mean from the mean parameterisation, variance from the variance type (section 3.2).
     d, ref = make(model_mean_type=mean_type, model_var_type=var_type)
     t = jnp.asarray(T_STEPS)
     xt = jax.random.normal(jax.random.key(7), SHAPE)

@@ -20,7 +20,7 @@ from configs import celebahq, cifar10
 from configs import test as test_config
 from ddpm_jax import checkpoints, import_weights, unet
 
-# The config.json of google/ddpm-cifar10-32 (reference.md section 5).
+# The config.json of google/ddpm-cifar10-32 on the Hugging Face Hub.
 DDPM_CIFAR10_32 = dict(
     sample_size=32,
     in_channels=3,

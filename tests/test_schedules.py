@@ -1,6 +1,6 @@
 """Beta schedules and the float32 constants of ``Diffusion.create``, against float64 references.
 
-The references below are written from the equations in ``shared/reference.md`` section 1, not
+The references below are written from the paper's equations (Ho et al. 2020, section 2), not
 from the code under test.
 """
 
@@ -180,7 +180,7 @@ def test_validate_betas_rejects_invalid(betas, match):
 
 
 def reference_constants(betas: np.ndarray) -> dict[str, np.ndarray]:
-    """Float64 constants from the equations of reference.md section 1."""
+    """Float64 constants from the paper's equations."""
     alphas = 1.0 - betas
     abar = np.cumprod(alphas)
     abar_prev = np.concatenate([[1.0], abar[:-1]])

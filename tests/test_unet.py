@@ -50,9 +50,9 @@ def test_learned_variance_adds_exactly_one_output_conv_worth_of_channels():
 
 def _original_variable_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, resolution,
                               in_ch, out_ch):
-    """The original TF variable list (reference.md section 5), derived by hand from the paper's
-    architecture description, with Flax leaf names (W -> kernel, b -> bias, gamma -> scale,
-    beta -> bias)."""
+    """The original TF variable list (the released checkpoints' names), derived by hand from the
+    paper's architecture description, with Flax leaf names (W -> kernel, b -> bias, gamma ->
+    scale, beta -> bias)."""
     shapes = {}
 
     def dense(name, cin, cout):

@@ -1,20 +1,29 @@
 """Sampler throughput in images/s, without running all T steps of the ancestral chain.
 
   python -m ddpm_jax.benchmarks.sampling --config=cifar10 --batch=16 --timed_steps=20
+  python -m ddpm_jax.benchmarks.sampling --config=cifar10 --batch=32 --chains=none \
+      --xla_options=default,project --vs_diffusers
 
 The model is ``ddpm_jax.create(config)``: random weights, which cost exactly what trained ones
-cost. Three measurements, each the median of ``--num_runs`` timed runs after one untimed run,
-ended by ``block_until_ready``:
+cost. For each ``--xla_options`` setting (``default``: XLA's compiler options; ``project``:
+``ddpm_jax.xla_cpu.compiler_options("forward")``, None off CPU), three chains, each the median
+of ``--num_runs`` timed runs after one untimed run, ended by ``block_until_ready``:
 
 * scan: the ancestral sampler (``sampling.sample_loop``, one ``lax.scan``) on the first K =
-  ``--timed_steps`` steps of the process (``sampling.respace(d, betas, arange(K))``: the same
-  betas, so each step costs what a step of the full chain costs). Nothing is subtracted (the
-  x_T draw is included); seconds per step = time / K, extrapolated to the config's T steps.
+  ``--timed_steps`` steps of the process (``sampling.respace(d, arange(K))``: the same betas, so
+  each step costs what a step of the full chain costs). Nothing is subtracted (the x_T draw is
+  included); seconds per step = time / K, extrapolated to the config's T steps.
 * loop: the same K steps as a Python loop over a jitted single ``sampling.p_sample`` step (the
   usual way of other implementations), to compare dispatch per step with one scan.
 * DDIM: ``sampling.ddim_sample_loop`` with ``--ddim_steps`` steps (eta 0), run in full.
 
-A short table goes to stdout, then one JSON line with every figure.
+Then one chain step alone (the jitted ``p_sample`` step of the loop), timed interleaved for
+every setting and, with ``--vs_diffusers`` (needs the torch extra), against diffusers'
+``UNet2DModel`` in the same layout (float32, channels_last, all CPU threads) followed by
+``DDPMScheduler.step`` on our betas: the peer's one sampling step at the same batch. The ratio
+is ours / theirs in images/s. ``--chains=none`` skips the chains.
+
+A short table goes to stdout, then one JSON line per setting (and one for the peer).
 """
 
 from __future__ import annotations
@@ -32,7 +41,8 @@ import numpy as np
 from absl import app, flags
 
 import ddpm_jax
-from ddpm_jax import config_lib, sampling, schedules
+from ddpm_jax import config_lib, sampling, unet
+from ddpm_jax.benchmarks import train as train_bench
 
 _CONFIG = flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per chain.")
@@ -42,6 +52,13 @@ _NUM_RUNS = flags.DEFINE_integer("num_runs", 3, "Timed runs of each chain (media
 _DTYPE = flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
                            "Override config.model.dtype (activation dtype).")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the noise.")
+_XLA_OPTIONS = flags.DEFINE_list("xla_options", ["project"],
+                                 "Compiler options to measure: default and/or project.")
+_CHAINS = flags.DEFINE_enum("chains", "all", ["all", "none"],
+                            "Time the scan, loop and DDIM chains (all) or only one step (none).")
+_VS_DIFFUSERS = flags.DEFINE_bool("vs_diffusers", False,
+                                  "Also time diffusers' UNet2DModel + DDPMScheduler.step (torch).")
+_STEP_RUNS = flags.DEFINE_integer("step_runs", 5, "Timed single steps per contender.")
 
 
 def load_config(name: str, dtype: str | None = None):
@@ -63,23 +80,25 @@ def median_seconds(fn: Callable[[], jax.Array], num_runs: int) -> float:
     return statistics.median(times)
 
 
-def compile_seconds(fn, *args):
-    """(compiled ``jax.jit(fn)`` for ``args``, seconds to lower and compile it)."""
+def compile_seconds(fn, *args, options=None):
+    """(compiled ``jax.jit(fn)`` for ``args`` with ``options``, seconds to lower and compile)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile()
+    compiled = jax.jit(fn).lower(*args).compile(options)
     return compiled, time.perf_counter() - start
+
+
+def model_fn(model: ddpm_jax.DDPM, params):
+    return lambda x, t: unet.apply(model.graphdef, params, x, t)
 
 
 def scan_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
     """``(params, key) -> x_0`` of the ancestral scan over the first ``num_steps`` steps."""
-    c = model.config.diffusion
-    betas = schedules.get_beta_schedule(c.beta_schedule, beta_start=c.beta_start,
-                                        beta_end=c.beta_end, num_timesteps=c.num_timesteps)
-    short, _ = sampling.respace(model.diffusion, betas, np.arange(num_steps))
+    short, timestep_map = sampling.respace(model.diffusion, np.arange(num_steps))
     shape = (batch,) + model.image_shape
     clip = model.config.sampling.clip_denoised
     return lambda params, key: sampling.sample_loop(
-        short, model.model_fn(params), key, shape, clip_denoised=clip)
+        short, model_fn(model, params), key, shape, clip_denoised=clip,
+        timestep_map=timestep_map)
 
 
 def ddim_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
@@ -87,7 +106,7 @@ def ddim_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
     shape = (batch,) + model.image_shape
     clip = model.config.sampling.clip_denoised
     return lambda params, key: sampling.ddim_sample_loop(
-        model.diffusion, model.model_fn(params), key, shape, num_steps=num_steps, eta=0.0,
+        model.diffusion, model_fn(model, params), key, shape, num_steps=num_steps, eta=0.0,
         clip_denoised=clip)
 
 
@@ -98,20 +117,23 @@ def single_step(model: ddpm_jax.DDPM):
     def step(params, x, t, key):
         tb = jnp.full((x.shape[0],), t, jnp.int32)
         noise = jax.random.normal(jax.random.fold_in(key, t), x.shape, x.dtype)
-        return sampling.p_sample(model.diffusion, model.model_fn(params), x, tb, noise,
+        return sampling.p_sample(model.diffusion, model_fn(model, params), x, tb, noise,
                                  clip_denoised=clip)[0]
 
     return step
 
 
 def measure(model: ddpm_jax.DDPM, batch: int, k: int, ddim_steps: int, num_runs: int,
-            key: jax.Array) -> dict:
-    """Compiles and times the three chains; returns the figures."""
+            key: jax.Array, options=None) -> dict:
+    """Compiles (with ``options``) and times the three chains; returns the figures."""
     params = model.params
-    scan, scan_compile = compile_seconds(scan_chain(model, batch, k), params, key)
-    ddim, ddim_compile = compile_seconds(ddim_chain(model, batch, ddim_steps), params, key)
+    scan, scan_compile = compile_seconds(scan_chain(model, batch, k), params, key,
+                                         options=options)
+    ddim, ddim_compile = compile_seconds(ddim_chain(model, batch, ddim_steps), params, key,
+                                         options=options)
     x_T = sampling.initial_noise(key, (batch,) + model.image_shape)
-    step, step_compile = compile_seconds(single_step(model), params, x_T, np.int32(0), key)
+    step, step_compile = compile_seconds(single_step(model), params, x_T, np.int32(0), key,
+                                         options=options)
 
     def loop():
         x = sampling.initial_noise(key, x_T.shape)
@@ -134,42 +156,93 @@ def measure(model: ddpm_jax.DDPM, batch: int, k: int, ddim_steps: int, num_runs:
     )
 
 
-def report(name: str, model: ddpm_jax.DDPM, batch: int, num_runs: int, r: dict) -> dict:
-    """Prints the table and returns the JSON record."""
+def compare_steps(model: ddpm_jax.DDPM, batch: int, settings: Sequence[str], num_runs: int,
+                  key: jax.Array, peer=None) -> dict:
+    """One chain step per setting (and the peer's), timed interleaved; seconds per contender."""
+    params, t = model.params, np.int32(model.config.diffusion.num_timesteps // 2)
+    x = sampling.initial_noise(key, (batch,) + model.image_shape)
+    runners = {}
+    for setting in settings:
+        options = train_bench.options_for(setting, "forward")
+        step, _ = compile_seconds(single_step(model), params, x, t, key, options=options)
+        runners[setting] = lambda step=step: step(params, x, t, key).block_until_ready()
+    if peer is not None:
+        runners["diffusers"] = lambda: peer.sample_step(int(t))
+    timing = train_bench.interleaved(runners, num_runs, warmup=1)
+    timing["median_s"] = {name: statistics.median(ts) for name, ts in timing["times"].items()}
+    return timing
+
+
+def report(name: str, model: ddpm_jax.DDPM, batch: int, num_runs: int, setting: str,
+           r: dict | None, step: dict) -> dict:
+    """Prints the table of one setting and returns its JSON record."""
     print(f"Sampling: config {name}, batch {batch}, {model.num_params:,} parameters (random "
-          f"weights: timing only), dtype {model.config.model.dtype}, "
+          f"weights: timing only), dtype {model.config.model.dtype}, xla_options {setting}, "
           f"{jax.devices()[0].platform} x{jax.device_count()}, median of {num_runs} runs")
-    print(f"  {'chain':<34} {'compile s':>10} {'s / step':>10} {'s / batch':>10} "
-          f"{'images/s':>10}")
-    rows = [
-        (f"ancestral scan (K={r['timed_steps']} -> T={r['T']})", r["scan_compile_s"],
-         r["scan_step_s"], r["ancestral_chain_s"], r["ancestral_images_per_s"]),
-        (f"ancestral loop (K={r['timed_steps']} -> T={r['T']})", r["loop_step_compile_s"],
-         r["loop_step_s"], r["T"] * r["loop_step_s"], r["loop_images_per_s"]),
-        (f"DDIM {r['ddim_steps']} steps (run in full)", r["ddim_compile_s"], r["ddim_step_s"],
-         r["ddim_chain_s"], r["ddim_images_per_s"]),
-    ]
-    for label, compile_s, step_s, chain_s, rate in rows:
-        print(f"  {label:<34} {compile_s:>10.2f} {step_s:>10.4g} {chain_s:>10.4g} {rate:>10.4g}")
-    print(f"  loop / scan time per step: {r['loop_over_scan']:.3f}")
+    r = dict(r or {})
+    if "scan_step_s" in r:
+        print(f"  {'chain':<34} {'compile s':>10} {'s / step':>10} {'s / batch':>10} "
+              f"{'images/s':>10}")
+        rows = [
+            (f"ancestral scan (K={r['timed_steps']} -> T={r['T']})", r["scan_compile_s"],
+             r["scan_step_s"], r["ancestral_chain_s"], r["ancestral_images_per_s"]),
+            (f"ancestral loop (K={r['timed_steps']} -> T={r['T']})", r["loop_step_compile_s"],
+             r["loop_step_s"], r["T"] * r["loop_step_s"], r["loop_images_per_s"]),
+            (f"DDIM {r['ddim_steps']} steps (run in full)", r["ddim_compile_s"],
+             r["ddim_step_s"], r["ddim_chain_s"], r["ddim_images_per_s"]),
+        ]
+        for label, compile_s, step_s, chain_s, rate in rows:
+            print(f"  {label:<34} {compile_s:>10.2f} {step_s:>10.4g} {chain_s:>10.4g} "
+                  f"{rate:>10.4g}")
+        print(f"  loop / scan time per step: {r['loop_over_scan']:.3f}")
+    ours = step["median_s"][setting]
+    r.update(step_s=ours, step_images_per_s=batch / ours,
+             step_loadavg_before=step["loadavg_before"], step_loadavg_after=step["loadavg_after"],
+             step_foreign_cpu_fraction=step["foreign_cpu_fraction"])
+    line = f"  one chain step (interleaved): {1e3 * ours:.1f} ms, {batch / ours:.2f} images/s"
+    if "diffusers" in step["median_s"]:
+        theirs = step["median_s"]["diffusers"]
+        r["vs_diffusers"] = dict(step_s=theirs, images_per_s=batch / theirs, ratio=theirs / ours)
+        line += f"; diffusers {1e3 * theirs:.1f} ms: x{theirs / ours:.3f}"
+    print(line)
     return dict(benchmark="sampling", config=name, batch=batch, dtype=model.config.model.dtype,
                 params=model.num_params, platform=jax.devices()[0].platform,
-                devices=jax.device_count(), num_runs=num_runs, **r)
+                devices=jax.device_count(), num_runs=num_runs, xla_options=setting,
+                compiler_options=train_bench.options_for(setting, "forward"), **r)
 
 
 def main(argv: Sequence[str]) -> None:
-    """Measures the samplers of --config and prints the table and a JSON line."""
+    """Measures the samplers of --config and prints the tables and JSON lines."""
     del argv
     name = os.path.splitext(os.path.basename(_CONFIG.value))[0]
     config = load_config(name, _DTYPE.value)
     T, k = config.diffusion.num_timesteps, _TIMED_STEPS.value
     if not 2 <= k <= T:
         raise app.UsageError(f"--timed_steps must be in [2, {T}], got {k}")
+    settings = tuple(dict.fromkeys(_XLA_OPTIONS.value))
+    if not settings or set(settings) - set(train_bench.XLA_OPTIONS):
+        raise app.UsageError(f"--xla_options takes {train_bench.XLA_OPTIONS}, got {settings}")
     sampling.ddim_timesteps(T, _DDIM_STEPS.value)  # validates --ddim_steps
     model = ddpm_jax.create(config, seed=_SEED.value)
     key = jax.random.key(_SEED.value + 1)
-    r = measure(model, _BATCH.value, k, _DDIM_STEPS.value, _NUM_RUNS.value, key)
-    print(json.dumps(report(name, model, _BATCH.value, _NUM_RUNS.value, r)))
+    chains = {}
+    if _CHAINS.value == "all":
+        for setting in settings:
+            chains[setting] = measure(model, _BATCH.value, k, _DDIM_STEPS.value, _NUM_RUNS.value,
+                                      key, train_bench.options_for(setting, "forward"))
+    peer = (train_bench.DiffusersPeer(config, _BATCH.value, _SEED.value)
+            if _VS_DIFFUSERS.value else None)
+    step = compare_steps(model, _BATCH.value, settings, _STEP_RUNS.value, key, peer)
+    for setting in settings:
+        record = report(name, model, _BATCH.value, _NUM_RUNS.value, setting,
+                        chains.get(setting), step)
+        print(json.dumps(record))
+    if peer is not None:
+        theirs = step["median_s"]["diffusers"]
+        print(json.dumps(dict(benchmark="sampling", config=name, batch=_BATCH.value,
+                              impl="diffusers", dtype="float32", step_s=theirs,
+                              step_images_per_s=_BATCH.value / theirs,
+                              torch_device=peer.device.type)))
 
 
 if __name__ == "__main__":

@@ -9,7 +9,7 @@ the config's image shape with random t, and reports:
 * forward time per batch and per image: the median of ``--num_runs`` timed calls after
   ``--warmup`` untimed ones, each ended by ``block_until_ready``;
 * XLA's FLOP count of the compiled forward (``cost_analysis()['flops']``) per image, the implied
-  GFLOP/s, and the ratio to the paper's figure where reference.md gives one (about 6.2 GMACs =
+  GFLOP/s, and the ratio to the paper's model where one is known (about 6.2 GMACs =
   12.4 GFLOPs per CIFAR10 image; about 248.5 GMACs = 497 GFLOPs for the 256x256 model). XLA
   counts 2 FLOPs per multiply-add but none for the taps of a 3x3 conv that fall on the SAME
   padding (about 4% of a 32x32 conv's, more at 8x8 and 4x4), and adds the elementwise work
@@ -42,7 +42,7 @@ _NUM_RUNS = flags.DEFINE_integer("num_runs", 10, "Timed forward passes (the medi
 _WARMUP = flags.DEFINE_integer("warmup", 2, "Untimed forward passes after compiling.")
 _SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and inputs.")
 
-# reference.md: forward GFLOPs per image (2 x GMACs) of the paper's models.
+# Forward GFLOPs per image (2 x GMACs) of the paper's models.
 REFERENCE_GFLOPS = {
     "cifar10": 12.4,
     "celebahq": 497.0,
