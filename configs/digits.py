@@ -20,14 +20,16 @@ def get_config():
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
+    # 800 steps at batch 64: the quick start trains and samples in under two minutes on a
+    # 2-core CPU; 2,000 steps give slightly more confident digits (see the README).
     config.optim.lr = 2e-3
-    config.optim.warmup = 100
-    config.optim.ema_decay = 0.995  # a short run: average over ~200 steps, not 10k
+    config.optim.warmup = 50
+    config.optim.ema_decay = 0.99  # a short run: average over ~100 steps, not 10k
     config.training.batch_size = 64
-    config.training.num_train_steps = 2000
+    config.training.num_train_steps = 800
     config.training.log_every = 50
-    config.training.checkpoint_every = 500
-    config.training.sample_every = 1000
+    config.training.checkpoint_every = 400
+    config.training.sample_every = 800
     config.training.num_sample_images = 100
     # The grids use DDIM with 100 of the T = 1000 steps: a 10x faster chain from the same model.
     config.sampling.sampler = "ddim"

@@ -113,7 +113,9 @@ def create_train_state(config, tx, mesh: jax.sharding.Mesh) -> TrainState:
         return init_train_state(unet.split(unet.create_model(config, seed=config.seed))[1], tx)
 
     shardings = sharding.train_state_shardings(mesh, jax.eval_shape(init))
-    return jax.jit(init, out_shardings=shardings)()
+    # Runs once: compiled fast on CPU (the same bits as the default compilation).
+    return jax.jit(init, out_shardings=shardings,
+                   compiler_options=xla_cpu.run_once_options())()
 
 
 # ---------------------------------------------------------------------------------------------

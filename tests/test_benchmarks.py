@@ -165,3 +165,23 @@ def test_sampling_benchmark_compares_one_step_with_diffusers():
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert [r.get("xla_options") for r in rows] == ["project", None]
     assert rows[0]["vs_diffusers"]["ratio"] > 0 and rows[1]["impl"] == "diffusers"
+
+
+def test_run_once_options_give_the_same_initial_state_bit_for_bit():
+    from ddpm_jax import sharding, training
+
+    config = test_config.get_config()
+    tx = training.create_optimizer(config)
+    state = training.create_train_state(config, tx, sharding.create_mesh())
+
+    def init():
+        return training.init_train_state(unet.split(unet.create_model(config, seed=config.seed))[1],
+                                         tx)
+
+    default = jax.jit(init)()  # XLA's default compilation
+    if xla_cpu.run_once_options() is None:
+        pytest.skip("the run-once options apply only on CPU")
+    leaves, expected = jax.tree.leaves(state), jax.tree.leaves(default)
+    assert len(leaves) == len(expected) > 100
+    for a, b in zip(leaves, expected, strict=True):
+        np.testing.assert_array_equal(np.asarray(a), np.asarray(b))

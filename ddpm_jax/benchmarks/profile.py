@@ -48,7 +48,7 @@ CLASSES = (
 )
 # Events that are wrappers around the thunks, not work of their own.
 WRAPPERS = re.compile(r"^(PjitFunction|PjRt|CommonPjRt|Execute|ThunkExecutor|jit_|XlaModule|"
-                      r"TfrtCpuExecutable|\$|ExecuteHelper)", re.I)
+                      r"TfrtCpuExecutable|\$|ExecuteHelper|ParseArguments|Handle inputs)", re.I)
 
 
 def op_class(name: str) -> str:

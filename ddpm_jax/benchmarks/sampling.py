@@ -33,7 +33,7 @@ import json
 import os
 import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
@@ -42,6 +42,7 @@ from absl import app, flags
 
 import ddpm_jax
 from ddpm_jax import config_lib, sampling, unet
+from ddpm_jax.benchmarks import timing
 from ddpm_jax.benchmarks import train as train_bench
 
 _CONFIG = flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
@@ -67,17 +68,6 @@ def load_config(name: str, dtype: str | None = None):
     if dtype is not None:
         config.model.dtype = dtype
     return config
-
-
-def median_seconds(fn: Callable[[], jax.Array], num_runs: int) -> float:
-    """Median wall time of ``fn()`` to a ready result, after one untimed call."""
-    fn().block_until_ready()
-    times = []
-    for _ in range(num_runs):
-        start = time.perf_counter()
-        fn().block_until_ready()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
 
 
 def compile_seconds(fn, *args, options=None):
@@ -141,9 +131,9 @@ def measure(model: ddpm_jax.DDPM, batch: int, k: int, ddim_steps: int, num_runs:
             x = step(params, x, np.int32(t), key)
         return x
 
-    scan_s = median_seconds(lambda: scan(params, key), num_runs)
-    loop_s = median_seconds(loop, num_runs)
-    ddim_s = median_seconds(lambda: ddim(params, key), num_runs)
+    scan_s = timing.median_seconds(lambda: scan(params, key).block_until_ready(), num_runs, 1)
+    loop_s = timing.median_seconds(lambda: loop().block_until_ready(), num_runs, 1)
+    ddim_s = timing.median_seconds(lambda: ddim(params, key).block_until_ready(), num_runs, 1)
     T = model.config.diffusion.num_timesteps
     return dict(
         T=T, timed_steps=k, ddim_steps=ddim_steps,

@@ -24,15 +24,15 @@ from __future__ import annotations
 import importlib
 import json
 import os
-import statistics
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
 from absl import app, flags
 
 from ddpm_jax import config_lib, unet
+from ddpm_jax.benchmarks import timing
 
 _CONFIG = flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
 _BATCH = flags.DEFINE_integer("batch", 16, "Images per forward pass.")
@@ -65,18 +65,6 @@ def load_config(name: str, dtype: str | None = None):
     return config
 
 
-def median_seconds(fn: Callable[[], object], num_runs: int, warmup: int) -> float:
-    """Median wall time of ``fn()`` (which must block until its result is ready)."""
-    for _ in range(warmup):
-        fn()
-    times = []
-    for _ in range(num_runs):
-        start = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 def xla_flops(compiled) -> float:
     """Total FLOPs of a compiled computation (``cost_analysis`` is a dict or a list of dicts)."""
     analysis = compiled.cost_analysis()
@@ -102,7 +90,8 @@ def measure(config, batch: int, *, num_runs: int, warmup: int, seed: int) -> dic
     start = time.perf_counter()
     compiled = forward.lower(params, x, t).compile()
     compile_s = time.perf_counter() - start
-    batch_s = median_seconds(lambda: compiled(params, x, t).block_until_ready(), num_runs, warmup)
+    batch_s = timing.median_seconds(lambda: compiled(params, x, t).block_until_ready(), num_runs,
+                                    warmup)
     flops = xla_flops(compiled)
     return dict(
         params=unet.count_params(params),
