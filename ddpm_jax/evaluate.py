@@ -226,7 +226,7 @@ def _bar(total: int, what: str):
 
 
 def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_logits: bool,
-                    weights: str, chunk: int):
+                    weights: str):
     """Feature statistics (and, if asked, pool3 / unbiased logits) of uint8 image batches."""
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
@@ -234,17 +234,19 @@ def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_lo
     pool3, logits = [], []
     bar = _bar(total, what)
     start, done = time.time(), 0
+    def progress(k: int) -> None:  # after every compiled batch
+        bar.update(done + k - bar.n)
+        bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
+
     for images in batches:
         feats = m.inception_features(images, weights=weights, mode=FLAGS.mode,
-                                     batch_size=FLAGS.inception_batch_size)
+                                     batch_size=FLAGS.inception_batch_size, progress=progress)
         stats.update(feats["pool3"])
         if keep_pool3:
             pool3.append(feats["pool3"])
         if keep_logits:
             logits.append(feats["logits_unbiased"])
         done += len(images)
-        bar.update(len(images))
-        bar.set_postfix(img_s=f"{done / max(time.time() - start, 1e-9):.1f}")
     bar.close()
     seconds = time.time() - start
     cat = lambda parts: np.concatenate(parts) if parts else None
@@ -276,7 +278,7 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
                               f"{model.image_shape}: remove it and samples.json to sample again")
     stats, pool3, logits, secs = stream_features(
         rows, n, what="samples", keep_pool3="kid" in metrics, keep_logits="is" in metrics,
-        weights=weights, chunk=chunk)
+        weights=weights)
     provenance.update(
         num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
         sample_batch_size=made["batch_size"], sampler=spec.sampler,
@@ -299,7 +301,7 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
             nonlocal ref_pool3
             s, ref_pool3, _, _ = stream_features(
                 _reference_batches(ref, chunk), ref.count, what=f"reference {ref.name}",
-                keep_pool3="kid" in metrics, keep_logits=False, weights=weights, chunk=chunk)
+                keep_pool3="kid" in metrics, keep_logits=False, weights=weights)
             return s.result()
 
         cached = ref.cache.exists()
