@@ -2,6 +2,7 @@
 
   python sample.py --workdir=runs/digits --num_samples=64
   python sample.py --workdir=runs/cifar10 --num_samples=50000 --sampler=ddim --num_steps=100
+  python sample.py --workdir=runs/cifar10 --sampler=dpm_solver++ --num_steps=20
 
 Writes OUTPUT_DIR/samples.npz (uint8 NHWC, key ``images``), samples.png and samples.json;
 OUTPUT_DIR defaults to the workdir. A killed run resumes from its last finished batch when
@@ -41,12 +42,12 @@ def main():
     cli.start_processes()
     model = api.load(FLAGS.workdir or FLAGS.checkpoint, ema=not FLAGS.raw)
     spec = sampling.spec_from_config(
-        model.config, sampler=FLAGS.sampler, num_steps=FLAGS.num_steps, eta=FLAGS.eta,
+        model.config, **cli.sampler_overrides(),
         record_every=FLAGS.progressive_every if FLAGS.progressive else None)
     out = FLAGS.output_dir or FLAGS.workdir or str(checkpoints.locate(FLAGS.checkpoint)[0].parent)
-    steps = spec.num_steps or model.config.diffusion.num_timesteps
     print(f"{model.num_params:,} parameters, checkpoint step {model.step}, {spec.sampler} "
-          f"sampler, {steps} steps; writing to {out}", flush=True)
+          f"sampler ({spec.variant}), {spec.resolved_spacing} spacing, "
+          f"{spec.nfe(model.diffusion)} network calls per image; writing to {out}", flush=True)
     path = generate.generate(model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                              spec=dataclasses.replace(spec, record_every=None),
                              batch_size=FLAGS.batch_size)

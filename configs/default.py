@@ -66,9 +66,12 @@ def get_config() -> ml_collections.ConfigDict:
     training.steps_per_dispatch = 1
 
     config.sampling = sampling = ml_collections.ConfigDict()
+    # Samplers and spacings: ddpm_jax/config_lib.py SAMPLERS / SPACINGS, the README's tables.
     sampling.sampler = "ancestral"
-    sampling.num_steps = config_dict.placeholder(int)  # None: all T steps
-    sampling.eta = 0.0
-    sampling.clip_denoised = True
+    sampling.num_steps = config_dict.placeholder(int)  # None: the sampler's own (ancestral: T)
+    sampling.spacing = config_dict.placeholder(str)  # None: the sampler's own
+    sampling.eta = 0.0  # DDIM samplers only
+    sampling.clip_denoised = True  # the ancestral sampler clips its predicted x_0 (as the paper)
+    sampling.thresholding = False  # dpm_solver++ clips its predicted x_0
     sampling.batch_size = 256
     return config

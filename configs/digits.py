@@ -32,7 +32,7 @@ def get_config():
     config.training.sample_every = 800
     config.training.num_sample_images = 100
     # The grids use DDIM with 100 of the T = 1000 steps: a 10x faster chain from the same model.
-    config.sampling.sampler = "ddim"
+    config.sampling.sampler = "ddim_iddpm"
     config.sampling.num_steps = 100
     config.sampling.batch_size = 100
     config.lock()

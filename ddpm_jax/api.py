@@ -124,19 +124,25 @@ class DDPM:
         fn = sampling.get_sampling_fn(self.graphdef, spec, (batch,) + self.image_shape,
                                       self.mesh)
         return fn(self.params, self.diffusion, key, None if x_T is None else
-                  np.asarray(x_T, np.float32))
+                  np.asarray(x_T, np.float32), spec.eta)
 
     def sample(self, key, num_samples: int, *, sampler: str = "ancestral",
-               num_steps: int | None = None, eta: float = 0.0, x_T=None,
-               batch_size: int | None = None) -> np.ndarray:
+               num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
+               x_T=None, batch_size: int | None = None,
+               thresholding: bool = False) -> np.ndarray:
         """``num_samples`` images as uint8 ``[N, H, W, C]``.
 
         Runs in chunks of ``batch_size`` (default ``config.sampling.batch_size``); chunk i
         starts from ``fold_in(key, i)``, so results depend only on (key, N, batch size) (see
         ``generate.Plan``). ``x_T`` (float32 ``[N, H, W, C]``) fixes the starting noise.
-        ``num_steps`` < T: DDIM on tau_i = i * (T // S), or a respaced ancestral chain.
+        ``sampler``: ``ancestral`` (Algorithm 2; respaced on fewer steps), ``ddim`` (Song et
+        al., x0 not clipped), ``ddim_clipped`` / ``ddim_iddpm`` (x0 clipped as diffusers /
+        Improved DDPM), ``dpm_solver++`` (2M), ``heun`` (EDM); ``sampling.VARIANTS`` says
+        exactly what each computes. ``num_steps`` and ``spacing`` (``uniform``, ``quadratic``,
+        ``linspace``, ``leading``, ``trailing``, ``karras``) default to the sampler's own;
+        ``eta`` is DDIM's noise; ``thresholding`` clips DPM-Solver++'s predicted x0.
         """
-        spec = self._spec(sampler, num_steps, eta)
+        spec = self._spec(sampler, num_steps, eta, spacing=spacing, thresholding=thresholding)
         chunks = generate.plan(num_samples, batch_size or self.config.sampling.batch_size,
                                self.mesh)
         if x_T is not None:
@@ -146,9 +152,10 @@ class DDPM:
                 raise ValueError(f"x_T holds {x_T.shape[0]} images, num_samples={num_samples}")
         return np.concatenate(list(generate.iter_chunks(self, key, chunks, spec, x_T=x_T)))
 
-    def _spec(self, sampler, num_steps, eta, record_every=None) -> SamplerSpec:
-        spec = SamplerSpec(sampler, num_steps, float(eta),
-                           self.config.sampling.clip_denoised, record_every)
+    def _spec(self, sampler, num_steps, eta, record_every=None, *, spacing=None,
+              thresholding=False) -> SamplerSpec:
+        spec = SamplerSpec(sampler, num_steps, float(eta), self.config.sampling.clip_denoised,
+                           record_every, spacing, bool(thresholding))
         spec.check(self.config.diffusion.num_timesteps)
         return spec
 
@@ -160,7 +167,8 @@ class DDPM:
         padded = sharding.padded_size(num_samples, self.mesh)
         fn = sampling.get_sampling_fn(self.graphdef, spec, (padded,) + self.image_shape,
                                       self.mesh)
-        x0, xs, x0s = (sharding.to_host(a) for a in fn(self.params, self.diffusion, key))
+        x0, xs, x0s = (sharding.to_host(a) for a in fn(self.params, self.diffusion, key, None,
+                                                        spec.eta))
         return x0[:num_samples], np.swapaxes(xs, 0, 1)[:num_samples], np.swapaxes(
             x0s, 0, 1)[:num_samples]
 

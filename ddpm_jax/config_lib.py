@@ -16,7 +16,9 @@ import ml_collections
 from ddpm_jax import diffusion, errors, schedules
 
 DTYPES = ("float32", "bfloat16", "float16")
-SAMPLERS = ("ancestral", "ddim")
+# The samplers (``sampling.VARIANTS`` says what each computes) and step spacings, by name.
+SAMPLERS = ("ancestral", "ddim", "ddim_clipped", "ddim_iddpm", "dpm_solver++", "heun")
+SPACINGS = ("uniform", "quadratic", "linspace", "leading", "trailing", "karras")
 MISSING = object()  # what ``lookup`` returns for a key that is not there
 
 
@@ -117,23 +119,33 @@ def validate(config: ml_collections.ConfigDict) -> None:
     _validate_training(config)
     s = config.sampling
     check_sampler(s.sampler, s.num_steps, s.eta, config.diffusion.num_timesteps,
-                  prefix="sampling.")
+                  spacing=s.spacing, thresholding=s.thresholding, prefix="sampling.")
 
 
 def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps: int, *,
+                  spacing: str | None = None, thresholding: bool = False,
                   prefix: str = "--") -> None:
     """Checks a sampler choice; ``prefix`` names the settings as flags or config keys."""
     _require(sampler in SAMPLERS,
              f"{prefix}sampler={sampler!r} is not one of: {', '.join(SAMPLERS)}")
+    _require(spacing is None or spacing in SPACINGS,
+             f"{prefix}spacing={spacing!r} is not one of: {', '.join(SPACINGS)}")
     _require(num_steps is None or (isinstance(num_steps, int) and not isinstance(num_steps, bool)
                                    and 1 <= num_steps <= num_timesteps),
              f"{prefix}num_steps must be in [1, {num_timesteps}] (the process has T = "
              f"{num_timesteps} steps), got {num_steps!r}")
+    _require(not (sampler == "heun" and num_steps == 1),
+             f"{prefix}num_steps=1 leaves EDM's Heun sampler no step to correct; use >= 2")
     _require(isinstance(eta, int | float) and eta >= 0.0,
              f"{prefix}eta must be >= 0 (0 = deterministic DDIM), got {eta!r}")
-    _require(eta == 0.0 or sampler == "ddim",
-             f"{prefix}eta={eta} applies to the DDIM sampler only; add {prefix}sampler=ddim or "
-             f"drop {prefix}eta")
+    ddims = ", ".join(s for s in SAMPLERS if s.startswith("ddim"))
+    _require(eta == 0.0 or sampler.startswith("ddim"),
+             f"{prefix}eta={eta} applies to the DDIM samplers only ({ddims}); add "
+             f"{prefix}sampler=ddim or drop {prefix}eta")
+    _require(not thresholding or sampler == "dpm_solver++",
+             f"{prefix}thresholding applies to dpm_solver++ only (the clipped DDIMs are "
+             f"ddim_clipped and ddim_iddpm, the ancestral sampler clips with "
+             f"sampling.clip_denoised); drop {prefix}thresholding")
 
 
 def _validate_model(config) -> None:

@@ -197,8 +197,7 @@ def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Refer
 
 def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec) -> dict:
     return dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
-                sampler=spec.sampler, num_steps=spec.num_steps, eta=spec.eta,
-                image_shape=list(model.image_shape))
+                **spec.record(model.diffusion), image_shape=list(model.image_shape))
 
 
 def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
@@ -281,8 +280,7 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
         weights=weights)
     provenance.update(
         num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
-        sample_batch_size=made["batch_size"], sampler=spec.sampler,
-        num_steps=spec.num_steps or model.config.diffusion.num_timesteps, eta=spec.eta,
+        sample_batch_size=made["batch_size"], **spec.record(model.diffusion),
         mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
             sha), sample_features_seconds=round(secs, 2))
     result = {}
@@ -351,8 +349,7 @@ def main():
     if wants_samples:
         from ddpm_jax import metrics as m  # noqa: PLC0415
 
-        spec = sampling.spec_from_config(config, sampler=FLAGS.sampler,
-                                         num_steps=FLAGS.num_steps, eta=FLAGS.eta)
+        spec = sampling.spec_from_config(config, **cli.sampler_overrides())
         weights = m.weights.resolve_path(FLAGS.inception_weights)
         sha = m.weights_sha256(weights)
         m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked

@@ -92,8 +92,7 @@ def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.Sa
 def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec) -> dict:
     return dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
                 num_samples=chunk_plan.num_samples, batch_size=chunk_plan.batch, seed=seed,
-                sampler=spec.sampler, num_steps=spec.num_steps, eta=spec.eta,
-                image_shape=list(model.image_shape))
+                **spec.record(model.diffusion), image_shape=list(model.image_shape))
 
 
 def _read_json(path: epath.Path) -> dict | None:

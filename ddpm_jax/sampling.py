@@ -56,33 +56,37 @@ def p_sample(
     return x_prev, out["pred_xstart"]
 
 
-def _chain(step_fn, x_T, ts, record_every: int | None, carry_sharding=None):
-    """Runs ``step_fn(x, t) -> (x, pred_xstart)`` over ``ts`` as scans.
+def _chain(step_fn, carry, xs, record_every: int | None, carry_sharding=None):
+    """Runs ``step_fn(carry, xs_i) -> (carry, pred_xstart)`` over the steps ``xs`` as scans.
 
-    Without ``record_every``: one scan, returns x_0. With it: an outer scan of
-    ``len(ts) / record_every`` chunks of an inner scan, returning (x_0, xs, x0s) where
-    ``xs[k]`` / ``x0s[k]`` are x_t and the predicted x_0 after chunk k (``[K, B, H, W, C]``).
-    ``carry_sharding`` pins the chain's x_t to a layout (the batch split over the devices).
+    ``carry`` is x_t or a tuple whose first entry is x_t (the other entries have its shape);
+    ``xs`` an array or a dict of arrays with one row per step. Without ``record_every``: one
+    scan, returns x_0. With it: an outer scan of ``steps / record_every`` chunks of an inner
+    scan, returning (x_0, xs, x0s) where ``xs[k]`` / ``x0s[k]`` are x_t and the predicted x_0
+    after chunk k (``[K, B, H, W, C]``). ``carry_sharding`` pins the carry to a layout (the batch
+    split over the devices).
     """
+    first = lambda c: c[0] if isinstance(c, tuple) else c
     if carry_sharding is not None:
-        pin = lambda x: jax.lax.with_sharding_constraint(x, carry_sharding)
+        pin = lambda c: jax.tree.map(
+            lambda a: jax.lax.with_sharding_constraint(a, carry_sharding), c)
         inner = step_fn
-        step_fn = lambda x, t: (lambda out: (pin(out[0]), out[1]))(inner(x, t))
-        x_T = pin(x_T)
+        step_fn = lambda c, x: (lambda out: (pin(out[0]), out[1]))(inner(c, x))
+        carry = pin(carry)
     if record_every is None:
-        x, _ = jax.lax.scan(lambda x, t: (step_fn(x, t)[0], None), x_T, ts)
-        return x
-    n = ts.shape[0]
+        carry, _ = jax.lax.scan(lambda c, x: (step_fn(c, x)[0], None), carry, xs)
+        return first(carry)
+    n = jax.tree.leaves(xs)[0].shape[0]
     if n % record_every:
         raise ValueError(f"record_every={record_every} must divide the {n} steps of the chain")
 
-    def chunk(x, ts_chunk):
-        x, preds = jax.lax.scan(step_fn, x, ts_chunk)
-        return x, (x, preds[-1])
+    def chunk(c, xs_chunk):
+        c, preds = jax.lax.scan(step_fn, c, xs_chunk)
+        return c, (first(c), preds[-1])
 
-    x, (xs, x0s) = jax.lax.scan(
-        chunk, x_T, ts.reshape(n // record_every, record_every, *ts.shape[1:]))
-    return x, xs, x0s
+    chunks = jax.tree.map(lambda a: a.reshape(n // record_every, record_every, *a.shape[1:]), xs)
+    carry, (xs_out, x0s) = jax.lax.scan(chunk, carry, chunks)
+    return first(carry), xs_out, x0s
 
 
 def ancestral_step_fn(d: Diffusion, model_fn: ModelFn, chain_key: jax.Array, *,
@@ -143,76 +147,266 @@ def sample_loop(
     return _chain(step_fn, x_T, ts, record_every, carry_sharding)
 
 
+# ---------------------------------------------------------------------------------------------
+# Step spacings: the model timesteps a short chain evaluates, from its first step down.
+# ---------------------------------------------------------------------------------------------
+
+# The sampler's own spacing when none is given (diffusers defaults DPM-Solver++ to linspace).
+DEFAULT_SPACING = {"ancestral": "uniform", "ddim": "uniform", "ddim_clipped": "uniform",
+                   "ddim_iddpm": "uniform", "dpm_solver++": "linspace", "heun": "karras"}
+# The sampler's own step count when none is given: all T steps, DPM-Solver++ 20 (its authors'
+# "can almost converge"), EDM's Heun 18 (its paper's CIFAR10 setting, 35 network calls).
+DEFAULT_STEPS = {"dpm_solver++": 20, "heun": 18}
+EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
+
+
+def sigma_levels(betas64) -> np.ndarray:
+    """EDM's noise level of every trained step: sigma_t = sqrt((1 - abar_t) / abar_t), float64."""
+    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
+    return np.sqrt((1.0 - abar) / abar)
+
+
+def karras_sigmas(levels: np.ndarray, n: int) -> np.ndarray:
+    """EDM's rho = 7 spacing between max(0.002, sigma_0) and min(80, sigma_{T-1}): ``[n]``.
+
+    sigma_i = (smax^(1/rho) + i / (n - 1) (smin^(1/rho) - smax^(1/rho)))^rho (EDM Eq. 5).
+    """
+    smin, smax = max(EDM_SIGMA_MIN, levels[0]), min(EDM_SIGMA_MAX, levels[-1])
+    i = np.arange(n, dtype=np.float64) / max(n - 1, 1)
+    return (smax ** (1 / EDM_RHO) + i * (smin ** (1 / EDM_RHO) - smax ** (1 / EDM_RHO))) ** EDM_RHO
+
+
+def spacing_timesteps(spacing: str, betas64, num_steps: int, sampler: str = "ddim") -> np.ndarray:
+    """The distinct model timesteps of a ``num_steps`` chain, descending: int64 ``[<= S]``.
+
+    Every spacing is the set its source computes (README, "Step spacings"); a timestep listed
+    twice (quadratic or karras at many steps) is kept once: a DDIM step from t to t is the
+    identity, so the chain is unchanged and one network call is saved. ``linspace`` and
+    ``leading`` follow the scheduler of the sampler in diffusers: ``DDIMScheduler`` for all but
+    ``dpm_solver++``, whose ``DPMSolverMultistepScheduler`` takes S + 1 points and drops the
+    smallest.
+    """
+    T, S = len(betas64), num_steps
+    if not 1 <= S <= T:
+        raise ValueError(f"num_steps must be in [1, {T}], got {S}")
+    dpm = sampler == "dpm_solver++"
+    if spacing == "uniform" or (spacing == "leading" and not dpm):
+        ts = np.arange(S) * (T // S)  # DDIM paper; diffusers leading, steps_offset = 0
+    elif spacing == "leading":
+        ts = (np.arange(S + 1) * (T // (S + 1)))[1:]
+    elif spacing == "quadratic":  # ermongroup/ddim skip_type "quad"
+        ts = np.array([int(s) for s in np.linspace(0, np.sqrt(0.8 * T), S) ** 2])
+    elif spacing == "linspace":
+        ts = np.linspace(0, T - 1, S + 1).round()[1:] if dpm else np.linspace(0, T - 1, S).round()
+    elif spacing == "trailing":
+        ts = np.round(np.arange(T, 0, -T / S)) - 1
+    elif spacing == "karras":  # each EDM sigma rounded to the nearest trained level
+        levels = sigma_levels(betas64)
+        ts = np.abs(karras_sigmas(levels, S)[:, None] - levels[None, :]).argmin(1)
+    else:
+        raise ValueError(f"unknown spacing {spacing!r}; choose one of "
+                         f"{', '.join(config_lib.SPACINGS)}")
+    return np.unique(ts.astype(np.int64))[::-1]
+
+
 def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
-    """The uniform subsequence tau_i = i * (T // S), i = 0..S-1 (int32 [S])."""
+    """The uniform subsequence tau_i = i * (T // S), i = 0..S-1 (int32 [S], ascending)."""
     if not 1 <= num_steps <= num_timesteps:
         raise ValueError(f"num_steps must be in [1, {num_timesteps}], got {num_steps}")
     return (np.arange(num_steps) * (num_timesteps // num_steps)).astype(np.int32)
 
 
-def ddim_step(
-    d: Diffusion,
-    model_fn: ModelFn,
-    x_t: jax.Array,
-    t: jax.Array,
-    t_prev: jax.Array,
-    noise: jax.Array,
-    *,
-    eta: float,
-    clip_denoised: bool = True,
-) -> tuple[jax.Array, jax.Array]:
-    """One DDIM update from step t to t_prev (t_prev = -1 means x_0; alphabar_{-1} = 1).
+# ---------------------------------------------------------------------------------------------
+# The samplers. Each takes ``model_fn``; its per-step coefficients are float64 numpy constants
+# computed from the process's betas when the chain is traced.
+# ---------------------------------------------------------------------------------------------
 
-    x_prev = sqrt(abar_prev) x0_hat + sqrt(1 - abar_prev - sigma^2) eps_hat + sigma z,
-    sigma = eta sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev).
+
+def _denoise(d: Diffusion, model_fn: ModelFn, x_t: jax.Array, t_scalar) -> dict[str, jax.Array]:
+    """The network at (x_t, t) as (unclipped) ``pred_xstart`` and ``eps`` (``p_mean_variance``)."""
+    t = jnp.full((x_t.shape[0],), t_scalar, dtype=jnp.int32)
+    return diffusion.p_mean_variance(d, model_fn(x_t, t).astype(jnp.float32), x_t, t,
+                                     clip_denoised=False)
+
+
+def _clip(x: jax.Array) -> jax.Array:
+    return jnp.clip(x, -1.0, 1.0)
+
+
+def ddim_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
+    """Per step i (t_i -> t_{i+1}, then -> x_0 with abar = 1): float64 ``[S]`` arrays.
+
+    ``sqrt_abar_prev``, ``one_minus_abar_prev`` and ``sigma1``, the step's sigma at eta = 1:
+    sqrt((1 - abar_prev) / (1 - abar_t)) sqrt(1 - abar_t / abar_prev) (Song et al. Eq. 16).
     """
-    out = diffusion.p_mean_variance(d, model_fn(x_t, t).astype(jnp.float32), x_t, t,
-                               clip_denoised=clip_denoised)
-    x0 = out["pred_xstart"]
-    eps = diffusion.predict_eps_from_xstart(d, x_t, t, x0)
-    abar = diffusion.extract(d.alphas_cumprod, t, x_t.shape)
-    abar_prev = jnp.where(
-        (t_prev >= 0).reshape(abar.shape),
-        diffusion.extract(d.alphas_cumprod, jnp.maximum(t_prev, 0), x_t.shape),
-        1.0,
-    )
-    sigma = eta * jnp.sqrt((1.0 - abar_prev) / (1.0 - abar)) * jnp.sqrt(1.0 - abar / abar_prev)
-    x_prev = (
-        jnp.sqrt(abar_prev) * x0
-        + jnp.sqrt(jnp.maximum(1.0 - abar_prev - sigma**2, 0.0)) * eps
-        + sigma * noise
-    )
-    return x_prev, x0
+    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
+    a_t = abar[ts]
+    a_prev = np.append(abar[ts[1:]], 1.0)
+    sigma1 = np.sqrt((1.0 - a_prev) / (1.0 - a_t)) * np.sqrt(1.0 - a_t / a_prev)
+    return dict(sqrt_abar_prev=np.sqrt(a_prev), one_minus_abar_prev=1.0 - a_prev, sigma1=sigma1)
 
 
-def ddim_sample_loop(
-    d: Diffusion,
-    model_fn: ModelFn,
-    key: jax.Array,
-    shape: tuple[int, ...],
-    *,
-    num_steps: int,
-    eta: float = 0.0,
-    x_T: jax.Array | None = None,
-    clip_denoised: bool = True,
-    record_every: int | None = None,
-    carry_sharding=None,
-):
-    """DDIM (Song et al. 2021) on tau_i = i * (T // S); deterministic when eta = 0. One scan."""
+def ddim_step_fn(d: Diffusion, model_fn: ModelFn, chain_key: jax.Array, eta, *,
+                 variant: str = "ddim"):
+    """The DDIM step ``(x_t, xs_i) -> (x_{t'}, x0_hat)`` for a scan over ``ddim_coefficients``.
+
+    x_{t'} = sqrt(abar_t') x0 + sqrt(1 - abar_t' - s^2) eps + s z, s = eta sigma1; z from
+    ``fold_in(chain_key, t)``. ``variant``: "ddim" (Song et al.: x0 and eps as the model gives
+    them), "ddim_clipped" (x0 clipped, the model's eps: diffusers' ``clip_sample=True``),
+    "ddim_iddpm" (x0 clipped, eps derived again from it: Improved DDPM's ``ddim_sample``).
+    """
+
+    def step_fn(x, xs):
+        out = _denoise(d, model_fn, x, xs["t"])
+        x0, eps = out["pred_xstart"], out["eps"]
+        if variant != "ddim":
+            x0 = _clip(x0)
+        if variant == "ddim_iddpm":
+            t = jnp.full((x.shape[0],), xs["t"], dtype=jnp.int32)
+            eps = diffusion.predict_eps_from_xstart(d, x, t, x0)
+        sigma = eta * xs["sigma1"]
+        noise = jax.random.normal(jax.random.fold_in(chain_key, xs["t"]), x.shape, x.dtype)
+        direction = jnp.sqrt(jnp.maximum(xs["one_minus_abar_prev"] - sigma**2, 0.0))
+        return xs["sqrt_abar_prev"] * x0 + direction * eps + sigma * noise, x0
+
+    return step_fn
+
+
+def dpm_solver_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
+    """DPM-Solver++(2M) on ``ts`` then to sigma = 0, midpoint form, as float64 ``[S]`` arrays.
+
+    With alpha = sqrt(abar), sigma = sqrt(1 - abar), lambda = log(alpha / sigma) and
+    h = lambda_{i+1} - lambda_i, step i is x <- a x + b D0 + c (D0 - D_prev), where D is the
+    predicted x0: a = sigma_{i+1} / sigma_i, b = -alpha_{i+1} (e^{-h} - 1) (first order: DDIM,
+    eta 0) and c = b / (2 r), r = h_{i-1} / h (second order, Lu et al. 2022 Alg. 2); c = 0 at
+    the first step (no history) and at the last (to sigma = 0; diffusers' ``lower_order_final``).
+    """
+    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
+    s_edm = np.append(np.sqrt((1.0 - abar[ts]) / abar[ts]), 0.0)  # EDM sigma; e^{-h} = ratio
+    alpha = 1.0 / np.sqrt(1.0 + s_edm**2)
+    sigma = s_edm * alpha
+    ratio = s_edm[1:] / s_edm[:-1]  # e^{-h_i}
+    a = sigma[1:] / sigma[:-1]
+    b = alpha[1:] * (1.0 - ratio)
+    c = np.zeros_like(b)
+    with np.errstate(divide="ignore"):
+        h = np.log(s_edm[:-1]) - np.log(s_edm[1:])
+    second = np.arange(1, len(ts) - 1)
+    c[second] = b[second] / (2.0 * (h[second - 1] / h[second]))
+    return dict(a=a, b=b, c=c)
+
+
+def dpm_solver_step_fn(d: Diffusion, model_fn: ModelFn, *, thresholding: bool = False):
+    """The DPM-Solver++(2M) step ``((x, D_prev), xs_i) -> ((x', D0), D0)``.
+
+    ``thresholding``: clip each predicted x0 to [-1, 1] (diffusers' ``thresholding=True`` with
+    ``sample_max_value=1``; the paper's thresholding for bounded data).
+    """
+
+    def step_fn(carry, xs):
+        x, d_prev = carry
+        x0 = _denoise(d, model_fn, x, xs["t"])["pred_xstart"]
+        if thresholding:
+            x0 = _clip(x0)
+        x = xs["a"] * x + xs["b"] * x0 + xs["c"] * (x0 - d_prev)
+        return (x, x0), x0
+
+    return step_fn
+
+
+def heun_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
+    """EDM's sigmas of ``ts`` (trained levels) with sigma_N = 0, and each level's input scale
+    c_in = 1 / sqrt(sigma^2 + 1) = sqrt(abar_t): float64 ``[N + 1]``."""
+    sigma = np.append(sigma_levels(betas64)[ts], 0.0)
+    return dict(sigma=sigma, c_in=1.0 / np.sqrt(sigma**2 + 1.0))
+
+
+def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray):
+    """EDM's step ``(x, i) -> (x_{i+1}, D(x_i))`` on ``ts`` (Karras et al. 2022, Alg. 1 with
+    S_churn = 0), and the denoiser ``denoise(x, i)``.
+
+    On x = x_t / sqrt(abar_t), the denoiser is D(x; sigma_i) = x0_hat(c_in x, t_i) (for an eps
+    model: x - sigma_i eps(c_in x, t_i), EDM's ``iDDPMPrecond`` at a trained level). Step i is
+    Euler from sigma_i to sigma_{i+1} with Heun's correction (two network calls).
+    """
+    k = heun_coefficients(d.betas64, ts)
+    c_in, sig = (jnp.asarray(k[name], jnp.float32) for name in ("c_in", "sigma"))
+    ts_j = jnp.asarray(ts, jnp.int32)
+
+    def denoise(x, i):
+        return _denoise(d, model_fn, c_in[i] * x, ts_j[i])["pred_xstart"]
+
+    def step_fn(x, i):
+        s, s_next = sig[i], sig[i + 1]
+        x0 = denoise(x, i)
+        slope = (x - x0) / s
+        x_euler = x + (s_next - s) * slope
+        slope_next = (x_euler - denoise(x_euler, i + 1)) / s_next
+        return x + (s_next - s) * 0.5 * (slope + slope_next), x0
+
+    step_fn.denoise = denoise
+    step_fn.sigma = sig
+    return step_fn
+
+
+def heun_sample_loop(d: Diffusion, model_fn: ModelFn, x_T: jax.Array, ts: np.ndarray, *,
+                     carry_sharding=None) -> jax.Array:
+    """EDM's deterministic sampler on ``ts`` from x = sigma_0 x_T: a scan over the N - 1 Heun
+    steps (``heun_step_fn``), then Euler to sigma = 0, which is D: 2N - 1 network calls."""
+    step_fn = heun_step_fn(d, model_fn, ts)
+    pin = (lambda x: x) if carry_sharding is None else (
+        lambda x: jax.lax.with_sharding_constraint(x, carry_sharding))
+    x, _ = jax.lax.scan(lambda x, i: (pin(step_fn(x, i)[0]), None),
+                        pin(step_fn.sigma[0] * x_T), jnp.arange(len(ts) - 1))
+    return step_fn.denoise(x, len(ts) - 1)  # x + (0 - s) (x - D) / s = D
+
+
+def _as_xs(ts: np.ndarray, coefficients: dict[str, np.ndarray]) -> dict[str, jax.Array]:
+    xs = {k: jnp.asarray(v, jnp.float32) for k, v in coefficients.items()}
+    xs["t"] = jnp.asarray(ts, jnp.int32)
+    return xs
+
+
+def ddim_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...], *,
+                     num_steps: int, eta=0.0, spacing: str = "uniform", variant: str = "ddim",
+                     x_T: jax.Array | None = None, record_every: int | None = None,
+                     carry_sharding=None):
+    """DDIM (Song et al. 2021, or a clipped ``variant``) on a spacing; one scan.
+
+    Deterministic when eta = 0; ``eta`` may be traced (changing it does not recompile).
+    """
     x_key, chain_key = _keys(key)
     if x_T is None:
         x_T = jax.random.normal(x_key, shape, dtype=jnp.float32)
-    taus = ddim_timesteps(d.num_timesteps, num_steps)
-    pairs = jnp.asarray(np.stack([taus, np.append(-1, taus[:-1])], axis=1)[::-1])
+    ts = spacing_timesteps(spacing, d.betas64, num_steps, variant)
+    step_fn = ddim_step_fn(d, model_fn, chain_key, eta, variant=variant)
+    return _chain(step_fn, x_T, _as_xs(ts, ddim_coefficients(d.betas64, ts)), record_every,
+                  carry_sharding)
 
-    def step_fn(x, pair):
-        t = jnp.full((x.shape[0],), pair[0], dtype=jnp.int32)
-        t_prev = jnp.full((x.shape[0],), pair[1], dtype=jnp.int32)
-        noise = jax.random.normal(jax.random.fold_in(chain_key, pair[0]), x.shape, x.dtype)
-        return ddim_step(d, model_fn, x, t, t_prev, noise, eta=eta, clip_denoised=clip_denoised)
 
-    return _chain(step_fn, x_T, pairs, record_every, carry_sharding)
+def dpm_solver_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array,
+                           shape: tuple[int, ...], *, num_steps: int = 20,
+                           spacing: str = "linspace", thresholding: bool = False,
+                           x_T: jax.Array | None = None, record_every: int | None = None,
+                           carry_sharding=None):
+    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults for a DDPM; one scan."""
+    if x_T is None:
+        x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
+    ts = spacing_timesteps(spacing, d.betas64, num_steps, "dpm_solver++")
+    step_fn = dpm_solver_step_fn(d, model_fn, thresholding=thresholding)
+    return _chain(step_fn, (x_T, jnp.zeros_like(x_T)),
+                  _as_xs(ts, dpm_solver_coefficients(d.betas64, ts)), record_every,
+                  carry_sharding)
 
+
+def heun_sample(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...], *,
+                num_steps: int = 18, spacing: str = "karras", x_T: jax.Array | None = None,
+                carry_sharding=None) -> jax.Array:
+    """EDM's Heun sampler with N = ``num_steps`` (``heun_sample_loop``), x_T drawn from key."""
+    if x_T is None:
+        x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
+    ts = spacing_timesteps(spacing, d.betas64, num_steps, "heun")
+    return heun_sample_loop(d, model_fn, x_T, ts, carry_sharding=carry_sharding)
 
 def respace(d: Diffusion, timesteps) -> tuple[Diffusion, jax.Array]:
     """The process restricted to a subsequence of steps (Improved DDPM's respacing).
@@ -275,16 +469,35 @@ def interpolate(
 # ---------------------------------------------------------------------------------------------
 
 
+VARIANTS = {
+    "ancestral": "Ho et al. 2020 Algorithm 2; on fewer steps the process respaced (Nichol & "
+                 "Dhariwal 2021)",
+    "ddim": "Song et al. 2021 DDIM: x0 not clipped",
+    "ddim_clipped": "DDIM with x0 clipped to [-1, 1], the model's eps kept (diffusers "
+                    "DDIMScheduler, clip_sample=True)",
+    "ddim_iddpm": "DDIM with x0 clipped to [-1, 1] and eps derived again from the clipped x0 "
+                  "(Improved DDPM's ddim_sample)",
+    "dpm_solver++": "DPM-Solver++(2M), Lu et al. 2022: data prediction, midpoint, first order "
+                    "at the first and the last step (diffusers' defaults)",
+    "heun": "EDM's Heun sampler, Karras et al. 2022 Algorithm 1, S_churn = 0, on trained "
+            "sigma levels (iDDPMPrecond)",
+}
+DDIM_VARIANTS = ("ddim", "ddim_clipped", "ddim_iddpm")
+
+
 @dataclasses.dataclass(frozen=True)
 class SamplerSpec:
     """How to sample; hashable, so that it keys the cache of compiled chains.
 
     Attributes:
-      sampler: "ancestral" (Algorithm 2, or a respaced chain when num_steps < T) or "ddim".
-      num_steps: S steps on tau_i = i * (T // S); None for all T steps.
-      eta: DDIM noise (0 = deterministic); must be 0 for the ancestral sampler.
-      clip_denoised: clip the predicted x_0 to [-1, 1].
+      sampler: one of ``config_lib.SAMPLERS`` (``VARIANTS`` says what each one computes).
+      num_steps: S; None for the sampler's own (``DEFAULT_STEPS``, else all T steps). For
+        ``heun`` it is EDM's N: 2N - 1 network calls.
+      eta: DDIM noise (0 = deterministic); DDIM variants only. Not compiled in: a traced input.
+      clip_denoised: the ancestral sampler clips its predicted x_0 to [-1, 1] (as the original).
       record_every: also return x_t and the predicted x_0 every k steps (progressive).
+      spacing: one of ``config_lib.SPACINGS``; None for the sampler's own (``DEFAULT_SPACING``).
+      thresholding: ``dpm_solver++`` clips each predicted x_0 to [-1, 1].
     """
 
     sampler: str = "ancestral"
@@ -292,35 +505,80 @@ class SamplerSpec:
     eta: float = 0.0
     clip_denoised: bool = True
     record_every: int | None = None
+    spacing: str | None = None
+    thresholding: bool = False
 
     def check(self, num_timesteps: int) -> None:
         """Raises ConfigError for settings that cannot run on a process of T steps."""
-        config_lib.check_sampler(self.sampler, self.num_steps, self.eta, num_timesteps)
-        steps = self.num_steps or num_timesteps
+        config_lib.check_sampler(self.sampler, self.num_steps, self.eta, num_timesteps,
+                                 spacing=self.spacing, thresholding=self.thresholding)
+        steps = self.steps(num_timesteps)
+        if self.record_every is not None and self.sampler == "heun":
+            raise config_lib.ConfigError(
+                "--progressive records ancestral, DDIM and DPM-Solver++ chains; heun's steps "
+                "are two network calls each: pick another --sampler")
         if self.record_every is not None and (self.record_every < 1
                                               or steps % self.record_every):
             raise config_lib.ConfigError(
                 f"--progressive_every={self.record_every} must divide the {steps} steps of the "
                 f"chain; divisors near {steps // 10}: {', '.join(map(str, _divisors(steps)))}")
 
+    def steps(self, num_timesteps: int) -> int:
+        """S as asked (before repeated timesteps are dropped)."""
+        return self.num_steps or DEFAULT_STEPS.get(self.sampler, num_timesteps)
+
+    @property
+    def resolved_spacing(self) -> str:
+        return self.spacing or DEFAULT_SPACING[self.sampler]
+
+    @property
+    def variant(self) -> str:
+        """What this sampler computes, in words (recorded with every sample file)."""
+        extra = ""
+        if self.sampler == "ancestral":
+            extra = ", x0 clipped" if self.clip_denoised else ", x0 not clipped"
+        elif self.sampler == "dpm_solver++" and self.thresholding:
+            extra = ", x0 thresholded: clipped to [-1, 1]"
+        return VARIANTS[self.sampler] + extra
+
+    def timesteps(self, d: Diffusion) -> np.ndarray:
+        """The distinct model timesteps the chain evaluates, descending."""
+        steps = self.steps(d.num_timesteps)
+        return spacing_timesteps(self.resolved_spacing, d.betas64, steps, self.sampler)
+
+    def nfe(self, d: Diffusion) -> int:
+        """Network evaluations per image."""
+        n = len(self.timesteps(d))
+        return 2 * n - 1 if self.sampler == "heun" else n
+
+    def record(self, d: Diffusion) -> dict:
+        """The fields every samples.json and evaluation provenance carries."""
+        return dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
+                    num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta, thresholding=self.thresholding,
+                    clip_denoised=self.clip_denoised)
+
 
 ANCESTRAL = SamplerSpec()  # Algorithm 2 on all T steps, x_0 clipped: the default
 
 
 def spec_from_config(config, *, sampler: str | None = None, num_steps: int | None = None,
-                     eta: float | None = None, record_every: int | None = None) -> SamplerSpec:
+                     eta: float | None = None, spacing: str | None = None,
+                     thresholding: bool | None = None,
+                     record_every: int | None = None) -> SamplerSpec:
     """The sampler of ``config.sampling`` with command-line overrides, checked.
 
-    A sampler other than the config's starts from its own defaults (all T steps, eta 0) rather
-    than inheriting the config's steps and eta.
+    A sampler other than the config's starts from its own defaults (its steps and spacing,
+    eta 0, no thresholding) rather than inheriting the config's.
     """
     c = config.sampling
+    c_spacing, c_threshold = c.get("spacing"), c.get("thresholding", False)  # older runs lack them
     same = sampler in (None, c.sampler)
+    pick = lambda given, configured, own: given if given is not None else (
+        configured if same else own)
     spec = SamplerSpec(
-        sampler or c.sampler,
-        num_steps if num_steps is not None else (c.num_steps if same else None),
-        float(eta if eta is not None else (c.eta if same else 0.0)),
-        c.clip_denoised, record_every)
+        sampler or c.sampler, pick(num_steps, c.num_steps, None), float(pick(eta, c.eta, 0.0)),
+        c.clip_denoised, record_every, pick(spacing, c_spacing, None),
+        bool(pick(thresholding, c_threshold, False)))
     spec.check(config.diffusion.num_timesteps)
     return spec
 
@@ -335,39 +593,72 @@ def default_record_every(num_steps: int, columns: int = 10) -> int:
 
 
 def chain(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...],
-          spec: SamplerSpec, *, x_T: jax.Array | None = None, carry_sharding=None):
-    """The chain ``spec`` describes, in [-1, 1] (the tuple of ``_chain`` with record_every)."""
+          spec: SamplerSpec, *, eta=None, x_T: jax.Array | None = None, carry_sharding=None):
+    """The chain ``spec`` describes, in [-1, 1] (the tuple of ``_chain`` with record_every).
+
+    ``eta`` (default ``spec.eta``) may be a traced scalar.
+    """
     spec.check(d.num_timesteps)
-    common = dict(x_T=x_T, clip_denoised=spec.clip_denoised, record_every=spec.record_every,
-                  carry_sharding=carry_sharding)
-    if spec.sampler == "ddim":
-        return ddim_sample_loop(d, model_fn, key, shape, num_steps=spec.num_steps or
-                                d.num_timesteps, eta=spec.eta, **common)
-    if spec.num_steps in (None, d.num_timesteps):
-        return sample_loop(d, model_fn, key, shape, **common)
-    respaced, tmap = respace(d, ddim_timesteps(d.num_timesteps, spec.num_steps))
-    return sample_loop(respaced, model_fn, key, shape, timestep_map=tmap, **common)
+    eta = spec.eta if eta is None else eta
+    ts = spec.timesteps(d)
+    if spec.record_every is not None and len(ts) % spec.record_every:
+        raise config_lib.ConfigError(
+            f"--progressive_every={spec.record_every} must divide the {len(ts)} distinct steps "
+            f"of this {spec.resolved_spacing} spacing; divisors: "
+            f"{', '.join(map(str, _divisors(len(ts))))}")
+    common = dict(x_T=x_T, record_every=spec.record_every, carry_sharding=carry_sharding)
+    steps = spec.steps(d.num_timesteps)
+    if spec.sampler in DDIM_VARIANTS:
+        return ddim_sample_loop(d, model_fn, key, shape, num_steps=steps, eta=eta,
+                                spacing=spec.resolved_spacing, variant=spec.sampler, **common)
+    if spec.sampler == "dpm_solver++":
+        return dpm_solver_sample_loop(d, model_fn, key, shape, num_steps=steps,
+                                      spacing=spec.resolved_spacing,
+                                      thresholding=spec.thresholding, **common)
+    if spec.sampler == "heun":
+        return heun_sample(d, model_fn, key, shape, num_steps=steps,
+                           spacing=spec.resolved_spacing, x_T=x_T,
+                           carry_sharding=carry_sharding)
+    if np.array_equal(ts, np.arange(d.num_timesteps)[::-1]):
+        return sample_loop(d, model_fn, key, shape, clip_denoised=spec.clip_denoised, **common)
+    respaced, tmap = respace(d, ts[::-1])
+    return sample_loop(respaced, model_fn, key, shape, timestep_map=tmap,
+                       clip_denoised=spec.clip_denoised, **common)
 
 
-@functools.lru_cache(maxsize=32)
+def network_fn(graphdef: Any, params: Any, model_args: Any) -> ModelFn:
+    """The default ``build_model_fn``: the U-Net itself, ``(x, t) -> output``."""
+    del model_args
+    return lambda x, t: unet.apply(graphdef, params, x, t)
+
+
 def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
-                    mesh: jax.sharding.Mesh) -> Callable:
-    """The compiled chain of a U-Net: ``fn(params, d, key, x_T=None) -> uint8``.
+                    mesh: jax.sharding.Mesh, build_model_fn: Callable = network_fn) -> Callable:
+    """The compiled chain of a U-Net: ``fn(params, d, key, x_T=None, eta=0.0, model_args=None)``.
 
     Returns uint8 ``[B, H, W, C]`` (with ``record_every``: the tuple x_0 ``[B, ...]``, xs and
     x0s ``[K, B, ...]``), converted inside the jit. The batch ``shape[0]`` must divide over the
     mesh's devices: the chain's x_t is split over them (``sharding.data_sharding``), the
-    parameters and the process constants are replicated. Cached per (graphdef, spec, shape,
-    mesh), so a repeated call reuses the compiled chain.
+    parameters and the process constants are replicated. ``eta`` and ``model_args`` (any
+    pytree, handed to ``build_model_fn(graphdef, params, model_args) -> model_fn``) are traced
+    inputs: new values never recompile. Cached per (graphdef, spec without eta, shape, mesh,
+    build_model_fn), so one compile per number of steps.
     """
+    return _compiled_chain(graphdef, dataclasses.replace(spec, eta=0.0), shape, mesh,
+                           build_model_fn)
+
+
+@functools.lru_cache(maxsize=32)
+def _compiled_chain(graphdef, spec: SamplerSpec, shape, mesh, build_model_fn) -> Callable:
     sharding.check_batch(shape[0], mesh.size, what="sampling batch")
     data = sharding.data_sharding(mesh)
     trajectory = NamedSharding(mesh, P(None, sharding.DATA))  # [K, B, ...]
     out = data if spec.record_every is None else (data, trajectory, trajectory)
 
-    def sample_fn(params, d, key, x_T=None):
-        model_fn = lambda x, t: unet.apply(graphdef, params, x, t)
-        x = chain(d, model_fn, key, shape, spec, x_T=x_T, carry_sharding=data)
+    def sample_fn(params, d, key, x_T=None, eta=0.0, model_args=None):
+        model_fn = build_model_fn(graphdef, params, model_args)
+        x = chain(d, model_fn, key, shape, spec, eta=jnp.asarray(eta, jnp.float32), x_T=x_T,
+                  carry_sharding=data)
         return jax.tree.map(images.to_uint8, x)
 
     return jax.jit(sample_fn, out_shardings=out,

@@ -417,15 +417,15 @@ def setup(config, workdir: str, stack: contextlib.ExitStack) -> Run:
 def make_grid_writer(config, graphdef, d, mesh, workdir: epath.Path):
     """``write(state, step)``: a grid of EMA samples (the same noise each time) as
     ``samples/step_<N>.png``, returning its path on process 0."""
-    s = config.sampling
-    spec = sampling.SamplerSpec(s.sampler, s.num_steps, s.eta, s.clip_denoised)
+    spec = sampling.spec_from_config(config)
     n = config.training.num_sample_images
     shape = (sharding.padded_size(n, mesh), config.data.image_size, config.data.image_size,
              config.data.channels)
     sample_fn = sampling.get_sampling_fn(graphdef, spec, shape, mesh)
 
     def write(state: TrainState, step: int) -> str | None:
-        grid = sharding.to_host(sample_fn(state.ema_params, d, jax.random.key(config.seed + 1)))
+        grid = sharding.to_host(sample_fn(state.ema_params, d, jax.random.key(config.seed + 1),
+                                             None, spec.eta))
         if jax.process_index() != 0:
             return None
         return images.save_grid(str(workdir / "samples" / f"step_{step:07d}.png"), grid[:n])

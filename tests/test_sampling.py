@@ -62,47 +62,12 @@ def test_no_noise_on_the_last_step():
     np.testing.assert_array_equal(a, b)
 
 
-def _ddim_numpy(betas, eps_fn, x_T, num_steps, eta=0.0, noises=None):
-    """DDIM (Song et al. Eq. 12) in float64 numpy, without clipping."""
-    abar = np.cumprod(1.0 - betas)
-    T = len(betas)
-    taus = np.arange(num_steps) * (T // num_steps)
-    x = x_T.astype(np.float64)
-    for i in reversed(range(num_steps)):
-        t = taus[i]
-        a_t, a_prev = abar[t], (abar[taus[i - 1]] if i > 0 else 1.0)
-        eps = eps_fn(x, t)
-        x0 = (x - np.sqrt(1 - a_t) * eps) / np.sqrt(a_t)
-        sigma = eta * np.sqrt((1 - a_prev) / (1 - a_t)) * np.sqrt(1 - a_t / a_prev)
-        x = np.sqrt(a_prev) * x0 + np.sqrt(1 - a_prev - sigma**2) * eps
-        if noises is not None:
-            x = x + sigma * noises[t]
-    return x
-
-
-def test_ddim_eta0_is_deterministic_and_matches_float64():
-    d, betas = _process()
+def test_ddim_eta0_is_deterministic():
+    d, _ = _process()
     x_T = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
     run = jax.jit(lambda k: sampling.ddim_sample_loop(
-        d, _toy_eps, k, x_T.shape, num_steps=10, eta=0.0, x_T=x_T, clip_denoised=False))
-    a, b = run(jax.random.key(1)), run(jax.random.key(2))  # the key only feeds eta > 0 noise
-    np.testing.assert_array_equal(a, b)
-    ref = _ddim_numpy(betas, lambda x, t: 0.3 * x * (1 + t / 50) + 0.05, np.asarray(x_T), 10)
-    np.testing.assert_allclose(a, ref, rtol=1e-4, atol=1e-4)
-
-
-def test_ddim_with_eta_matches_float64_with_the_same_noise():
-    d, betas = _process()
-    key = jax.random.key(3)
-    x_T = sampling.initial_noise(key, (2, 4, 4, 1))
-    out = sampling.ddim_sample_loop(d, _toy_eps, key, x_T.shape, num_steps=5, eta=1.0,
-                                    clip_denoised=False)
-    chain_key = jax.random.split(key)[1]
-    noises = {t: np.asarray(jax.random.normal(jax.random.fold_in(chain_key, t), x_T.shape))
-              for t in range(0, 50, 10)}
-    ref = _ddim_numpy(betas, lambda x, t: 0.3 * x * (1 + t / 50) + 0.05, np.asarray(x_T), 5,
-                      eta=1.0, noises=noises)
-    np.testing.assert_allclose(out, ref, rtol=1e-4, atol=1e-4)
+        d, _toy_eps, k, x_T.shape, num_steps=10, eta=0.0, x_T=x_T))
+    np.testing.assert_array_equal(run(jax.random.key(1)), run(jax.random.key(2)))
 
 
 def _true_eps_model(d, x0):
@@ -115,27 +80,112 @@ def _true_eps_model(d, x0):
     return fn
 
 
+def _posterior64(betas, x0, x_t, t):
+    """q(x_{t-1} | x_t, x_0) in float64 from the betas alone (paper Eqs. 6-7)."""
+    abar = np.cumprod(1.0 - betas)
+    prev = abar[t - 1] if t > 0 else 1.0
+    mean = (np.sqrt(prev) * betas[t] / (1 - abar[t]) * x0
+            + np.sqrt(1 - betas[t]) * (1 - prev) / (1 - abar[t]) * x_t)
+    return mean, betas[t] * (1 - prev) / (1 - abar[t])
+
+
 @pytest.mark.parametrize("var", ["fixedlarge", "fixedsmall"])
-def test_chain_with_the_true_noise_model_ends_at_x0(var):
-    d, _ = _process(var=var)
-    x0 = jnp.linspace(-0.9, 0.9, 2 * 16).reshape(2, 4, 4, 1)
-    out = sampling.sample_loop(d, _true_eps_model(d, x0), jax.random.key(0), x0.shape)
-    np.testing.assert_allclose(out, x0, atol=1e-4)
-    out = sampling.ddim_sample_loop(d, _true_eps_model(d, x0), jax.random.key(0), x0.shape,
-                                    num_steps=7, eta=0.5)
-    np.testing.assert_allclose(out, x0, atol=1e-4)
+def test_ancestral_step_has_the_posterior_mean_and_algorithm_2s_sigma(var):
+    # x_{t-1} = mu~(x_t, x0) + sigma_t z with the true-noise model: the mean is the posterior's,
+    # and sigma_t^2 is beta_t (fixedlarge) or beta~_t (fixedsmall), from the betas in float64.
+    d, betas = _process(var=var)
+    rng = np.random.default_rng(0)
+    x0 = rng.uniform(-0.9, 0.9, (2, 4, 4, 1))
+    x_t = rng.normal(size=x0.shape)
+    z = rng.normal(size=x0.shape)
+    step = jax.jit(lambda x, t, z: sampling.p_sample(
+        d, _true_eps_model(d, jnp.asarray(x0, jnp.float32)), x, t, z)[0])
+    for t in (1, 7, 30, 49):
+        tb = jnp.full((2,), t, jnp.int32)
+        mean = np.asarray(step(jnp.asarray(x_t, jnp.float32), tb, jnp.zeros(x0.shape)))
+        noisy = np.asarray(step(jnp.asarray(x_t, jnp.float32), tb, jnp.asarray(z, jnp.float32)))
+        ref_mean, beta_tilde = _posterior64(betas, x0, x_t, t)
+        np.testing.assert_allclose(mean, ref_mean, atol=2e-5, err_msg=f"t={t}")
+        sigma = np.sqrt(betas[t] if var == "fixedlarge" else beta_tilde)
+        np.testing.assert_allclose((noisy - mean) / z, sigma, rtol=1e-4, err_msg=f"t={t}")
 
 
-def test_respaced_chain_with_learned_variance_ends_at_x0():
+def test_ancestral_samples_have_the_posterior_moments():
+    # Monte Carlo over the chain's own noise: 4096 draws of x_{t-1} given one x_t.
+    d, betas = _process(var="fixedsmall")
+    n, t = 4096, 20
+    x0, x_t = jnp.full((n, 1, 1, 1), 0.4), jnp.full((n, 1, 1, 1), -0.3)
+    z = jax.random.normal(jax.random.key(1), (n, 1, 1, 1))
+    out = np.asarray(sampling.p_sample(d, _true_eps_model(d, x0), x_t,
+                                       jnp.full((n,), t, jnp.int32), z)[0]).ravel()
+    mean, var = _posterior64(betas, 0.4, -0.3, t)
+    assert abs(out.mean() - mean) < 4 * np.sqrt(var / n)
+    assert abs(out.var() / var - 1) < 4 * np.sqrt(2 / n)
+
+
+def test_ddim_step_moments_eta_1_is_the_posterior_and_sigma_scales_with_eta():
+    # Song et al.: with eta = 1 on consecutive steps, DDIM's step is q(x_{t-1} | x_t, x0).
+    d, betas = _process()
+    rng = np.random.default_rng(2)
+    x0 = rng.uniform(-0.9, 0.9, (2, 4, 4, 1))
+    x_t = rng.normal(size=x0.shape)
+    ts = sampling.spacing_timesteps("uniform", betas, 50)
+    xs = sampling._as_xs(ts, sampling.ddim_coefficients(betas, ts))
+    key = jax.random.key(0)
+
+    @jax.jit
+    def step(x, i, eta):
+        fn = sampling.ddim_step_fn(d, _true_eps_model(d, jnp.asarray(x0, jnp.float32)), key,
+                                   eta)
+        return fn(x, jax.tree.map(lambda a: a[i], xs))[0]
+
+    for t in (5, 30, 49):
+        i = int(np.where(ts == t)[0][0])
+        noise = np.asarray(jax.random.normal(jax.random.fold_in(key, t), x0.shape))
+        x = jnp.asarray(x_t, jnp.float32)
+        mean, var = _posterior64(betas, x0, x_t, t)
+        out = np.asarray(step(x, i, 1.0))
+        np.testing.assert_allclose(out, mean + np.sqrt(var) * noise, atol=3e-5, err_msg=str(t))
+        # Any eta: sqrt(abar') x0 + sqrt(1 - abar' - eta^2 beta~) eps + eta sqrt(beta~) z.
+        abar, prev = np.cumprod(1 - betas)[t], np.cumprod(1 - betas)[t - 1]
+        eps = (x_t - np.sqrt(abar) * x0) / np.sqrt(1 - abar)
+        for eta in (0.0, 0.5):
+            ref = (np.sqrt(prev) * x0 + np.sqrt(1 - prev - eta**2 * var) * eps
+                   + eta * np.sqrt(var) * noise)
+            np.testing.assert_allclose(step(x, i, eta), ref, atol=3e-5, err_msg=f"{t} {eta}")
+
+
+def test_respaced_chain_calls_the_model_at_the_timestep_map_with_respaced_sigmas():
     d, betas = _process(var="learned_range")
     x0 = jnp.linspace(-0.5, 0.5, 16).reshape(1, 4, 4, 1)
-    sub, tmap = sampling.respace(d, sampling.ddim_timesteps(50, 10))
-    np.testing.assert_allclose(np.cumprod(1 - np.asarray(sub.betas, np.float64)),
-                               np.cumprod(1 - betas)[np.asarray(tmap)], rtol=1e-5)
+    taus = sampling.spacing_timesteps("quadratic", betas, 10)[::-1]
+    sub, tmap = sampling.respace(d, taus)
+    np.testing.assert_array_equal(tmap, taus)
+    abar = np.cumprod(1 - betas)
+    np.testing.assert_allclose(np.cumprod(1 - np.asarray(sub.betas, np.float64)), abar[taus],
+                               rtol=1e-5)
+    calls = []
     eps = _true_eps_model(d, x0)
-    fn = lambda x, t: jnp.concatenate([eps(x, t), jnp.zeros_like(x)], axis=-1)
-    out = sampling.sample_loop(sub, fn, jax.random.key(0), x0.shape, timestep_map=tmap)
-    np.testing.assert_allclose(out, x0, atol=1e-4)
+
+    def fn(x, t):
+        jax.debug.callback(lambda t: calls.append(int(t[0])), t, ordered=True)
+        return jnp.concatenate([eps(x, t), jnp.zeros_like(x)], axis=-1)
+
+    jax.jit(lambda k: sampling.sample_loop(sub, fn, k, x0.shape, timestep_map=tmap))(
+        jax.random.key(0))
+    jax.effects_barrier()
+    assert calls == list(taus[::-1])
+    # The respaced step's sigma^2 (learned_range at v = 0: the geometric mean of beta' and
+    # beta~') comes from beta'_i = 1 - abar[tau_i] / abar[tau_{i-1}].
+    new_betas = 1 - abar[taus] / np.append(1.0, abar[taus][:-1])
+    i = 5
+    post = new_betas[i] * (1 - np.prod(1 - new_betas[:i])) / (1 - np.prod(1 - new_betas[:i + 1]))
+    x, z = jnp.zeros_like(x0), jnp.ones_like(x0)
+    t = jnp.full((1,), i, jnp.int32)
+    model = lambda x, s: fn(x, tmap[s])
+    step = lambda z: sampling.p_sample(sub, model, x, t, z)[0]
+    np.testing.assert_allclose(step(z) - step(0 * z), np.sqrt(np.sqrt(new_betas[i] * post)),
+                               rtol=1e-4)
 
 
 def test_x_T_is_honoured_and_output_is_uint8(model):
@@ -178,13 +228,17 @@ def test_progressive_records_every_k_steps(model):
         jax.random.key(0), 3, sampling.SamplerSpec("ddim", 10)))
 
 
-def test_progressive_with_the_true_noise_model_predicts_x0_all_along():
-    d, _ = _process()
-    x0 = jnp.linspace(-0.9, 0.9, 2 * 16).reshape(2, 4, 4, 1)
-    _, _, x0s = sampling.sample_loop(d, _true_eps_model(d, x0), jax.random.key(0), x0.shape,
-                                     record_every=10)
-    for k in range(5):
-        np.testing.assert_allclose(x0s[k], x0, atol=1e-4)
+def test_progressive_records_the_x0_predicted_from_each_recorded_x_t():
+    d, betas = _process()
+    x_T = jax.random.normal(jax.random.key(0), (2, 4, 4, 1))
+    _, xs, x0s = sampling.sample_loop(d, _toy_eps, jax.random.key(0), x_T.shape, x_T=x_T,
+                                      record_every=1)
+    abar = np.cumprod(1 - betas)
+    inputs = np.concatenate([np.asarray(x_T)[None], np.asarray(xs[:-1])]).astype(np.float64)
+    for i, t in enumerate(range(49, -1, -1)):
+        eps = 0.3 * inputs[i] * (1 + t / 50) + 0.05
+        ref = np.clip((inputs[i] - np.sqrt(1 - abar[t]) * eps) / np.sqrt(abar[t]), -1, 1)
+        np.testing.assert_allclose(x0s[i], ref, atol=1e-4, err_msg=f"t={t}")
 
 
 def test_default_progressive_interval_divides_the_steps():
@@ -217,7 +271,7 @@ def test_interpolation_endpoints_are_the_decoded_inputs(model):
 def test_sampling_on_8_devices_equals_1_device_and_splits_the_work():
     one, eight = run_script("sharded_sampling.py", devices=1), run_script(
         "sharded_sampling.py", devices=8)
-    for sampler in ("ancestral", "ddim"):
+    for sampler in ("ancestral", "ddim", "dpm_solver++", "heun"):
         assert one[sampler]["devices"] == 1 and eight[sampler]["devices"] == 8
         np.testing.assert_array_equal(np.array(eight[sampler]["images"]),
                                       np.array(one[sampler]["images"]))
