@@ -1,8 +1,11 @@
-"""Evaluates a checkpoint: the paper's sample metrics (FID, Inception Score, KID) and its NLL.
+"""Evaluates a checkpoint: the paper's sample metrics (FID, Inception Score, KID), precision and
+recall, the digits' Fréchet distance, and its NLL.
 
   python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=fid,is --num_samples=50000
   python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=bpd --split=test
   python -m ddpm_jax.evaluate --workdir=runs/cifar10 --metrics=fid --ref_stats=fid_stats.npz
+  python -m ddpm_jax.evaluate --workdir=runs/digits --metrics=digits_fd,precision,recall \
+      --num_samples=1000
 
 Sample metrics (``fid``, ``is``, ``kid``) are computed on ``--num_samples`` EMA samples (the
 paper: 50,000 from the full ancestral chain) with the FID Inception-v3 of ``ddpm_jax.metrics``:
@@ -21,12 +24,21 @@ paper: 50,000 from the full ancestral chain) with the FID Inception-v3 of ``ddpm
    ``sigma``). KID needs the reference features themselves, so it needs ``--ref``.
 4. Scores on the host in float64 (``ddpm_jax.metrics.scores``).
 
+``digits_fd`` (8x8x1 digits models) replaces the Inception by the digits' own feature network
+(``ddpm_jax.metrics.digits``, trained once on ``digits:train`` and cached beside the prepared
+data): the Fréchet distance from the samples to the real test digits, ``digits_fd_real`` (real
+train to real test), ``digits_fd_ratio``, ``digits_confidence`` and ``digits_classes``; with it,
+``precision`` and ``recall`` (k = 3) are measured in that feature space against the real test
+digits. Without ``digits_fd`` they are measured in the Inception's pool3 against ``--ref``.
+No Inception weights are needed for the digits metrics.
+
 ``bpd`` is the full variational bound on ``--split`` (default ``config.data.eval_split``; T
 network evaluations per batch), also written to ``bpd_<split>.json`` beside the checkpoint.
 
 One JSON (``--out``, default ``<workdir>/evaluation.json``) holds every metric asked for at the
-top level (``fid``, ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std``, ``bpd``) and a
-``provenance`` object: checkpoint, step, EMA or raw, sampler, steps, N, seed, the Inception
+top level (``fid``, ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std``, ``bpd``, ``precision``,
+``recall``, ``digits_fd`` and its companions) and a ``provenance`` object:
+checkpoint, step, EMA or raw, sampler, steps, N, seed, the Inception
 mode and weights hash, the reference, IS splits and KID subsets. Every flag, file and shape is
 checked before anything compiles; on several processes every process takes part (process flags
 as for ``train.py``) and process 0 writes.
@@ -48,8 +60,9 @@ from etils import epath
 from ddpm_jax import api, cli, datasets, errors, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
-METRICS = ("fid", "is", "kid", "bpd")
-SAMPLE_METRICS = ("fid", "is", "kid")
+METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall")
+SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall")
+DIGITS_METRICS = ("digits_fd",)  # precision / recall go with them: see pr_space
 STATS_DIR = "ddpm_jax_fid_stats"
 
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
@@ -143,6 +156,22 @@ def parse_metrics(names) -> tuple[str, ...]:
     return names
 
 
+def pr_space(metrics) -> str | None:
+    """Where precision / recall are measured: the digits network's features when ``digits_fd``
+    is asked too, else the Inception's pool3; None if neither is asked."""
+    if not {"precision", "recall"} & set(metrics):
+        return None
+    return "digits" if set(DIGITS_METRICS) & set(metrics) else "inception"
+
+
+def inception_metrics(metrics) -> tuple[str, ...]:
+    """The metrics that need the FID Inception (its weights file)."""
+    wanted = [m for m in metrics if m in ("fid", "is", "kid")]
+    if pr_space(metrics) == "inception":
+        wanted += [m for m in metrics if m in ("precision", "recall")]
+    return tuple(wanted)
+
+
 def _ref_config(config, ref: str, image_shape):
     """The model's config reading DATASET (``data.dataset`` and channels changed, same size)."""
     dataset, sep, split = ref.partition(":")
@@ -164,16 +193,19 @@ def _ref_config(config, ref: str, image_shape):
 
 def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Reference | None:
     """Checks the reference of FID / KID and opens (but does not read) its images."""
-    if not {"fid", "kid"} & set(metrics):
+    if not {"fid", "kid", "precision", "recall"} & set(metrics):
         return None
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
     if FLAGS.ref and FLAGS.ref_stats:
         raise EvaluationError("give --ref=DATASET:SPLIT or --ref_stats=FILE.npz, not both")
     if FLAGS.ref_stats:
-        if "kid" in metrics:
-            raise EvaluationError("KID needs the reference images' features, which a statistics "
-                                  "file does not hold: pass --ref=DATASET:SPLIT for kid")
+        needs = [m for m in ("kid", "precision", "recall") if m in metrics]
+        if needs:
+            names = " and ".join("KID" if n == "kid" else n for n in needs)
+            raise EvaluationError(f"{names} need{'s' if len(needs) == 1 else ''} the reference "
+                                  "images' features, which a statistics file does not hold: "
+                                  "pass --ref=DATASET:SPLIT")
         stats = m.load_reference_stats(FLAGS.ref_stats, mode=FLAGS.mode, weights_sha256=sha)
         return Reference(FLAGS.ref_stats, stats=stats)
     c = model.config.data
@@ -256,10 +288,8 @@ def _reference_batches(ref: Reference, chunk: int):
     return datasets.iter_split(ref.config, ref.split, batch_size=chunk, num_examples=ref.count)
 
 
-def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sha: str,
-                   provenance: dict) -> dict:
-    from ddpm_jax import metrics as m  # noqa: PLC0415
-
+def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
+    """``samples.npz`` of at least ``--num_samples`` images, reused or made; its description."""
     n = FLAGS.num_samples
     samples_dir = epath.Path(FLAGS.samples_dir or FLAGS.workdir)
     made = find_samples(samples_dir, model, spec, n)
@@ -270,17 +300,64 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
     else:
         print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
               f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
-    chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
+    provenance.update(
+        num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
+        sample_batch_size=made["batch_size"], **spec.record(model.diffusion))
+    return samples_dir, made
+
+
+def sample_rows(model, samples_dir: epath.Path, chunk: int):
+    """The first ``--num_samples`` images of ``samples.npz`` in chunks (memory: one chunk)."""
+    n = FLAGS.num_samples
     shape, rows = generate.iter_npz_rows(samples_dir / "samples.npz", "images", chunk, n)
     if shape[0] < n or tuple(shape[1:]) != model.image_shape:
         raise EvaluationError(f"{samples_dir / 'samples.npz'} holds {shape}, not {n} images of "
                               f"{model.image_shape}: remove it and samples.json to sample again")
+    return rows
+
+
+def digits_sample_metrics(model, metrics, samples_dir: epath.Path, digits_ref,
+                          provenance: dict) -> dict:
+    """``digits_fd`` (and its ratio, confidence, classes) and, with it, precision / recall in
+    the digits network's feature space (``ddpm_jax.metrics.digits``)."""
+    from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
+
+    n = FLAGS.num_samples
+    bar = _bar(n, "digits features")
+    features, probs = [], []
+    start = time.time()
+    for images in sample_rows(model, samples_dir, 4096):
+        out = dm.digits_features(images, digits_ref.params)
+        features.append(out["features"])
+        probs.append(out["probs"])
+        bar.update(len(images))
+    bar.close()
+    scores = dm.scores_from_outputs(np.concatenate(features), np.concatenate(probs), digits_ref)
+    scores.pop("num_samples")
+    provenance["digits"] = digits_ref.provenance() | dict(
+        features_seconds=round(time.time() - start, 2))
+    if pr_space(metrics) == "digits":
+        provenance["precision_recall_features"] = "digits"
+    else:
+        scores.pop("precision")
+        scores.pop("recall")
+    return scores
+
+
+def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | None,
+                   weights: str, sha: str, provenance: dict) -> dict:
+    """The Inception metrics of the samples: fid, is, kid (and precision / recall in pool3)."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    metrics = inception_metrics(metrics)
+    n = FLAGS.num_samples
+    chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
+    rows = sample_rows(model, samples_dir, chunk)
+    keep = {"kid", "precision", "recall"} & set(metrics)
     stats, pool3, logits, secs = stream_features(
-        rows, n, what="samples", keep_pool3="kid" in metrics, keep_logits="is" in metrics,
+        rows, n, what="samples", keep_pool3=bool(keep), keep_logits="is" in metrics,
         weights=weights)
     provenance.update(
-        num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
-        sample_batch_size=made["batch_size"], **spec.record(model.diffusion),
         mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
             sha), sample_features_seconds=round(secs, 2))
     result = {}
@@ -299,7 +376,7 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
             nonlocal ref_pool3
             s, ref_pool3, _, _ = stream_features(
                 _reference_batches(ref, chunk), ref.count, what=f"reference {ref.name}",
-                keep_pool3="kid" in metrics, keep_logits=False, weights=weights)
+                keep_pool3=bool(keep), keep_logits=False, weights=weights)
             return s.result()
 
         cached = ref.cache.exists()
@@ -309,7 +386,7 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
             if ref_stats.mode is None or ref_stats.weights_sha256 is None:
                 raise EvaluationError(f"{ref.cache} records no mode and weights: delete it to "
                                       "recompute the statistics")
-        if not cached or "kid" in metrics:  # KID needs the features themselves
+        if not cached or keep:  # KID, precision and recall need the features themselves
             mu, sigma, count = compute()
             if not cached:
                 if jax.process_index() == 0:
@@ -327,6 +404,9 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
             seed=FLAGS.seed)
         provenance.update(kid_subsets=FLAGS.kid_subsets, kid_subset_size=FLAGS.kid_subset_size,
                           kid_seed=FLAGS.seed)
+    if {"precision", "recall"} & set(metrics):
+        result["precision"], result["recall"] = m.precision_recall(ref_pool3, pool3, k=3)
+        provenance.update(precision_recall_features="inception_pool3", precision_recall_k=3)
     return result
 
 
@@ -344,12 +424,25 @@ def main():
     out = epath.Path(FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json"))
 
     # Everything is checked and opened before anything compiles.
-    spec = weights = sha = ref = bpd_images = None
+    spec = weights = sha = ref = bpd_images = digits_ref = None
     wants_samples = bool(set(SAMPLE_METRICS) & set(metrics))
     if wants_samples:
+        spec = sampling.spec_from_config(config, **cli.sampler_overrides())
+        if {"precision", "recall"} & set(metrics) and FLAGS.num_samples < 4:
+            raise EvaluationError(f"precision / recall need more than k = 3 samples, "
+                                  f"--num_samples={FLAGS.num_samples}")
+    if set(DIGITS_METRICS) & set(metrics):
+        from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
+
+        if tuple(model.image_shape) != dm.IMAGE_SHAPE:
+            raise EvaluationError(f"digits_fd measures 8x8x1 digits; this model makes "
+                                  f"{model.image_shape} images: use fid, kid or is")
+        if FLAGS.num_samples < 2:
+            raise EvaluationError("digits_fd needs at least 2 samples (--num_samples)")
+        digits_ref = dm.load_reference(config.data.data_dir)  # trained once, then cached
+    if inception_metrics(metrics):
         from ddpm_jax import metrics as m  # noqa: PLC0415
 
-        spec = sampling.spec_from_config(config, **cli.sampler_overrides())
         weights = m.weights.resolve_path(FLAGS.inception_weights)
         sha = m.weights_sha256(weights)
         m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked
@@ -363,7 +456,7 @@ def main():
             raise EvaluationError(f"KID subsets of --kid_subset_size={FLAGS.kid_subset_size} "
                                   f"images need at least as many samples, --num_samples="
                                   f"{FLAGS.num_samples}: raise it or lower the subset size")
-        ref = plan_reference(model, metrics, sha)
+        ref = plan_reference(model, inception_metrics(metrics), sha)
     split = FLAGS.split or config.data.eval_split
     if "bpd" in metrics:
         bpd_images = datasets.load_split(config, split, FLAGS.num_examples)
@@ -372,7 +465,13 @@ def main():
                       ema=not FLAGS.raw, metrics=list(metrics))
     result = {}
     if wants_samples:
-        result.update(sample_metrics(model, metrics, spec, ref, weights, sha, provenance))
+        samples_dir, _ = prepare_samples(model, spec, provenance)
+        if digits_ref is not None:
+            result.update(digits_sample_metrics(model, metrics, samples_dir, digits_ref,
+                                                provenance))
+        if inception_metrics(metrics):
+            result.update(sample_metrics(model, metrics, samples_dir, ref, weights, sha,
+                                         provenance))
     if "bpd" in metrics:
         bpd = evaluate_bpd(model, bpd_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
         bpd.update(split=split, checkpoint_step=model.step, ema=not FLAGS.raw)
@@ -390,7 +489,8 @@ def main():
         tmp = out.parent / (out.name + ".tmp")
         tmp.write_text(json.dumps(result, indent=2))
         tmp.replace(out)
-    shown = {k: round(v, 4) for k, v in result.items() if k != "provenance"}
+    shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
+             if k != "provenance"}
     print(f"{shown} at checkpoint step {model.step}; written to {out}")
 
 

@@ -1,4 +1,5 @@
-"""FID, Inception Score and KID with the FID Inception-v3 in JAX.
+"""FID, Inception Score, KID, precision / recall with the FID Inception-v3 in JAX; a Fréchet
+distance for the embedded digits (``ddpm_jax.metrics.digits``).
 
 Typical use (features on the devices in float32 at full precision, statistics in float64):
 
@@ -13,7 +14,8 @@ Typical use (features on the devices in float32 at full precision, statistics in
 Modules: ``network`` (the Flax model and the ``tf1`` / ``pytorch_fid`` preprocessing),
 ``weights`` (the converted file: loading, checks, provenance), ``inception`` (batched, sharded
 feature extraction), ``scores`` (the metrics and the streaming statistics), ``reference``
-(statistics files), ``convert`` (the ``python -m ddpm_jax.metrics.convert`` command).
+(statistics files), ``digits`` (the digits' own feature network and ``evaluate_digits``),
+``convert`` (the ``python -m ddpm_jax.metrics.convert`` command).
 """
 
 from ddpm_jax.metrics.errors import MetricsError
@@ -30,6 +32,8 @@ from ddpm_jax.metrics.scores import (
     frechet_distance,
     inception_score,
     kernel_inception_distance,
+    knn_radii,
+    precision_recall,
 )
 from ddpm_jax.metrics.weights import ENV_VAR, is_official, load_weights, weights_sha256
 
@@ -45,8 +49,10 @@ __all__ = [
     "inception_score",
     "is_official",
     "kernel_inception_distance",
+    "knn_radii",
     "load_reference_stats",
     "load_weights",
+    "precision_recall",
     "save_reference_stats",
     "weights_sha256",
 ]

@@ -118,16 +118,29 @@ def inception_features(
         return {"pool3": np.zeros((0, network.POOL3_DIM), np.float32),
                 "logits": np.zeros((0, network.NUM_LOGITS), np.float32),
                 "logits_unbiased": np.zeros((0, network.NUM_LOGITS), np.float32)}
+    return run_batched(_forward_fn(mode), params, images, batch_size=batch_size, mesh=mesh,
+                       progress=progress)
+
+
+def run_batched(forward: Callable, params, images: np.ndarray, *, batch_size: int,
+                mesh: jax.sharding.Mesh, progress: Callable[[int], None] | None = None
+                ) -> dict[str, np.ndarray]:
+    """``forward(params, uint8 [B, ...]) -> dict of [B, ...]`` over ``images`` in batches of
+    one compiled shape, split over the ``data`` axis of ``mesh``; host arrays, padding removed.
+
+    The last batch is padded with black images; the next batch is dispatched before the previous
+    one is fetched. ``progress`` is called with the number of images done after each batch.
+    """
+    n = len(images)
     batch = sharding.padded_size(min(batch_size, n), mesh)
-    forward = _forward_fn(mode)
     data = sharding.data_sharding(mesh)
-    parts = {k: [] for k in OUTPUTS}
+    parts: dict[str, list[np.ndarray]] = {}
 
     def collect(result, rows):  # fetch a finished batch, without its padding
-        for k in OUTPUTS:
-            parts[k].append(sharding.to_host(result[k])[:rows])
+        for k, v in result.items():
+            parts.setdefault(k, []).append(sharding.to_host(v)[:rows])
         if progress is not None:
-            progress(sum(len(p) for p in parts["pool3"]))
+            progress(sum(len(p) for p in next(iter(parts.values()))))
 
     pending = None
     for start in range(0, n, batch):
