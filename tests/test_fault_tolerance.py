@@ -16,7 +16,7 @@ import pytest
 from conftest import ROOT, run_python, run_script, train_here
 
 from configs import test as test_config
-from ddpm_jax import checkpoints, config_lib, images, input_pipeline, training
+from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
 
 
 def _train_cmd(workdir, digits_dir, *overrides, steps=None):
@@ -312,13 +312,10 @@ def test_exploding_run_exits_with_code_3(digits_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [
+    [  # a mistake in the flags, in a value's type, and one found by validation
         ("--config.model.chanels=3", "unknown config key model.chanels; did you mean model.ch"),
         ("--config.model.ch=wide", "model.ch"),
         ("--config.diffusion.beta_schedule=cosin", "beta_schedule='cosin' is not one of"),
-        ("--config.data.dataset=imagenet", "unknown dataset"),
-        ("--config.data.channels=3", "config.data.channels=3 does not match digits"),
-        ("--config.sampling.num_steps=5000", "sampling.num_steps must be"),
     ],
 )
 def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override, message):
@@ -329,6 +326,26 @@ def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override,
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
         tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.dataset", "imagenet", "unknown dataset"),
+        ("data.channels", 3, "config.data.channels=3 does not match digits"),
+        ("sampling.num_steps", 5000, "sampling.num_steps must be"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_is_written(test_cfg, tmp_path, key, value,
+                                                         message):
+    # The same UserError as above, here in-process: train.py prints it as one line, exit code 2.
+    section, name = key.split(".")
+    test_cfg[section][name] = value
+    workdir = tmp_path / "w"
+    with pytest.raises(errors.UserError) as excinfo:
+        training.train_and_evaluate(test_cfg, str(workdir))
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
 def test_warmup_longer_than_the_run_is_a_warning_not_a_refusal():
