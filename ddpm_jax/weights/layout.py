@@ -74,7 +74,7 @@ def flatten(tree) -> dict[str, Any]:
 
 def unflatten(like, flat: Mapping[str, np.ndarray]):
     paths = list(flatten(like))
-    return jax.tree_util.treeunflatten(jax.tree_util.tree_structure(like),
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
                                         [flat[p] for p in paths])
 
 
