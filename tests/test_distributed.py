@@ -8,7 +8,14 @@ import time
 
 import numpy as np
 import pytest
-from conftest import finish, run_processes, run_python, run_script, start_processes
+from conftest import (
+    finish,
+    run_processes,
+    run_python,
+    run_script,
+    start_processes,
+    train_here,
+)
 
 
 def _train(workdir, digits_dir, *extra):
@@ -31,8 +38,7 @@ def test_rows_go_to_the_devices_that_own_them_across_processes():
 
 def test_sampling_on_two_processes_writes_the_same_file(digits_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    proc = run_python(_train(workdir, digits_dir, "--config.training.num_train_steps=2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_here(workdir, digits_dir, 2)
     sample = ["sample.py", f"--workdir={workdir}", "--num_samples=7", "--batch_size=3",
               "--sampler=ddim", "--num_steps=5"]
     run_processes([*sample, f"--output_dir={tmp_path / 'two'}"], num_processes=2, devices=2)
