@@ -61,7 +61,7 @@ def get_config() -> ml_collections.ConfigDict:
     training.sample_every = 50_000
     training.max_to_keep = 3
     training.num_sample_images = 64  # images in each training-time sample grid
-    # Train steps per compiled call (a scan over k stacked batches): fewer dispatches, the same
+    # Train steps per compiled call (a loop over k stacked batches): fewer dispatches, the same
     # state as k single steps. log_every, checkpoint_every and sample_every must be multiples.
     training.steps_per_dispatch = 1
 

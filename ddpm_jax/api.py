@@ -26,7 +26,6 @@ from ddpm_jax import (
     checkpoints,
     config_lib,
     diffusion,
-    generate,
     images,
     sampling,
     sharding,
@@ -134,7 +133,7 @@ class DDPM:
 
         Runs in chunks of ``batch_size`` (default ``config.sampling.batch_size``); chunk i
         starts from ``fold_in(key, i)``, so results depend only on (key, N, batch size) (see
-        ``generate.Plan``). ``x_T`` (float32 ``[N, H, W, C]``) fixes the starting noise.
+        ``sampling.Plan``). ``x_T`` (float32 ``[N, H, W, C]``) fixes the starting noise.
         ``sampler``: ``ancestral`` (Algorithm 2; respaced on fewer steps), ``ddim`` (Song et
         al., x0 not clipped), ``ddim_clipped`` / ``ddim_iddpm`` (x0 clipped as diffusers /
         Improved DDPM), ``dpm_solver++`` (2M), ``heun`` (EDM); ``sampling.VARIANTS`` says
@@ -143,14 +142,16 @@ class DDPM:
         ``eta`` is DDIM's noise; ``thresholding`` clips DPM-Solver++'s predicted x0.
         """
         spec = self._spec(sampler, num_steps, eta, spacing=spacing, thresholding=thresholding)
-        chunks = generate.plan(num_samples, batch_size or self.config.sampling.batch_size,
+        chunks = sampling.plan(num_samples, batch_size or self.config.sampling.batch_size,
                                self.mesh)
         if x_T is not None:
             x_T = np.asarray(x_T, np.float32)
             self._check_images(x_T, "x_T")
             if x_T.shape[0] != num_samples:
                 raise ValueError(f"x_T holds {x_T.shape[0]} images, num_samples={num_samples}")
-        return np.concatenate(list(generate.iter_chunks(self, key, chunks, spec, x_T=x_T)))
+        sample_batch = functools.partial(self.sample_batch, spec=spec)
+        return np.concatenate(list(sampling.iter_chunks(sample_batch, self.image_shape, key,
+                                                        chunks, x_T=x_T)))
 
     def _spec(self, sampler, num_steps, eta, record_every=None, *, spacing=None,
               thresholding=False) -> SamplerSpec:

@@ -47,7 +47,7 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
-        fail(str(e).splitlines()[0] if str(e) else type(e).__name__)
+        fail(errors.first_line(e))
     except (AttributeError, KeyError) as e:  # an unknown --config.a.b override key
         fail(_unknown_override(argv) or f"bad config override ({e})")
     return []  # not reached

@@ -137,11 +137,6 @@ def dataset_spec(config: Any) -> DatasetSpec:
     return spec
 
 
-def _first_line(error: BaseException, limit: int = 300) -> str:
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= limit else text[: limit - 3] + "..."
-
-
 def _prepare_command(config: Any, spec: DatasetSpec, data_dir: str | None = None) -> str:
     command = f"python -m ddpm_jax.prepare_data --config={spec.config_hint}"
     data_dir = data_dir or config.data.data_dir
@@ -188,7 +183,7 @@ def _open_failed_message(config: Any, spec: DatasetSpec, builder: Any, split: st
     formats = {fmt.value for fmt in info.available_file_formats()}
     if "array_record" not in formats:
         return _no_random_access_message(config, spec, builder, formats)
-    return f"cannot read {spec.tfds_name} split {split!r}: {_first_line(error)}"
+    return f"cannot read {spec.tfds_name} split {split!r}: {errors.first_line(error, 300)}"
 
 
 # ----------------------------------------------------------------------------------------------
@@ -261,11 +256,11 @@ def prepare_dataset(config: Any, *, manual_dir: str | None = None) -> tfds.core.
                 f"could not prepare {spec.tfds_name}: put {spec.manual_file} (CelebA-HQ from "
                 f"github.com/tkarras/progressive_growing_of_gans) in "
                 f"{_manual_dir(builder, manual_dir)}, then run: {_prepare_command(config, spec)}"
-                f" ({_first_line(error, 150)})"
+                f" ({errors.first_line(error, 150)})"
             ) from error
         raise DataError(
             f"could not download and prepare {spec.tfds_name} in {builder.data_dir_root} "
-            f"({_first_line(error, 150)}); with network access, run: "
+            f"({errors.first_line(error, 150)}); with network access, run: "
             f"{_prepare_command(config, spec)}"
         ) from error
     return make_builder(config)

@@ -31,8 +31,6 @@ import numpy as np
 
 from ddpm_jax import errors
 
-ENV_VARS = ("JAX_COORDINATOR_ADDRESS", "JAX_NUM_PROCESSES", "JAX_PROCESS_ID")
-
 
 class DistributedError(errors.UserError):
     """The processes could not be joined; the message says what to set."""

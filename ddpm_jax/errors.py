@@ -17,3 +17,11 @@ class UserError(Exception):
     """
 
     exit_code = 2
+
+
+def first_line(error: BaseException, limit: int | None = None) -> str:
+    """The first non-blank line of ``error``'s message (its type's name if it has none), cut
+    to ``limit`` characters: how a caught error is quoted inside a one-line message."""
+    text = next((ln.strip() for ln in str(error).splitlines() if ln.strip()),
+                type(error).__name__)
+    return text if limit is None or len(text) <= limit else text[: limit - 3] + "..."

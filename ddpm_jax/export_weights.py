@@ -5,13 +5,13 @@
 OUT receives (``diffusers.DDPMPipeline.from_pretrained(OUT)`` loads it):
 
 - ``model_index.json``: a ``DDPMPipeline`` of a ``UNet2DModel`` and a ``DDPMScheduler``;
-- ``unet/config.json``: the run's ``UNet2DModel`` (``import_weights.diffusers_config``);
+- ``unet/config.json``: the run's ``UNet2DModel`` (``weights.diffusers.diffusers_config``);
 - ``unet/diffusion_pytorch_model.safetensors``: the EMA weights (``--raw``: the raw ones) in
   PyTorch layouts, written with the safetensors numpy API (exporting needs no PyTorch);
 - ``scheduler/scheduler_config.json``: the run's diffusion process.
 
 The tensors pass through the importer's name mapping and layouts in reverse
-(``import_weights.diffusers_state_dict``), so importing OUT gives back every parameter bit for
+(``weights.diffusers.diffusers_state_dict``), so importing OUT gives back every parameter bit for
 bit. The process maps as: ``num_timesteps`` -> ``num_train_timesteps``; ``beta_schedule``
 ``linear`` -> ``linear`` (``beta_start``, ``beta_end``), ``quad`` -> ``scaled_linear``, any other
 schedule -> ``trained_betas`` (the float64 betas); ``model_mean_type`` ``eps`` -> ``epsilon``,
@@ -54,171 +54,34 @@ space-to-depth and always resamples with convolutions).
 
 from __future__ import annotations
 
-import json
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import jax
-import ml_collections
-import numpy as np
 from etils import epath
 
-from ddpm_jax import checkpoints, diffusion, errors, import_weights, unet
+from ddpm_jax import checkpoints, unet
 
-# The diffusers version whose file format the exported configs follow (and were tested with).
-DIFFUSERS_VERSION = "0.42.1"
-MODEL_INDEX = "model_index.json"
-UNET_CONFIG = "unet/config.json"
-UNET_WEIGHTS = f"unet/{import_weights.DIFFUSERS_WEIGHTS}"
-SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
-
-PREDICTION_TYPES = {"eps": "epsilon", "xstart": "sample"}
-VARIANCE_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small",
-                  "learned": "learned", "learned_range": "learned_range"}
-# DDPMScheduler's defaults: what a scheduler_config.json that omits a field means.
-DDPM_SCHEDULER_DEFAULTS = dict(
-    num_train_timesteps=1000, beta_start=1e-4, beta_end=0.02, beta_schedule="linear",
-    trained_betas=None, variance_type="fixed_small", clip_sample=True, clip_sample_range=1.0,
-    prediction_type="epsilon", thresholding=False, rescale_betas_zero_snr=False,
+# The diffusers format, re-exported under its former names here.
+from ddpm_jax.weights.diffusers import (  # noqa: F401
+    DDPM_SCHEDULER_DEFAULTS,
+    DIFFUSERS_VERSION,
+    MODEL_INDEX,
+    PREDICTION_TYPES,
+    SCHEDULER_CONFIG,
+    UNET_CONFIG,
+    UNET_WEIGHTS,
+    VARIANCE_TYPES,
+    ExportError,
+    check_exportable,
+    differences,
+    pipeline_files,
+    scheduler_betas,
+    scheduler_config,
+    scheduler_differences,
+    unet_config,
 )
-
-
-class ExportError(errors.UserError, ValueError):
-    """A run or an output directory that cannot be exported as asked; the message says why."""
-
-
-# -- what diffusers can express ------------------------------------------------------------------
-def check_exportable(config: ml_collections.ConfigDict) -> None:
-    """Raises ExportError naming each setting of ``config`` that diffusers has no equivalent for."""
-    problems = import_weights.unet2d_cannot_express(config)
-    if config.diffusion.model_mean_type not in PREDICTION_TYPES:
-        problems.append(
-            f"diffusion.model_mean_type is {config.diffusion.model_mean_type!r} (the network "
-            "predicts x_{t-1}), which diffusers' DDPMScheduler cannot use (it takes epsilon or "
-            "sample predictions): only eps and xstart models can be exported")
-    if problems:
-        raise ExportError("cannot export to diffusers: " + "; ".join(problems))
-
-
-def differences(config: ml_collections.ConfigDict) -> list[str]:
-    """One line for each way diffusers' DDPMPipeline departs from the run's process."""
-    d, lines = config.diffusion, []
-    lines.append(
-        "float32 schedule: diffusers computes betas and alphas_cumprod in float32 and each step's "
-        "beta as 1 - alphas_cumprod[t] / alphas_cumprod[t-1] (ddpm_jax: float64, cast once); "
-        "one step agrees to about 1e-6 at large t, 1e-4 near t = 0 where beta is small")
-    if d.model_var_type == "fixedlarge":
-        lines.append(
-            "fixedlarge -> fixed_large: sigma^2 at t = 0 is the posterior variance of step 1 in "
-            "ddpm_jax but beta_0 in diffusers; no noise is added at t = 0, so samples are the "
-            "same (only the decoder likelihood L_0 differs)")
-    elif d.model_var_type in ("fixedsmall", "learned_range"):
-        lines.append(
-            f"{d.model_var_type} -> {VARIANCE_TYPES[d.model_var_type]}: at t = 0 ddpm_jax clips "
-            "log beta~_0 = log 0 to log beta~_1, diffusers clamps beta~_0 to 1e-20; no noise is "
-            "added at t = 0, so samples are the same")
-    else:  # learned
-        lines.append(
-            "learned -> learned: diffusers reads the variance channels as sigma^2 (noise scale "
-            "sqrt(v), NaN where v < 0) but this model outputs log sigma^2 (noise scale "
-            "exp(v / 2)): DDPMScheduler samples it wrongly; sample it with ddpm_jax")
-    if config.model.dtype != "float32":
-        lines.append(
-            f"model.dtype is {config.model.dtype}: the weights are float32 and diffusers runs them "
-            "in float32 unless loaded with torch_dtype")
-    if d.num_timesteps != 1000:
-        lines.append(
-            f"T = {d.num_timesteps}: DDPMPipeline defaults to 1000 inference steps; call it "
-            f"with num_inference_steps={d.num_timesteps}")
-    return lines
-
-
-# -- the files -----------------------------------------------------------------------------------
-def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The ``DDPMScheduler`` config of the run's diffusion process (see the module docstring)."""
-    check_exportable(config)
-    d = config.diffusion
-    sched = dict(
-        _class_name="DDPMScheduler", _diffusers_version=DIFFUSERS_VERSION,
-        num_train_timesteps=int(d.num_timesteps), beta_schedule="linear",
-        beta_start=float(d.beta_start), beta_end=float(d.beta_end), trained_betas=None,
-        variance_type=VARIANCE_TYPES[d.model_var_type],
-        prediction_type=PREDICTION_TYPES[d.model_mean_type],
-        clip_sample=bool(config.sampling.clip_denoised), clip_sample_range=1.0,
-        thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
-        timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False,
-    )
-    if d.beta_schedule == "quad":  # linspace of sqrt(beta), squared
-        sched["beta_schedule"] = "scaled_linear"
-    elif d.beta_schedule != "linear":
-        sched["trained_betas"] = [float(b) for b in _betas(config)]
-    return sched
-
-
-def _betas(config: ml_collections.ConfigDict) -> np.ndarray:
-    return np.asarray(diffusion.Diffusion.from_config(config).betas64, np.float64)
-
-
-def scheduler_betas(sched: Mapping[str, Any]) -> np.ndarray | None:
-    """The float64 betas a ``DDPMScheduler`` config describes (None for other schedules)."""
-    s = {**DDPM_SCHEDULER_DEFAULTS, **sched}
-    if s["trained_betas"] is not None:
-        return np.asarray(s["trained_betas"], np.float64)
-    T, start, end = int(s["num_train_timesteps"]), float(s["beta_start"]), float(s["beta_end"])
-    if s["beta_schedule"] == "linear":
-        return np.linspace(start, end, T, dtype=np.float64)
-    if s["beta_schedule"] == "scaled_linear":
-        return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
-    return None
-
-
-def scheduler_differences(sched: Mapping[str, Any],
-                          config: ml_collections.ConfigDict) -> list[str]:
-    """How a ``DDPMScheduler`` config differs from ``config``'s process (empty: the same)."""
-    s, d = {**DDPM_SCHEDULER_DEFAULTS, **sched}, config.diffusion
-    diffs = []
-    if s["num_train_timesteps"] != d.num_timesteps:
-        diffs.append(f"num_train_timesteps is {s['num_train_timesteps']} there, "
-                     f"diffusion.num_timesteps {d.num_timesteps} here")
-    theirs, ours = scheduler_betas(s), _betas(config)
-    if theirs is None:
-        diffs.append(f"beta_schedule {s['beta_schedule']!r} there is not one ddpm_jax compares")
-    elif theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=0):
-        diffs.append(f"the betas differ ({len(theirs)} of beta_schedule "
-                     f"{s['beta_schedule']!r} there, {len(ours)} of diffusion.beta_schedule "
-                     f"{d.beta_schedule!r} here)")
-    wanted = dict(prediction_type=PREDICTION_TYPES.get(d.model_mean_type, d.model_mean_type),
-                  variance_type=VARIANCE_TYPES[d.model_var_type],
-                  clip_sample=bool(config.sampling.clip_denoised))
-    for key, want in wanted.items():
-        if s[key] != want:
-            diffs.append(f"{key} is {s[key]!r} there, {want!r} here")
-    return diffs
-
-
-def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The ``unet/config.json`` of the run's U-Net."""
-    check_exportable(config)
-    return dict(_class_name="UNet2DModel", _diffusers_version=DIFFUSERS_VERSION,
-                **import_weights.diffusers_config(config), dropout=float(config.model.dropout))
-
-
-def pipeline_files(params, config: ml_collections.ConfigDict, *,
-                   metadata: Mapping[str, str] | None = None) -> dict[str, bytes]:
-    """The files of the diffusers pipeline directory of ``params``: relative path -> bytes."""
-    from safetensors.numpy import save  # noqa: PLC0415
-
-    state_dict = import_weights.diffusers_state_dict(params, config)
-    as_json = lambda obj: (json.dumps(obj, indent=2, sort_keys=True) + "\n").encode()
-    index = dict(_class_name="DDPMPipeline", _diffusers_version=DIFFUSERS_VERSION,
-                 scheduler=["diffusers", "DDPMScheduler"], unet=["diffusers", "UNet2DModel"])
-    return {
-        UNET_WEIGHTS: save(state_dict, metadata={"format": "pt", **(metadata or {})}),
-        UNET_CONFIG: as_json(unet_config(config)),
-        SCHEDULER_CONFIG: as_json(scheduler_config(config)),
-        MODEL_INDEX: as_json(index),
-    }
 
 
 def check_out(out: str) -> epath.Path:

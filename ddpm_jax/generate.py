@@ -1,10 +1,5 @@
-"""Batch sampling: how N images are cut into compiled chunks, and the resumable run to files.
-
-Chunk planning (``Plan``): N images are made in chunks of ``min(batch_size, N)`` rows; chunk i
-starts from ``fold_in(key, i)``. A chunk whose rows do not divide over the devices is padded to a
-multiple of the device count for the compiled chain and the padding is dropped (the first rows of
-a padded draw equal the unpadded draw), so the images depend only on (key, N, batch size): the
-same for any number of devices and processes.
+"""Batch sampling to files: the resumable run of a ``DDPM`` (chunk planning is
+``sampling.Plan``: the images depend only on (key, N, batch size)).
 
 ``generate`` (what ``sample.py`` runs) writes each finished chunk atomically as a shard
 ``OUTPUT_DIR/sample_shards/shard_<i>.npz``; a killed run started again with the same settings
@@ -19,6 +14,7 @@ process 0 writes the files. Paths may be local or ``gs://``.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import io
 import json
 import time
@@ -30,7 +26,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddpm_jax import config_lib, distributed, errors, images, sampling, sharding
+from ddpm_jax import config_lib, distributed, errors, images, sampling
 
 if TYPE_CHECKING:
     from ddpm_jax.api import DDPM
@@ -42,51 +38,14 @@ class SampleSpecError(errors.UserError, ValueError):
     """Samples already in OUTPUT_DIR that another setting would overwrite."""
 
 
-@dataclasses.dataclass(frozen=True)
-class Plan:
-    """How ``num_samples`` images are cut into compiled chunks.
-
-    Attributes:
-      num_samples: images wanted (N).
-      batch: rows per chunk, ``min(batch_size, N)``; the last chunk may hold fewer.
-      padded: rows of the compiled chain: ``batch`` rounded up to a multiple of the devices.
-    """
-
-    num_samples: int
-    batch: int
-    padded: int
-
-    @property
-    def num_chunks(self) -> int:
-        return -(-self.num_samples // self.batch)
-
-    def rows(self, i: int) -> int:
-        """Images kept from chunk i."""
-        return min(self.batch, self.num_samples - i * self.batch)
-
-
-def plan(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh) -> Plan:
-    """The chunks of ``num_samples`` images at ``batch_size`` rows per compiled chain."""
-    if num_samples < 1 or batch_size < 1:
-        raise config_lib.ConfigError(
-            f"--num_samples and --batch_size must be positive, got {num_samples} and "
-            f"{batch_size}")
-    batch = min(batch_size, num_samples)
-    return Plan(num_samples, batch, sharding.padded_size(batch, mesh))
+Plan, plan = sampling.Plan, sampling.plan
 
 
 def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.SamplerSpec, *,
                 start: int = 0, x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """uint8 ``[rows(i), H, W, C]`` host arrays of chunks ``start``, ``start + 1``, ..."""
-    for i in range(start, chunk_plan.num_chunks):
-        chunk_key = jax.random.fold_in(key, i)
-        x0 = None
-        if x_T is not None:
-            x0 = np.asarray(x_T[i * chunk_plan.batch:(i + 1) * chunk_plan.batch], np.float32)
-            fill = sampling.initial_noise(chunk_key, (chunk_plan.padded,) + model.image_shape)
-            x0 = np.concatenate([x0, np.asarray(fill)[x0.shape[0]:]])
-        out = model.sample_batch(chunk_key, chunk_plan.padded, spec, x_T=x0)
-        yield sharding.to_host(out)[:chunk_plan.rows(i)]
+    """``sampling.iter_chunks`` of ``model``'s compiled chain for ``spec``."""
+    return sampling.iter_chunks(functools.partial(model.sample_batch, spec=spec),
+                                model.image_shape, key, chunk_plan, start=start, x_T=x_T)
 
 
 def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec) -> dict:

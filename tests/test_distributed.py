@@ -7,7 +7,15 @@ import signal
 import time
 
 import numpy as np
-from conftest import finish, run_processes, run_python, run_script, start_processes
+import pytest
+from conftest import (
+    finish,
+    run_processes,
+    run_python,
+    run_script,
+    start_processes,
+    train_here,
+)
 
 
 def _train(workdir, digits_dir, *extra):
@@ -28,25 +36,9 @@ def test_rows_go_to_the_devices_that_own_them_across_processes():
     assert all(o["ok"] for o in outs)
 
 
-def test_two_processes_train_like_one_process_with_the_same_devices(digits_dir, tmp_path):
-    two, one = str(tmp_path / "two"), str(tmp_path / "one")
-    run_processes(_train(two, digits_dir), num_processes=2, devices=2)
-    proc = run_python(_train(one, digits_dir), devices=4)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    a, b = _dump(two, 4), _dump(one, 4)
-    assert a["meta"] == b["meta"] and a["leaves"].keys() == b["leaves"].keys()
-    losses_a, losses_b = np.array(list(a["losses"].values())), np.array(list(b["losses"].values()))
-    assert len(losses_a) == 4
-    # The gradient all-reduce sums the devices' parts in another order across processes (gloo)
-    # than inside one process: equal to float32 rounding, not bit for bit.
-    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-6)
-    assert losses_a[0] == losses_b[0]  # the first step's loss (before any update) is exact
-
-
 def test_sampling_on_two_processes_writes_the_same_file(digits_dir, tmp_path):
     workdir = str(tmp_path / "run")
-    proc = run_python(_train(workdir, digits_dir, "--config.training.num_train_steps=2"))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_here(workdir, digits_dir, 2)
     sample = ["sample.py", f"--workdir={workdir}", "--num_samples=7", "--batch_size=3",
               "--sampler=ddim", "--num_steps=5"]
     run_processes([*sample, f"--output_dir={tmp_path / 'two'}"], num_processes=2, devices=2)
@@ -68,8 +60,13 @@ def _wait_for_rows(path, count, procs, timeout=300):
     return False
 
 
-def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(digits_dir, tmp_path):
-    workdir = str(tmp_path / "preempted")
+@pytest.fixture(scope="module")
+def preempted(digits_dir, tmp_path_factory):
+    """Two processes stopped by SIGTERM, resumed to 2 steps past the step they committed, and
+    the same two-process run without a stop: (results of the stopped processes, the step K
+    they committed, the resumed workdir, the uninterrupted workdir, its number of steps)."""
+    root = tmp_path_factory.mktemp("preempted")
+    workdir = str(root / "preempted")
     long = ("--config.training.num_train_steps=100000", "--config.training.checkpoint_every=100000")
     procs = start_processes(_train(workdir, digits_dir, *long), num_processes=2, devices=2)
     try:
@@ -78,23 +75,47 @@ def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(digits_di
             p.send_signal(signal.SIGTERM)
     finally:
         results = finish(procs, timeout=240)
-    assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:]
     steps = [int(n) for n in os.listdir(os.path.join(workdir, "checkpoints")) if n.isdigit()]
+    k = steps[0] if len(steps) == 1 else None
+    straight = str(root / "straight")
+    if k is not None:
+        steps_flag = f"--config.training.num_train_steps={k + 2}"
+        run_processes(_train(workdir, digits_dir, steps_flag), num_processes=2, devices=2)
+        run_processes(_train(straight, digits_dir, steps_flag), num_processes=2, devices=2)
+    return results, steps, workdir, straight
+
+
+def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(preempted):
+    results, steps, workdir, straight = preempted
+    assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:]
     assert len(steps) == 1
     k = steps[0]
     for _, _, err in results:  # both processes stopped at the same, committed step
         assert f"the checkpoint of step {k} is committed" in err
-    steps_flag = f"--config.training.num_train_steps={k + 2}"
-    run_processes(_train(workdir, digits_dir, steps_flag), num_processes=2, devices=2)
-    straight = str(tmp_path / "straight")
-    run_processes(_train(straight, digits_dir, steps_flag), num_processes=2, devices=2)
     assert _dump(workdir, k + 2) == _dump(straight, k + 2)  # bit for bit, losses included
+
+
+def test_two_processes_train_like_one_process_with_the_same_devices(preempted, digits_dir,
+                                                                   tmp_path):
+    two, num_steps = preempted[3], preempted[1][0] + 2  # the uninterrupted two-process run
+    one = str(tmp_path / "one")
+    proc = run_python(_train(one, digits_dir, f"--config.training.num_train_steps={num_steps}"),
+                      devices=4)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    a, b = _dump(two, num_steps), _dump(one, num_steps)
+    assert a["meta"] == b["meta"] and a["leaves"].keys() == b["leaves"].keys()
+    losses_a, losses_b = np.array(list(a["losses"].values())), np.array(list(b["losses"].values()))
+    assert len(losses_a) == num_steps
+    # The gradient all-reduce sums the devices' parts in another order across processes (gloo)
+    # than inside one process: equal to float32 rounding, not bit for bit.
+    np.testing.assert_allclose(losses_a, losses_b, rtol=1e-6)
+    assert losses_a[0] == losses_b[0]  # the first step's loss (before any update) is exact
 
 
 def test_a_process_that_dies_stops_the_others(digits_dir, tmp_path):
     workdir = str(tmp_path / "run")
     args = _train(workdir, digits_dir, "--config.training.num_train_steps=100000",
-                  "--distributed_timeout=20")
+                  "--distributed_timeout=10")
     procs = start_processes(args, num_processes=2, devices=2)
     try:
         assert _wait_for_rows(os.path.join(workdir, "metrics.jsonl"), 2, procs)

@@ -107,15 +107,16 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
     assert again["provenance"]["reference"]["reused_cache"] is True
     assert again["fid"] == result["fid"] and again["is_mean"] == result["is_mean"]
 
-    # Statistics of one mode or weight file are never mixed with another's features.
+    # Statistics of one mode or weight file are never mixed with another's features (refused in
+    # one line before anything is computed; the command's exit code and single stderr line for
+    # such a refusal are checked in test_evaluate_refuses_bad_inputs_in_one_line).
     for flags_, weight_file, message in [
             (["--mode=pytorch_fid"], weights, "computed with --mode=tf1"),
             ([], tiny_run[3], "computed with other Inception weights")]:
-        proc = _evaluate(f"--workdir={workdir}", "--metrics=fid", *SAMPLE_FLAGS,
+        text = _refusal([f"--workdir={workdir}", "--metrics=fid", *SAMPLE_FLAGS,
                          f"--ref_stats={cache}", *flags_, f"--inception_weights={weight_file}",
-                         f"--out={workdir}/refused.json")
-        assert proc.returncode == 2 and message in proc.stderr, proc.stderr[-2000:]
-        assert len(proc.stderr.strip().splitlines()) == 1
+                         f"--out={workdir}/refused.json"])
+        assert message in text and "\n" not in text, text
     assert not os.path.exists(f"{workdir}/refused.json")
 
 

@@ -13,10 +13,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python
+from conftest import ROOT, run_python, run_script, train_here
 
 from configs import test as test_config
-from ddpm_jax import checkpoints, config_lib, images, input_pipeline, training
+from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
 
 
 def _train_cmd(workdir, digits_dir, *overrides, steps=None):
@@ -54,14 +54,17 @@ def _assert_same_run(a, b, step):
 
 def test_resume_is_bit_exact_and_resuming_at_the_end_is_a_no_op(digits_dir, tmp_path):
     straight, resumed = tmp_path / "straight", tmp_path / "resumed"
-    proc = run_python(_train_cmd(straight, digits_dir, "--config.training.num_train_steps=6"))
+    train_here(straight, digits_dir, 6)
+    train_here(resumed, digits_dir, 3, checkpoint_every=3)  # K steps
+    # 2K in a fresh process, which has only the checkpoint.
+    proc = run_python(_train_cmd(resumed, digits_dir, "--config.training.checkpoint_every=3",
+                                 steps=6))
     assert proc.returncode == 0, proc.stderr[-3000:]
-    for steps in (3, 6, 6):  # K, then 2K in a fresh process, then again at the end
-        proc = run_python(_train_cmd(resumed, digits_dir, "--config.training.checkpoint_every=3",
-                                     steps=steps))
-        assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "Resuming at step 3" in proc.stderr
     _assert_same_run(straight, resumed, 6)
-    assert "Resuming at step 6" in proc.stderr
+    # Again at the end: nothing changes.
+    assert "Resuming at step 6" in train_here(resumed, digits_dir, 6, checkpoint_every=3)
+    _assert_same_run(straight, resumed, 6)
 
 
 def _wait_for(predicate, proc, timeout=240.0, poll=0.01):
@@ -102,13 +105,10 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(digits_dir, tmp_path
     assert not [n for n in ckpts if "tmp" in n]  # the save was committed before exiting
     assert f"checkpoint of step {steps[0]} is committed" in err
     k = steps[0]
-    # Resume to K + 2 and compare with a run that never stopped.
-    proc = run_python(_train_cmd(workdir, digits_dir, steps=k + 2))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    # Resume to K + 2 (from the checkpoint alone) and compare with a run that never stopped.
+    assert f"Resuming at step {k}" in train_here(workdir, digits_dir, k + 2)
     straight = tmp_path / "straight"
-    proc = run_python(_train_cmd(straight, digits_dir, "--config.training.checkpoint_every=100000",
-                                 steps=k + 2))
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    train_here(straight, digits_dir, k + 2, checkpoint_every=100000)
     _assert_same_run(straight, workdir, k + 2)
 
 
@@ -130,54 +130,17 @@ def test_sigkill_during_a_save_resumes_from_the_last_committed_step(digits_dir, 
     committed = sorted(int(n) for n in os.listdir(ckpt_dir) if n.isdigit())
     last = committed[-1]
     # The restarted run resumes from the last committed step and saves normally afterwards.
-    proc = run_python(_train_cmd(workdir, digits_dir, "--config.training.checkpoint_every=1",
-                                 "--config.training.max_to_keep=100", steps=last + 2))
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert f"Resuming at step {last}" in proc.stderr
+    err = train_here(workdir, digits_dir, last + 2, checkpoint_every=1, max_to_keep=100)
+    assert f"Resuming at step {last}" in err
     names = os.listdir(ckpt_dir)
     assert not [n for n in names if "tmp" in n]
     assert {last + 1, last + 2} <= {int(n) for n in names if n.isdigit()}
 
 
-_SAVE_8 = """
-import json, sys, jax, numpy as np
-from configs import test as test_config
-from ddpm_jax import training
-config = test_config.get_config()
-config.data.data_dir = sys.argv[1]
-config.training.batch_size = 8
-config.training.num_train_steps = 2
-training.train_and_evaluate(config, sys.argv[2])
-"""
-
-_RESTORE = """
-import contextlib, json, sys, jax, numpy as np
-from configs import test as test_config
-from ddpm_jax import training
-config = test_config.get_config()
-config.data.data_dir = sys.argv[1]
-config.training.batch_size = 8
-config.training.num_train_steps = 2
-with contextlib.ExitStack() as stack:
-    run = training.setup(config, sys.argv[2], stack)
-    assert run.mesh.size == jax.device_count() == int(sys.argv[3])
-    state = run.start.state
-    assert all(len(x.sharding.device_set) == run.mesh.size for x in jax.tree.leaves(state))
-    leaves = jax.tree_util.tree_flatten_with_path(
-        dict(params=state.params, ema=state.ema_params, opt=state.opt_state))[0]
-    print(json.dumps({jax.tree_util.keystr(p): np.asarray(v).tolist() for p, v in leaves}))
-"""
-
-
 def test_checkpoint_from_8_devices_restores_on_1_and_4(digits_dir, tmp_path):
     workdir = str(tmp_path / "eight")
-    proc = run_python(["-c", _SAVE_8, digits_dir, workdir], devices=8)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    trees = {}
-    for n in (8, 1, 4):
-        proc = run_python(["-c", _RESTORE, digits_dir, workdir, str(n)], devices=n)
-        assert proc.returncode == 0, proc.stderr[-3000:]
-        trees[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    trees = {n: run_script("restore_tree.py", digits_dir, workdir, n, *flags, devices=n)
+             for n, flags in ((8, ["--train"]), (4, []), (1, []))}  # saved, then restored
     assert trees[1].keys() == trees[8].keys() == trees[4].keys()
     for key in trees[8]:
         assert trees[1][key] == trees[8][key] == trees[4][key], key
@@ -349,13 +312,10 @@ def test_exploding_run_exits_with_code_3(digits_dir, tmp_path):
 
 @pytest.mark.parametrize(
     "override, message",
-    [
+    [  # a mistake in the flags, in a value's type, and one found by validation
         ("--config.model.chanels=3", "unknown config key model.chanels; did you mean model.ch"),
         ("--config.model.ch=wide", "model.ch"),
         ("--config.diffusion.beta_schedule=cosin", "beta_schedule='cosin' is not one of"),
-        ("--config.data.dataset=imagenet", "unknown dataset"),
-        ("--config.data.channels=3", "config.data.channels=3 does not match digits"),
-        ("--config.sampling.num_steps=5000", "sampling.num_steps must be"),
     ],
 )
 def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override, message):
@@ -366,6 +326,26 @@ def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override,
     assert "Traceback" not in proc.stderr
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
         tmp_path / "w" / "checkpoints")
+
+
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("data.dataset", "imagenet", "unknown dataset"),
+        ("data.channels", 3, "config.data.channels=3 does not match digits"),
+        ("sampling.num_steps", 5000, "sampling.num_steps must be"),
+    ],
+)
+def test_bad_config_is_refused_before_anything_is_written(test_cfg, tmp_path, key, value,
+                                                         message):
+    # The same UserError as above, here in-process: train.py prints it as one line, exit code 2.
+    section, name = key.split(".")
+    test_cfg[section][name] = value
+    workdir = tmp_path / "w"
+    with pytest.raises(errors.UserError) as excinfo:
+        training.train_and_evaluate(test_cfg, str(workdir))
+    assert message in str(excinfo.value) and "\n" not in str(excinfo.value)
+    assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
 def test_warmup_longer_than_the_run_is_a_warning_not_a_refusal():

@@ -27,6 +27,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from ddpm_jax import errors
 from ddpm_jax.metrics import weights
 from ddpm_jax.metrics.errors import MetricsError
 
@@ -53,7 +54,7 @@ def read_pth(path: str) -> dict[str, np.ndarray]:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = errors.first_line(e)
         raise MetricsError(f"cannot read {path} with torch.load(weights_only=True): "
                            f"{reason}") from None
     if not isinstance(state, Mapping):

@@ -19,6 +19,7 @@ from typing import NamedTuple
 import numpy as np
 from etils import epath
 
+from ddpm_jax import errors
 from ddpm_jax.metrics import network
 from ddpm_jax.metrics.errors import MetricsError
 
@@ -70,7 +71,7 @@ def _read_npz(path: str) -> dict[str, np.ndarray]:
     except MetricsError:
         raise
     except Exception as e:  # noqa: BLE001 - a damaged or pickled file becomes one line
-        reason = str(e).splitlines()[0] if str(e) else type(e).__name__
+        reason = errors.first_line(e)
         raise MetricsError(f"cannot read {path} as an .npz of arrays ({reason})") from None
 
 

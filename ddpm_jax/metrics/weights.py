@@ -25,6 +25,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
+from ddpm_jax import errors
 from ddpm_jax.metrics import network
 from ddpm_jax.metrics.errors import MetricsError
 
@@ -156,7 +157,7 @@ def read_metadata(path: str) -> dict[str, str]:
             return dict(f.metadata() or {})
     except Exception as e:  # noqa: BLE001 - a damaged or foreign file becomes one line
         raise MetricsError(f"{path} is not a safetensors file ({type(e).__name__}: "
-                           f"{str(e).splitlines()[0] if str(e) else ''}); "
+                           f"{errors.first_line(e)}); "
                            f"{how_to_get(path)}") from None
 
 

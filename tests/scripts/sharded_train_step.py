@@ -1,5 +1,6 @@
 """Three compiled train steps on a fixed batch, on however many devices there are: losses and
-the first values of every parameter as JSON (compared across device counts by the tests)."""
+the first values of every parameter as JSON (compared across device counts by the tests).
+``sharded_train_step.py DEVICES``."""
 
 import json
 import sys
@@ -10,23 +11,29 @@ import numpy as np
 from configs import test as test_config
 from ddpm_jax import diffusion, sharding, training, unet
 
-config = test_config.get_config()
-config.training.batch_size = 16
-mesh = sharding.create_mesh()
-assert mesh.size == int(sys.argv[1])
-tx = training.create_optimizer(config)
-graphdef, abstract_params = unet.abstract_model(config)
-state = training.create_train_state(config, tx, mesh)
-step = training.compile_train_step(
-    training.make_train_step(config, graphdef, diffusion.Diffusion.from_config(config), tx),
-    mesh, training.abstract_state(abstract_params, tx))
-rng = np.random.default_rng(1)
-batch = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
-rows = sharding.process_rows(mesh, 16)
-losses = []
-for _ in range(3):
-    state, m = step(state, sharding.make_global_batch(batch[rows], mesh, rows, 16),
-                    jax.random.key(0))
-    losses.append(float(m["loss"]))
-leaves = [np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)]
-print(json.dumps(dict(losses=losses, leaves=leaves)))
+
+def result(devices: str) -> dict:
+    config = test_config.get_config()
+    config.training.batch_size = 16
+    mesh = sharding.create_mesh()
+    assert mesh.size == int(devices)
+    tx = training.create_optimizer(config)
+    graphdef, abstract_params = unet.abstract_model(config)
+    state = training.create_train_state(config, tx, mesh)
+    step = training.compile_train_step(
+        training.make_train_step(config, graphdef, diffusion.Diffusion.from_config(config), tx),
+        mesh, training.abstract_state(abstract_params, tx))
+    rng = np.random.default_rng(1)
+    batch = rng.integers(0, 256, (16, 8, 8, 1), dtype=np.uint8)
+    rows = sharding.process_rows(mesh, 16)
+    losses = []
+    for _ in range(3):
+        state, m = step(state, sharding.make_global_batch(batch[rows], mesh, rows, 16),
+                        jax.random.key(0))
+        losses.append(float(m["loss"]))
+    leaves = [np.asarray(x).ravel()[:50].tolist() for x in jax.tree.leaves(state.params)]
+    return dict(losses=losses, leaves=leaves)
+
+
+if __name__ == "__main__":
+    print(json.dumps(result(sys.argv[1])))

@@ -1,0 +1,174 @@
+"""One layout-mapping engine for weights in other formats.
+
+A plan maps each leaf of our parameter tree to its source tensor names and a ``Transform`` (the
+source array layout). ``convert`` reads a source through a plan, each tensor used exactly once;
+``unconvert`` writes our tree through the same plan, so ``convert(unconvert(p))`` is ``p`` bit for
+bit. The formats (``weights.diffusers``; the original TF checkpoints in ``import_weights``) only
+supply plans and readers.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Mapping
+from typing import Any, NamedTuple
+
+import jax
+import ml_collections
+import numpy as np
+
+from ddpm_jax import config_lib, errors, unet
+
+
+class WeightsError(errors.UserError, ValueError):
+    """A source checkpoint that does not fit the config; the message names what differs."""
+
+
+# -- layouts -------------------------------------------------------------------------------------
+class Transform(NamedTuple):
+    """A source array layout: ``to_ours`` turns a source array into ours, ``from_ours`` back.
+
+    Both are pure axis permutations or reshapes, so ``to_ours(from_ours(a))`` is ``a`` bit for
+    bit; import and export use the same ``Transform`` in opposite directions.
+    """
+
+    to_ours: Callable[[np.ndarray], np.ndarray]
+    from_ours: Callable[[np.ndarray], np.ndarray]
+
+    def source_shape(self, shape: tuple[int, ...]) -> tuple[int, ...]:
+        """The source shape of an array of our ``shape`` (computed on a stride-0 view)."""
+        return tuple(self.from_ours(np.broadcast_to(np.float32(0), tuple(shape))).shape)
+
+
+SAME = Transform(lambda a: a, lambda a: a)
+# PyTorch conv [out, in, kh, kw] <-> Flax [kh, kw, in, out].
+TORCH_CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
+# PyTorch linear [out, in] <-> [in, out].
+TORCH_LINEAR = Transform(lambda a: a.T, lambda a: a.T)
+# PyTorch 1x1 conv [out, in, 1, 1] <-> dense [in, out] (diffusers' conv_shortcut).
+TORCH_CONV1X1 = Transform(lambda a: a[:, :, 0, 0].T, lambda a: a.T[:, :, None, None])
+
+# A layer: our leaf -> (torch leaf, layout).
+CONV = {"kernel": ("weight", TORCH_CONV), "bias": ("bias", SAME)}
+LINEAR = {"kernel": ("weight", TORCH_LINEAR), "bias": ("bias", SAME)}
+CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
+NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
+
+
+# -- the converter -----------------------------------------------------------------------
+def expected_params(config: ml_collections.ConfigDict):
+    """The config's parameter tree as ShapeDtypeStructs (memoised: tracing takes seconds)."""
+    return _expected_params(config_lib.to_json(config))
+
+
+@functools.lru_cache(maxsize=4)
+def _expected_params(config_json: str):
+    return unet.abstract_model(config_lib.from_json(config_json))[1]
+
+
+def flatten(tree) -> dict[str, Any]:
+    """Our parameter tree -> {"scope/leaf": array}."""
+    return {"/".join(str(k.key) for k in path): leaf
+            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+
+
+def unflatten(like, flat: Mapping[str, np.ndarray]):
+    paths = list(flatten(like))
+    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
+                                        [flat[p] for p in paths])
+
+
+def listing(items: list[str], limit: int = 6) -> str:
+    more = f", ... ({len(items)} in all)" if len(items) > limit else ""
+    return ", ".join(items[:limit]) + more
+
+
+def convert(
+    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
+    shapes: Mapping[str, tuple[int, ...]],
+    get: Callable[[str], np.ndarray],
+    expected,
+    *,
+    what: str,
+) -> dict:
+    """Fills the config's parameter tree from named source tensors, each used exactly once.
+
+    Args:
+      plan: our leaf path -> (source names to try, in order; layout).
+      shapes: the source tensors to account for: name -> shape.
+      get: name -> array (called only once every shape has been checked).
+      expected: the target tree (``expected_params(config)``).
+      what: the source, for messages.
+
+    Returns:
+      The parameters as the plain nested dict of float32 arrays ``unet.split`` gives.
+
+    Raises:
+      WeightsError: one line naming wrong shapes, missing and unused tensors.
+    """
+    chosen, seen, wrong, missing = {}, set(), [], []
+    for path, want in flatten(expected).items():
+        names, layout = plan[path]
+        name = next((n for n in names if n in shapes), None)
+        want_src = tuple(layout.source_shape(tuple(want.shape)))
+        if name is None:
+            missing.append(f"{names[0]} {want_src}")
+            continue
+        seen.add(name)
+        if tuple(shapes[name]) != want_src:
+            wrong.append(f"{name} has shape {tuple(shapes[name])} but the config needs "
+                         f"{want_src} (our {path} {tuple(want.shape)})")
+        else:
+            chosen[path] = (name, layout)
+    unused = [f"{n} {tuple(shapes[n])}" for n in sorted(set(shapes) - seen)]
+    problems = wrong[:6] + ([f"... ({len(wrong)} wrong shapes in all)"] if len(wrong) > 6 else [])
+    if missing:
+        problems.append(f"missing {listing(missing)}")
+    if unused:
+        problems.append(f"unused {listing(unused)}")
+    if problems:
+        raise WeightsError(f"{what} does not fit the config: {'; '.join(problems)}")
+    flat = {path: np.ascontiguousarray(layout.to_ours(np.asarray(get(name), np.float32)))
+            for path, (name, layout) in chosen.items()}
+    return unflatten(expected, flat)
+
+
+def unconvert(
+    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
+    params,
+    expected,
+    *,
+    what: str,
+) -> dict[str, np.ndarray]:
+    """The inverse of ``convert``: our parameter tree -> named source tensors (float32 numpy).
+
+    Each parameter goes, in the source layout, to the first (current) name of its plan entry;
+    the same plan and ``Transform`` that import read it, so ``convert(unconvert(p))`` is ``p``
+    bit for bit.
+
+    Args:
+      plan: our leaf path -> (source names, layout), as for ``convert``.
+      params: our parameter tree.
+      expected: the config's tree (``expected_params(config)``) that ``params`` must match.
+      what: the parameters, for messages.
+
+    Raises:
+      WeightsError: a parameter missing from ``params``, an extra one, or a wrong shape.
+    """
+    flat, want = flatten(params), flatten(expected)
+    problems = [f"{path} has shape {tuple(np.shape(flat[path]))} but the config needs "
+                f"{tuple(want[path].shape)}" for path in sorted(flat.keys() & want.keys())
+                if tuple(np.shape(flat[path])) != tuple(want[path].shape)]
+    if want.keys() - flat.keys():
+        problems.append(f"missing {listing(sorted(want.keys() - flat.keys()))}")
+    if flat.keys() - want.keys():
+        problems.append(f"unexpected {listing(sorted(flat.keys() - want.keys()))}")
+    if problems:
+        raise WeightsError(f"{what} do not fit the config: {'; '.join(problems)}")
+    out: dict[str, np.ndarray] = {}
+    for path in want:
+        names, layout = plan[path]
+        if names[0] in out:  # the mapping must be one to one
+            raise AssertionError(f"two parameters map to the source tensor {names[0]}")
+        out[names[0]] = np.ascontiguousarray(layout.from_ours(np.asarray(flat[path], np.float32)))
+    return out

@@ -1,0 +1,39 @@
+"""The train state of a committed run as restored on however many devices there are, as JSON
+(every value of the parameters, the EMA and the optimiser state; compared across device counts
+by the tests). ``restore_tree.py DATA_DIR WORKDIR DEVICES [--train]``: with ``--train``, first
+trains the run's 2 steps (batch 8) on those devices."""
+
+import contextlib
+import json
+import sys
+
+import jax
+import numpy as np
+
+from configs import test as test_config
+from ddpm_jax import training
+
+
+def _config(data_dir):
+    config = test_config.get_config()
+    config.data.data_dir = data_dir
+    config.training.batch_size = 8
+    config.training.num_train_steps = 2
+    return config
+
+
+def result(data_dir, workdir, devices, *flags):
+    if "--train" in flags:
+        training.train_and_evaluate(_config(data_dir), workdir)
+    with contextlib.ExitStack() as stack:
+        run = training.setup(_config(data_dir), workdir, stack)
+        assert run.mesh.size == jax.device_count() == int(devices) and run.start.step == 2
+        state = run.start.state
+        assert all(len(x.sharding.device_set) == run.mesh.size for x in jax.tree.leaves(state))
+        leaves = jax.tree_util.tree_flatten_with_path(
+            dict(params=state.params, ema=state.ema_params, opt=state.opt_state))[0]
+        return {jax.tree_util.keystr(p): np.asarray(v).tolist() for p, v in leaves}
+
+
+if __name__ == "__main__":
+    print(json.dumps(result(*sys.argv[1:])))
