@@ -283,6 +283,9 @@ class Settings:
     vs_diffusers: bool = False
     peer_dtype: str | None = None  # the peer's dtype (default: the model's)
     memory_only: bool = False
+    # Compile, then run only if XLA's peak bytes per device are at most this (else the records
+    # say ``skipped``): what an accelerator's allocator limit allows.
+    memory_limit_bytes: int | None = None
     num_runs: int = 5
     warmup: int = 1
     seed: int = 0
@@ -380,9 +383,16 @@ def run(s: Settings) -> list[dict]:
     base = dict(benchmark="train", config=name, batch=batch, dtype=config.model.dtype,
                 params=unet.count_params(unet.abstract_model(config)[1]),
                 **common.device_fields(config.model.dtype))
-    if s.memory_only:
-        return [_our_record(s, name, config, batch, m, setting, o, None, base)
-                for (m, setting), o in ours.items()]
+    too_big = s.memory_limit_bytes is not None and any(
+        o["memory"] and o["memory"]["peak_bytes"] > s.memory_limit_bytes for o in ours.values())
+    if s.memory_only or too_big:
+        records = [_our_record(s, name, config, batch, m, setting, o, None, base)
+                   for (m, setting), o in ours.items()]
+        if too_big:
+            for r in records:
+                r["skipped"] = (f"XLA's peak {r['memory']['peak_bytes'] / 2**30:.1f} GiB per "
+                                f"device exceeds the limit {s.memory_limit_bytes / 2**30:.1f} GiB")
+        return records
     peer = DiffusersPeer(config, batch, s.seed, s.peer_dtype or config.model.dtype) if (
         s.vs_diffusers) else None
     records = []
