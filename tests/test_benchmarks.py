@@ -195,6 +195,15 @@ def test_network_evaluations_per_sampler():
     assert accelerator.nfe("heun", 18) == 35  # EDM: 2N - 1 evaluations
 
 
+def test_network_evaluations_agree_with_the_samplers():
+    from ddpm_jax import sampling
+
+    d = diffusion.Diffusion.from_config(common.load_config("cifar10"))
+    for name, steps in accelerator.Plan().samplers:
+        spec = sampling.SamplerSpec(sampler=name, num_steps=steps)
+        assert accelerator.nfe(name, steps) == spec.nfe(d), (name, steps)
+
+
 def test_state_comparison_sees_one_ulp():
     a = [np.ones((3,), np.float32), np.arange(2, dtype=np.int32)]
     b = [a[0].copy(), a[1].copy()]

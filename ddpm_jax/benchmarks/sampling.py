@@ -85,12 +85,10 @@ def scan_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
 
 
 def ddim_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
-    """``(params, key) -> x_0`` of DDIM (eta 0) with ``num_steps`` steps."""
+    """``(params, key) -> x_0`` of DDIM (Song et al., eta 0) with ``num_steps`` steps."""
     shape = (batch,) + model.image_shape
-    clip = model.config.sampling.clip_denoised
     return lambda params, key: sampling.ddim_sample_loop(
-        model.diffusion, model_fn(model, params), key, shape, num_steps=num_steps, eta=0.0,
-        clip_denoised=clip)
+        model.diffusion, model_fn(model, params), key, shape, num_steps=num_steps, eta=0.0)
 
 
 def single_step(model: ddpm_jax.DDPM):
