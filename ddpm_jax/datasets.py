@@ -37,14 +37,16 @@ import dataclasses
 import functools
 import importlib.util
 from collections.abc import Callable, Iterator, Sequence
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
-import tensorflow_datasets as tfds
 from absl import logging
 from PIL import Image
 
-from ddpm_jax import digits, errors
+from ddpm_jax import errors
+
+if TYPE_CHECKING:
+    import tensorflow_datasets as tfds
 
 
 class DataError(errors.UserError, ValueError):
@@ -190,6 +192,14 @@ def _open_failed_message(config: Any, spec: DatasetSpec, builder: Any, split: st
 # Preparing and opening
 
 
+def _tfds():
+    """tensorflow_datasets, imported on first use: only opening or preparing a dataset needs it
+    (the train step, sampling, checkpoints and the benchmarks run without it)."""
+    import tensorflow_datasets  # noqa: PLC0415
+
+    return tensorflow_datasets
+
+
 def hide_tensorflow_from_accelerators() -> None:
     """Imports TensorFlow and hides every GPU from it, so that JAX keeps the accelerators."""
     import tensorflow as tf  # local: only preparation needs TensorFlow
@@ -204,9 +214,11 @@ def make_builder(config: Any) -> tfds.core.DatasetBuilder:
     """Returns the (possibly unprepared) ArrayRecord tfds builder of `config.data.dataset`."""
     spec = dataset_spec(config)
     if spec.tfds_name == "digits":
+        from ddpm_jax import digits  # noqa: PLC0415 - a tfds builder: imports tfds
+
         make = functools.partial(digits.Digits, data_dir=config.data.data_dir)
     else:
-        make = functools.partial(tfds.builder, spec.tfds_name, data_dir=config.data.data_dir)
+        make = functools.partial(_tfds().builder, spec.tfds_name, data_dir=config.data.data_dir)
     try:
         return make(file_format="array_record")
     except ValueError as error:  # tfds refuses when the data was prepared in another format
@@ -247,7 +259,7 @@ def prepare_dataset(config: Any, *, manual_dir: str | None = None) -> tfds.core.
             f"importlib_resources, then run: {_prepare_command(config, spec)}"
         )
     hide_tensorflow_from_accelerators()
-    download_config = tfds.download.DownloadConfig(manual_dir=manual_dir)
+    download_config = _tfds().download.DownloadConfig(manual_dir=manual_dir)
     try:
         builder.download_and_prepare(file_format="array_record", download_config=download_config)
     except Exception as error:

@@ -13,6 +13,7 @@ import pytest
 
 from configs import test as test_config
 from ddpm_jax import diffusion, unet, xla_cpu
+from ddpm_jax.benchmarks import accelerator, common
 from ddpm_jax.benchmarks import train as train_bench
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -113,36 +114,42 @@ def test_loss_and_gradients_with_options_equal_default_and_repeat_exactly(small)
 
 # -- the benchmark programs -----------------------------------------------------------------------
 def test_peak_table():
-    assert train_bench.peak_tflops("TPU v5 lite", "bfloat16") == (197, "bf16")
-    assert train_bench.peak_tflops("TPU v3", "float32") == (61.5, "bf16")  # per TensorCore
-    assert train_bench.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == (989.5, "bf16")
-    assert train_bench.peak_tflops("NVIDIA H100 PCIe", "float32") == (378, "tf32")
-    assert train_bench.peak_tflops("NVIDIA A100-SXM4-80GB", "float32")[1] == "tf32"
-    assert train_bench.peak_tflops("cpu", "float32") is None
-    assert train_bench.fits_on(20 * 2**30) == ["TPU v4", "TPU v5p", "TPU v6e", "A100 40GB",
-                                               "A100 80GB", "H100", "H200"]
+    assert common.peak_tflops("TPU v5 lite", "bfloat16") == (197, "bf16")
+    assert common.peak_tflops("TPU v3", "float32") == (61.5, "bf16")  # per TensorCore
+    assert common.peak_tflops("NVIDIA H100 80GB HBM3", "bfloat16") == (989.5, "bf16")
+    assert common.peak_tflops("NVIDIA H100 PCIe", "float32") == (378, "tf32")
+    assert common.peak_tflops("NVIDIA A100-SXM4-80GB", "float32")[1] == "tf32"
+    assert common.device_peak("NVIDIA A100-SXM4-80GB").memory_gib == 80
+    assert common.peak_tflops("NVIDIA H200", "bfloat16") == (989.5, "bf16")
+    assert common.device_peak("NVIDIA H200").memory_gib == 141
+    assert common.device_peak("NVIDIA H200 NVL") is None  # another part, other figures
+    assert common.peak_tflops("TPU v5", "float32") == (459, "bf16")  # v5p, not v5e's prefix
+    assert common.peak_tflops("cpu", "float32") is None
+    assert common.fits_on(20 * 2**30) == ["TPU v4", "TPU v5p", "TPU v6e", "A100 80GB",
+                                          "A100 40GB", "H100 PCIe", "H100", "H200"]
 
 
-def test_train_benchmark_runs_the_real_step_and_reports_every_figure():
-    peer = pytest.importorskip("diffusers") is not None and pytest.importorskip("torch")
-    records = train_bench.run(train_bench.Settings(
-        config="test", batch=2, xla_options=("project",), vs_diffusers=bool(peer), num_runs=1,
-        warmup=0))
-    by = {(r["measurement"], r["impl"]): r for r in records}
-    assert set(by) == {(m, impl) for m in ("train", "forward") for impl in ("ddpm_jax",
-                                                                             "diffusers")}
-    for (_, impl), r in by.items():
-        assert r["images_per_s"] > 0 and r["batch"] == 2
-        json.dumps(r)  # one JSON line each
-        if impl == "ddpm_jax":
-            assert r["gflops_per_image"] > 0 and r["compile_s"] > 0
-            assert r["memory"]["peak_bytes"] > r["memory"]["temp_bytes"] >= 0
-            assert r["vs_diffusers"]["ratio"] > 0
-            assert r["compiler_options"] == xla_cpu.compiler_options(r["measurement"])
-    # A train step costs about 3 forward passes.
-    ratio = by["train", "ddpm_jax"]["gflops_per_image"] / by["forward", "ddpm_jax"][
-        "gflops_per_image"]
-    assert 2.5 < ratio < 4
+def test_mfu_is_achieved_over_the_peak_of_every_device():
+    assert common.mfu(99.0, dict(peak_tflops_per_device=99.0, devices=2)) == 0.5
+    assert common.mfu(99.0, dict(peak_tflops_per_device=None, devices=1)) is None
+
+
+def test_interleaved_timer_takes_turns_and_reports_medians():
+    calls = []
+    timing = common.interleaved({"a": lambda: calls.append("a"), "b": lambda: calls.append("b")},
+                                num_runs=3, warmup=1)
+    assert calls == ["a", "b"] * 4
+    assert [len(v) for v in timing.times.values()] == [3, 3]
+    assert timing.median("a") == sorted(timing.times["a"])[1]
+
+
+def test_config_by_name_or_path(tmp_path):
+    assert common.load_config("test").model.ch == 32
+    assert common.load_config("configs/test.py", "bfloat16").model.dtype == "bfloat16"
+    other = tmp_path / "mine.py"
+    other.write_text("from configs import test\n\ndef get_config():\n    c = test.get_config()\n"
+                     "    c.model.ch = 64\n    return c\n")
+    assert common.load_config(str(other)).model.ch == 64
 
 
 def test_memory_only_allocates_nothing_and_reports_memory():
@@ -153,18 +160,217 @@ def test_memory_only_allocates_nothing_and_reports_memory():
     # Parameters (701,345 float32) are arguments; a batch of 512 8x8 images fits in temps.
     assert r["memory"]["argument_bytes"] >= 4 * 701_345
     assert r["fits_on"]
+    # Over an allocator's limit, the step is compiled (the same program: the cache) but not run.
+    (r,) = train_bench.run(train_bench.Settings(config="test", batch=512, measure=("forward",),
+                                                memory_limit_bytes=r["memory"]["peak_bytes"] - 1))
+    assert "images_per_s" not in r and "exceeds the limit" in r["skipped"]
 
 
-def test_sampling_benchmark_compares_one_step_with_diffusers():
-    pytest.importorskip("diffusers")
-    pytest.importorskip("torch")
-    out = subprocess.run(
-        [sys.executable, "-m", "ddpm_jax.benchmarks.sampling", "--config=test", "--batch=2",
-         "--chains=none", "--step_runs=1", "--xla_options=project", "--vs_diffusers"],
-        cwd=ROOT, capture_output=True, text=True, timeout=120, check=True)
-    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
-    assert [r.get("xla_options") for r in rows] == ["project", None]
-    assert rows[0]["vs_diffusers"]["ratio"] > 0 and rows[1]["impl"] == "diffusers"
+# -- the accelerator run ----------------------------------------------------------------------
+def test_network_evaluations_per_sampler():
+    assert accelerator.nfe("ancestral", 1000) == 1000
+    assert accelerator.nfe("dpm_solver++", 20) == 20
+    assert accelerator.nfe("heun", 18) == 35  # EDM: 2N - 1 evaluations
+
+
+def test_network_evaluations_agree_with_the_samplers():
+    from ddpm_jax import sampling
+
+    d = diffusion.Diffusion.from_config(common.load_config("cifar10"))
+    for name, steps in accelerator.Plan().samplers:
+        spec = sampling.SamplerSpec(sampler=name, num_steps=steps)
+        assert accelerator.nfe(name, steps) == spec.nfe(d), (name, steps)
+
+
+def test_state_comparison_sees_one_ulp():
+    a = [np.ones((3,), np.float32), np.arange(2, dtype=np.int32)]
+    b = [a[0].copy(), a[1].copy()]
+    assert accelerator.compare_states(a, b)["bit_identical"]
+    b[0][1] = np.nextafter(np.float32(1), np.float32(2))
+    r = accelerator.compare_states(a, b)
+    assert not r["bit_identical"] and 0 < r["max_abs_diff"] < 1e-6
+
+
+def test_the_full_plan_fits_the_machine_it_is_for():
+    plan = accelerator.Plan()
+    assert plan.batch == 128 and plan.big_batch == 64 and plan.big_dtype == "bfloat16"
+    assert {("float32", 1), ("bfloat16", 1), ("float32", 8), ("bfloat16", 8)} == set(
+        plan.train_variants)
+    assert set(plan.sampling_batches) == {256, 1000} and plan.num_samples == 50_000
+    # No part starts after budget_s (counted from the start, the determinism child included),
+    # which leaves the last one and the install the rest of the 8 minutes.
+    assert plan.determinism_timeout_s < plan.budget_s <= 6 * 60
+
+
+# -- every benchmark module, as the README runs it ---------------------------------------------
+def _have(*modules):
+    import importlib.util
+
+    return all(importlib.util.find_spec(m) is not None for m in modules)
+
+
+def _check_train(rows, _):
+    """The real step and the forward pass, each with every figure (and the peer's)."""
+    by = {(r["measurement"], r["impl"]): r for r in rows}
+    impls = ("ddpm_jax", "diffusers") if _have("diffusers", "torch") else ("ddpm_jax",)
+    assert set(by) == {(m, impl) for m in ("train", "forward") for impl in impls}
+    for (m, impl), r in by.items():
+        assert r["images_per_s"] > 0 and r["batch"] == 2
+        if impl == "ddpm_jax":
+            assert r["gflops_per_image"] > 0 and r["compile_s"] > 0
+            assert r["memory"]["peak_bytes"] > r["memory"]["temp_bytes"] >= 0
+            assert r["compiler_options"] == xla_cpu.compiler_options(m)
+            assert r["mfu"] is None  # a CPU has no peak in the table
+            if "diffusers" in impls:
+                assert r["vs_diffusers"]["ratio"] > 0
+    # A train step costs about 3 forward passes.
+    ratio = by["train", "ddpm_jax"]["gflops_per_image"] / by["forward", "ddpm_jax"][
+        "gflops_per_image"]
+    assert 2.5 < ratio < 4
+
+
+def _check_sampling(rows, _):
+    ours = [r for r in rows if r.get("xla_options") == "project"]
+    assert len(ours) == 1 and ours[0]["scan_step_s"] > 0 and ours[0]["ddim_chain_s"] > 0
+    if _have("diffusers", "torch"):
+        assert ours[0]["vs_diffusers"]["ratio"] > 0 and rows[-1]["impl"] == "diffusers"
+
+
+def _check_profile(rows, _):
+    (r,) = rows
+    assert r["thunk_ms_per_step"] > 0 and r["top_ops"]
+
+
+def _check_checkpoint(rows, _):
+    (r,) = rows
+    assert r["bytes"] > 4 * 701_345 and r["restore_s"] > 0 and r["commit_s"] >= r["blocked_s"]
+
+
+def _check_input_pipeline(rows, _):
+    assert [r["source"] for r in rows] == ["digits (mock)", "8x8x1 ArrayRecord", "digits"]
+    assert all(r["images_per_s"] > 0 for r in rows)
+
+
+def _check_inception(rows, _):
+    assert rows[0]["contender"] == "ddpm_jax" and rows[0]["images_per_s"] > 0
+
+
+def _check_digits_quality(rows, _):
+    (r,) = rows
+    assert sum(r["ddim:5"]["counts"]) == 8 and 0 < r["real_test_confidence"] <= 1
+
+
+def _check_accelerator(rows, out):
+    doc = json.load(open(os.path.join(out, "accelerator.json")))
+    records = doc["records"]
+    assert not [r for r in records if "error" in r], records
+    (det,) = [r for r in records if r["part"] == "determinism"]
+    assert det["bit_identical"] and DETERMINISM in det["xla_flags"]
+    assert DETERMINISM not in doc["environment"]["xla_flags"]
+    assert [r for r in records if r["part"] == "repeat"][0]["bit_identical"]
+    train = [r for r in records if r["part"] == "train" and r["impl"] == "ddpm_jax"]
+    assert {(r["dtype"], r["steps_per_dispatch"]) for r in train} == {("float32", 1),
+                                                                       ("bfloat16", 2)}
+    for r in train:
+        assert r["steps_per_s"] == pytest.approx(1 / r["step_s"]) and r["mfu"] is None  # CPU
+    (s,) = [r for r in records if r["part"] == "sampling"]
+    heun = s["implied"]["heun:5"]
+    assert heun["nfe"] == 9
+    assert heun["seconds"] == pytest.approx(9 * s["step_s"] * 16)  # 64 samples, batches of 4
+    (fid,) = [r for r in records if r["part"] == "inception"]
+    assert fid["images_per_s"] > 0
+    big = [r for r in records if r["part"] == "big"]
+    assert big and big[0]["memory"]["peak_bytes"] > 0
+    if _have("diffusers", "torch"):
+        assert {r["dtype"] for r in records if r.get("impl") == "diffusers"} == {"float32"}
+    table = open(os.path.join(out, "accelerator.txt")).read()
+    for part in ("determinism", "train", "sampling", "inception", "big"):
+        assert part in table
+
+
+DETERMINISM = "--xla_gpu_deterministic_ops=true"
+
+# Module -> (command-line flags on the test config, check of its JSON lines). Every module of
+# ddpm_jax/benchmarks must be here (test_every_benchmark_module_is_run).
+COMMANDS = {
+    "train": (["--config=configs/test.py", "--batch=2", "--num_runs=1", "--warmup=0"]
+              + (["--vs_diffusers"] if _have("diffusers", "torch") else []), _check_train),
+    "sampling": (["--config=configs/test.py", "--batch=2", "--timed_steps=2", "--ddim_steps=5",
+                  "--num_runs=1", "--step_runs=1"]
+                 + (["--vs_diffusers"] if _have("diffusers", "torch") else []), _check_sampling),
+    "profile": (["--config=configs/test.py", "--batch=2", "--warmup=0", "--num_runs=1",
+                 "--top=3"], _check_profile),
+    "checkpoint": (["--config=configs/test.py", "--repeats=1"], _check_checkpoint),
+    "input_pipeline": (["--config=configs/test.py", "--batch_size=8", "--num_batches=2",
+                        "--warmup=1", "--num_examples=32", "--data_dir={digits_dir}"],
+                       _check_input_pipeline),
+    "inception": (["--batch=2", "--size=8", "--num_runs=1", "--warmup=0", "--novs_torch"],
+                  _check_inception),
+    "digits_quality": (["--workdir={workdir}", "--num_samples=8", "--samplers=ddim:5"],
+                       _check_digits_quality),
+    "accelerator": (["--out={out}", "--tiny"], _check_accelerator),
+}
+
+
+def _benchmark_modules():
+    import pkgutil
+
+    import ddpm_jax.benchmarks
+
+    return sorted(m.name for m in pkgutil.iter_modules(ddpm_jax.benchmarks.__path__)
+                  if m.name != "common")
+
+
+def test_every_benchmark_module_is_run():
+    assert _benchmark_modules() == sorted(COMMANDS)
+
+
+def test_importing_a_benchmark_defines_no_flag():
+    from absl import flags
+
+    before = set(flags.FLAGS)
+    for name in _benchmark_modules():
+        __import__(f"ddpm_jax.benchmarks.{name}")
+    assert set(flags.FLAGS) == before
+
+
+def test_the_library_runs_without_tensorflow():
+    code = ("import sys, ddpm_jax, ddpm_jax.training, ddpm_jax.sampling, ddpm_jax.checkpoints, "
+            "ddpm_jax.generate, ddpm_jax.benchmarks.train, ddpm_jax.benchmarks.accelerator, "
+            "ddpm_jax.benchmarks.sampling, ddpm_jax.metrics; "
+            "bad = {'tensorflow', 'tensorflow_datasets', 'tensorboardX'} & set(sys.modules); "
+            "assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], cwd=ROOT, check=True, timeout=120,
+                   env=dict(os.environ, PYTHONPATH=ROOT))
+
+
+@pytest.fixture(scope="module")
+def random_digits_run(tmp_path_factory):
+    """A workdir holding the test config's freshly initialised weights (no training)."""
+    from ddpm_jax import checkpoints
+
+    config = test_config.get_config()
+    workdir = str(tmp_path_factory.mktemp("bench") / "run")
+    checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
+    return workdir
+
+
+@pytest.mark.parametrize("name", sorted(COMMANDS))
+def test_every_benchmark_module_runs_on_the_test_config(name, tmp_path, request):
+    args, check = COMMANDS[name]
+    fill = dict(out=str(tmp_path / "out"))
+    if any("{digits_dir}" in a for a in args):
+        fill["digits_dir"] = request.getfixturevalue("digits_dir")
+    if any("{workdir}" in a for a in args):
+        fill["workdir"] = request.getfixturevalue("random_digits_run")
+    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
+    proc = subprocess.run([sys.executable, "-m", f"ddpm_jax.benchmarks.{name}",
+                           *[a.format(**fill) for a in args]], cwd=ROOT, env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    assert rows or name == "accelerator"
+    check(rows, fill["out"])
 
 
 def test_run_once_options_give_the_same_initial_state_bit_for_bit():

@@ -8,8 +8,6 @@ each class and the classifier's mean confidence, beside its confidence on the 30
 digits (the level a perfect generator would reach). Prints one JSON line at the end.
 """
 
-import json
-
 import jax
 import numpy as np
 from absl import app, flags, logging
@@ -18,12 +16,17 @@ from sklearn.datasets import load_digits
 from sklearn.svm import SVC
 
 import ddpm_jax
+from ddpm_jax.benchmarks import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/digits", "Workdir of a digits run.")
-flags.DEFINE_integer("num_samples", 256, "Samples per sampler.", lower_bound=1)
-flags.DEFINE_list("samplers", ["ddim:100", "ancestral"], "sampler[:num_steps] to evaluate.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def define_flags() -> None:
+    """The command's flags (defined only when this module is the program)."""
+    flags.DEFINE_string("workdir", "runs/digits", "Workdir of a digits run.")
+    flags.DEFINE_integer("num_samples", 256, "Samples per sampler.", lower_bound=1)
+    flags.DEFINE_list("samplers", ["ddim:100", "ancestral"], "sampler[:num_steps] to evaluate.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def fit_classifier():
@@ -57,8 +60,9 @@ def main(argv):
         results[spec] = r
         print(f"{spec:>12}: per-class counts {r['counts']}, mean confidence "
               f"{r['mean_confidence']:.3f}, confidence > 0.8: {r['confident_fraction']:.2f}")
-    print(json.dumps(results))
+    common.emit(results)
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)

@@ -33,7 +33,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax.benchmarks import timing
+from ddpm_jax.benchmarks import common
 from ddpm_jax.metrics import inception, network, weights
 
 GFLOPS_PER_IMAGE = 11.42
@@ -142,7 +142,7 @@ def timed(fn: Callable[[], object], num_runs: int, warmup: int) -> tuple[float, 
     start = time.perf_counter()
     fn()
     first = time.perf_counter() - start
-    return first, timing.median_seconds(fn, num_runs, warmup)
+    return first, common.median_seconds(fn, num_runs, warmup)
 
 
 def record(name: str, batch: int, first: float, median: float, **extra) -> dict:

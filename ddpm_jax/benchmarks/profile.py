@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import collections
 import glob
-import json
 import os
 import re
 import sys
@@ -30,6 +29,8 @@ from collections.abc import Sequence
 import jax
 from absl import app, flags
 
+from ddpm_jax import sharding
+from ddpm_jax.benchmarks import common
 from ddpm_jax.benchmarks import train as bench
 
 FLAGS = flags.FLAGS
@@ -109,14 +110,14 @@ def summarize(events, steps: int, top: int) -> dict:
 
 
 def profile(kind: str, config, batch: int, setting: str, warmup: int, num_runs: int, top: int):
-    mesh = bench.create_mesh()
+    mesh = sharding.create_mesh()
     if kind == "train":
         lowered, tx, _ = bench.lower_train(config, mesh, 1, batch)
-        compiled, compile_s = bench.compile_timed(lowered, bench.options_for(setting, "train"))
+        compiled, compile_s = common.compile_timed(lowered, bench.options_for(setting, "train"))
         run = bench.TrainRunner(compiled, *bench.train_inputs(config, mesh, 1, batch, 0, tx))
     else:
         lowered, _ = bench.lower_forward(config, mesh, batch)
-        compiled, compile_s = bench.compile_timed(lowered, bench.options_for(setting, "forward"))
+        compiled, compile_s = common.compile_timed(lowered, bench.options_for(setting, "forward"))
         inputs = bench.forward_inputs(config, mesh, batch, 0)
         run = lambda: jax.block_until_ready(compiled(*inputs))
     for _ in range(warmup):
@@ -152,13 +153,13 @@ def print_report(r: dict, file=sys.stderr) -> None:
 
 def main(argv: Sequence[str]) -> None:
     del argv
-    config = bench.load_config(FLAGS.config)
+    config = common.load_config(FLAGS.config)
     batch = FLAGS.batch or config.training.batch_size
     for kind in FLAGS.measure:
         r = profile(kind, config, batch, FLAGS.xla_options, FLAGS.warmup, FLAGS.num_runs,
                     FLAGS.top)
         print_report(r)
-        print(json.dumps(r), flush=True)
+        common.emit(r)
 
 
 if __name__ == "__main__":

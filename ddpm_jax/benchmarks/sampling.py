@@ -28,10 +28,6 @@ A short table goes to stdout, then one JSON line per setting (and one for the pe
 
 from __future__ import annotations
 
-import importlib
-import json
-import os
-import statistics
 import time
 from collections.abc import Sequence
 
@@ -42,32 +38,29 @@ from absl import app, flags
 
 import ddpm_jax
 from ddpm_jax import config_lib, sampling, unet
-from ddpm_jax.benchmarks import timing
+from ddpm_jax.benchmarks import common
 from ddpm_jax.benchmarks import train as train_bench
 
-_CONFIG = flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
-_BATCH = flags.DEFINE_integer("batch", 16, "Images per chain.")
-_TIMED_STEPS = flags.DEFINE_integer("timed_steps", 20, "K: ancestral steps run by scan and loop.")
-_DDIM_STEPS = flags.DEFINE_integer("ddim_steps", 50, "Steps of the DDIM chain (run in full).")
-_NUM_RUNS = flags.DEFINE_integer("num_runs", 3, "Timed runs of each chain (median reported).")
-_DTYPE = flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
-                           "Override config.model.dtype (activation dtype).")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed of the weights and the noise.")
-_XLA_OPTIONS = flags.DEFINE_list("xla_options", ["project"],
-                                 "Compiler options to measure: default and/or project.")
-_CHAINS = flags.DEFINE_enum("chains", "all", ["all", "none"],
-                            "Time the scan, loop and DDIM chains (all) or only one step (none).")
-_VS_DIFFUSERS = flags.DEFINE_bool("vs_diffusers", False,
-                                  "Also time diffusers' UNet2DModel + DDPMScheduler.step (torch).")
-_STEP_RUNS = flags.DEFINE_integer("step_runs", 5, "Timed single steps per contender.")
+FLAGS = flags.FLAGS
 
 
-def load_config(name: str, dtype: str | None = None):
-    """The locked config of ``configs/<name>.py``, with ``model.dtype`` overridden if given."""
-    config = importlib.import_module(f"configs.{name}").get_config()
-    if dtype is not None:
-        config.model.dtype = dtype
-    return config
+def define_flags() -> None:
+    """The command's flags (defined only when this module is the program)."""
+    flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
+    flags.DEFINE_integer("batch", 16, "Images per chain.")
+    flags.DEFINE_integer("timed_steps", 20, "K: ancestral steps run by scan and loop.")
+    flags.DEFINE_integer("ddim_steps", 50, "Steps of the DDIM chain (run in full).")
+    flags.DEFINE_integer("num_runs", 3, "Timed runs of each chain (median reported).")
+    flags.DEFINE_enum("dtype", None, list(config_lib.DTYPES),
+                      "Override config.model.dtype (activation dtype).")
+    flags.DEFINE_integer("seed", 0, "Seed of the weights and the noise.")
+    flags.DEFINE_list("xla_options", ["project"],
+                      "Compiler options to measure: default and/or project.")
+    flags.DEFINE_enum("chains", "all", ["all", "none"],
+                      "Time the scan, loop and DDIM chains (all) or only one step (none).")
+    flags.DEFINE_bool("vs_diffusers", False,
+                      "Also time diffusers' UNet2DModel + DDPMScheduler.step (torch).")
+    flags.DEFINE_integer("step_runs", 5, "Timed single steps per contender.")
 
 
 def compile_seconds(fn, *args, options=None):
@@ -92,12 +85,10 @@ def scan_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
 
 
 def ddim_chain(model: ddpm_jax.DDPM, batch: int, num_steps: int):
-    """``(params, key) -> x_0`` of DDIM (eta 0) with ``num_steps`` steps."""
+    """``(params, key) -> x_0`` of DDIM (Song et al., eta 0) with ``num_steps`` steps."""
     shape = (batch,) + model.image_shape
-    clip = model.config.sampling.clip_denoised
     return lambda params, key: sampling.ddim_sample_loop(
-        model.diffusion, model_fn(model, params), key, shape, num_steps=num_steps, eta=0.0,
-        clip_denoised=clip)
+        model.diffusion, model_fn(model, params), key, shape, num_steps=num_steps, eta=0.0)
 
 
 def single_step(model: ddpm_jax.DDPM):
@@ -131,9 +122,9 @@ def measure(model: ddpm_jax.DDPM, batch: int, k: int, ddim_steps: int, num_runs:
             x = step(params, x, np.int32(t), key)
         return x
 
-    scan_s = timing.median_seconds(lambda: scan(params, key).block_until_ready(), num_runs, 1)
-    loop_s = timing.median_seconds(lambda: loop().block_until_ready(), num_runs, 1)
-    ddim_s = timing.median_seconds(lambda: ddim(params, key).block_until_ready(), num_runs, 1)
+    scan_s = common.median_seconds(lambda: scan(params, key).block_until_ready(), num_runs, 1)
+    loop_s = common.median_seconds(lambda: loop().block_until_ready(), num_runs, 1)
+    ddim_s = common.median_seconds(lambda: ddim(params, key).block_until_ready(), num_runs, 1)
     T = model.config.diffusion.num_timesteps
     return dict(
         T=T, timed_steps=k, ddim_steps=ddim_steps,
@@ -158,9 +149,7 @@ def compare_steps(model: ddpm_jax.DDPM, batch: int, settings: Sequence[str], num
         runners[setting] = lambda step=step: step(params, x, t, key).block_until_ready()
     if peer is not None:
         runners["diffusers"] = lambda: peer.sample_step(int(t))
-    timing = train_bench.interleaved(runners, num_runs, warmup=1)
-    timing["median_s"] = {name: statistics.median(ts) for name, ts in timing["times"].items()}
-    return timing
+    return common.interleaved(runners, num_runs, warmup=1)
 
 
 def report(name: str, model: ddpm_jax.DDPM, batch: int, num_runs: int, setting: str,
@@ -185,55 +174,52 @@ def report(name: str, model: ddpm_jax.DDPM, batch: int, num_runs: int, setting: 
             print(f"  {label:<34} {compile_s:>10.2f} {step_s:>10.4g} {chain_s:>10.4g} "
                   f"{rate:>10.4g}")
         print(f"  loop / scan time per step: {r['loop_over_scan']:.3f}")
-    ours = step["median_s"][setting]
+    ours = step.median(setting)
     r.update(step_s=ours, step_images_per_s=batch / ours,
-             step_loadavg_before=step["loadavg_before"], step_loadavg_after=step["loadavg_after"],
-             step_foreign_cpu_fraction=step["foreign_cpu_fraction"])
+             **{f"step_{k}": v for k, v in step.load().items()})
     line = f"  one chain step (interleaved): {1e3 * ours:.1f} ms, {batch / ours:.2f} images/s"
-    if "diffusers" in step["median_s"]:
-        theirs = step["median_s"]["diffusers"]
+    if "diffusers" in step.times:
+        theirs = step.median("diffusers")
         r["vs_diffusers"] = dict(step_s=theirs, images_per_s=batch / theirs, ratio=theirs / ours)
         line += f"; diffusers {1e3 * theirs:.1f} ms: x{theirs / ours:.3f}"
     print(line)
     return dict(benchmark="sampling", config=name, batch=batch, dtype=model.config.model.dtype,
-                params=model.num_params, platform=jax.devices()[0].platform,
-                devices=jax.device_count(), num_runs=num_runs, xla_options=setting,
+                params=model.num_params, **common.device_fields(), num_runs=num_runs,
+                xla_options=setting,
                 compiler_options=train_bench.options_for(setting, "forward"), **r)
 
 
 def main(argv: Sequence[str]) -> None:
     """Measures the samplers of --config and prints the tables and JSON lines."""
     del argv
-    name = os.path.splitext(os.path.basename(_CONFIG.value))[0]
-    config = load_config(name, _DTYPE.value)
-    T, k = config.diffusion.num_timesteps, _TIMED_STEPS.value
+    f = FLAGS
+    name = common.config_name(f.config)
+    config = common.load_config(f.config, f.dtype)
+    T, k = config.diffusion.num_timesteps, f.timed_steps
     if not 2 <= k <= T:
         raise app.UsageError(f"--timed_steps must be in [2, {T}], got {k}")
-    settings = tuple(dict.fromkeys(_XLA_OPTIONS.value))
+    settings = tuple(dict.fromkeys(f.xla_options))
     if not settings or set(settings) - set(train_bench.XLA_OPTIONS):
         raise app.UsageError(f"--xla_options takes {train_bench.XLA_OPTIONS}, got {settings}")
-    sampling.ddim_timesteps(T, _DDIM_STEPS.value)  # validates --ddim_steps
-    model = ddpm_jax.create(config, seed=_SEED.value)
-    key = jax.random.key(_SEED.value + 1)
+    sampling.ddim_timesteps(T, f.ddim_steps)  # validates --ddim_steps
+    model = ddpm_jax.create(config, seed=f.seed)
+    key = jax.random.key(f.seed + 1)
     chains = {}
-    if _CHAINS.value == "all":
+    if f.chains == "all":
         for setting in settings:
-            chains[setting] = measure(model, _BATCH.value, k, _DDIM_STEPS.value, _NUM_RUNS.value,
-                                      key, train_bench.options_for(setting, "forward"))
-    peer = (train_bench.DiffusersPeer(config, _BATCH.value, _SEED.value)
-            if _VS_DIFFUSERS.value else None)
-    step = compare_steps(model, _BATCH.value, settings, _STEP_RUNS.value, key, peer)
+            chains[setting] = measure(model, f.batch, k, f.ddim_steps, f.num_runs, key,
+                                      train_bench.options_for(setting, "forward"))
+    peer = train_bench.DiffusersPeer(config, f.batch, f.seed) if f.vs_diffusers else None
+    step = compare_steps(model, f.batch, settings, f.step_runs, key, peer)
     for setting in settings:
-        record = report(name, model, _BATCH.value, _NUM_RUNS.value, setting,
-                        chains.get(setting), step)
-        print(json.dumps(record))
+        common.emit(report(name, model, f.batch, f.num_runs, setting, chains.get(setting), step))
     if peer is not None:
-        theirs = step["median_s"]["diffusers"]
-        print(json.dumps(dict(benchmark="sampling", config=name, batch=_BATCH.value,
-                              impl="diffusers", dtype="float32", step_s=theirs,
-                              step_images_per_s=_BATCH.value / theirs,
-                              torch_device=peer.device.type)))
+        theirs = step.median("diffusers")
+        common.emit(dict(benchmark="sampling", config=name, batch=f.batch, impl="diffusers",
+                         dtype=peer.dtype, step_s=theirs, step_images_per_s=f.batch / theirs,
+                         torch_device=peer.device.type))
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
