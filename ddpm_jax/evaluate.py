@@ -47,7 +47,6 @@ as for ``train.py``) and process 0 writes.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 import os
 import time
@@ -57,7 +56,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from ddpm_jax import api, cli, datasets, errors, generate, sampling, sharding
+from ddpm_jax import api, cli, datasets, errors, files, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
 METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall")
@@ -227,20 +226,23 @@ def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Refer
                      cache=epath.Path(builder.data_dir) / STATS_DIR / name)
 
 
-def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec) -> dict:
+def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec, seed: int) -> dict:
     return dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
-                **spec.record(model.diffusion), image_shape=list(model.image_shape))
+                seed=seed, **spec.record(model.diffusion), image_shape=list(model.image_shape))
 
 
 def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
-                 n: int) -> dict | None:
-    """The description of reusable samples in ``samples_dir``: same checkpoint, weights and
-    sampler, at least ``n`` images; None if there are none."""
-    path = samples_dir / "samples.json"
-    if not (path.exists() and (samples_dir / "samples.npz").exists()):
+                 n: int, seed: int) -> dict | None:
+    """The description of reusable samples in ``samples_dir``: same checkpoint, weights,
+    sampler and seed, at least ``n`` images; None if there are none (samples there that are not
+    reusable are moved aside by ``generate``, never overwritten)."""
+    try:
+        made = files.read_json(samples_dir / "samples.json")
+    except files.TornFileError:
         return None
-    made = json.loads(path.read_text())
-    want = _samples_record(model, spec)
+    if made is None or not (samples_dir / "samples.npz").exists():
+        return None
+    want = _samples_record(model, spec, seed)
     same = all(made.get(k) == v for k, v in want.items() if k != "checkpoint")
     same_source = os.path.abspath(str(made.get("checkpoint"))) == os.path.abspath(
         str(model.source)) if "://" not in str(model.source) else made.get("checkpoint") == str(
@@ -292,11 +294,11 @@ def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
     """``samples.npz`` of at least ``--num_samples`` images, reused or made; its description."""
     n = FLAGS.num_samples
     samples_dir = epath.Path(FLAGS.samples_dir or FLAGS.workdir)
-    made = find_samples(samples_dir, model, spec, n)
+    made = find_samples(samples_dir, model, spec, n, FLAGS.seed)
     if made is None:
         generate.generate(model, str(samples_dir), num_samples=n, seed=FLAGS.seed, spec=spec,
                           batch_size=FLAGS.sample_batch_size)
-        made = json.loads((samples_dir / "samples.json").read_text())
+        made = files.read_json(samples_dir / "samples.json")
     else:
         print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
               f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
@@ -479,16 +481,14 @@ def main():
         provenance["bpd"] = bpd
         bpd_file = epath.Path(model.source).parent / f"bpd_{split}.json"
         if jax.process_index() == 0:
-            bpd_file.write_text(json.dumps(bpd, indent=2))
+            files.write_json(bpd_file, bpd)
         print(f"{bpd['bits_per_dim']:.4f} bits/dim (stderr {bpd['stderr']}) on "
               f"{bpd['num_examples']} images of {split}, checkpoint step {model.step}; "
               f"written to {bpd_file}")
     result["provenance"] = provenance
     if jax.process_index() == 0:
         out.parent.mkdir(parents=True, exist_ok=True)
-        tmp = out.parent / (out.name + ".tmp")
-        tmp.write_text(json.dumps(result, indent=2))
-        tmp.replace(out)
+        files.write_json(out, result)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
              if k != "provenance"}
     print(f"{shown} at checkpoint step {model.step}; written to {out}")

@@ -62,6 +62,7 @@ import jax
 from etils import epath
 
 from ddpm_jax import checkpoints, unet
+from ddpm_jax import files as atomic_files
 
 # The diffusers format, re-exported under its former names here.
 from ddpm_jax.weights.diffusers import (  # noqa: F401
@@ -105,7 +106,7 @@ def write_pipeline(out: epath.Path, files: Mapping[str, bytes]) -> list[str]:
         for name in sorted(files, key=lambda n: n == MODEL_INDEX):
             path = out / name
             path.parent.mkdir(parents=True, exist_ok=True)
-            path.write_bytes(files[name])
+            atomic_files.write_bytes(path, files[name])
             written.append(str(path))
     except OSError as e:
         raise ExportError(f"cannot write {out}: {e.__class__.__name__}: {e}; check the path "

@@ -15,18 +15,15 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import io
-import json
 import time
-import zipfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 import jax
 import numpy as np
 from etils import epath
 
-from ddpm_jax import config_lib, distributed, errors, images, sampling
+from ddpm_jax import config_lib, distributed, errors, files, images, sampling
 
 if TYPE_CHECKING:
     from ddpm_jax.api import DDPM
@@ -54,10 +51,6 @@ def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec) 
                 **spec.record(model.diffusion), image_shape=list(model.image_shape))
 
 
-def _read_json(path: epath.Path) -> dict | None:
-    return json.loads(path.read_text()) if path.exists() else None
-
-
 def _changes(old: dict | None, new: dict) -> str | None:
     """None without ``old``; "" when it equals ``new``; else the differing fields."""
     if old is None:
@@ -65,75 +58,34 @@ def _changes(old: dict | None, new: dict) -> str | None:
     return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_lib.differences(old, new))
 
 
-def _write_atomic(path: epath.Path, data: bytes) -> None:
-    tmp = path.parent / (path.name + ".tmp")
-    tmp.write_bytes(data)
-    tmp.replace(path)
+write_npz_stream = files.write_npz_stream  # the streamed .npz lives in ddpm_jax.files
+iter_npz_rows = files.iter_npz_rows
 
 
-def _npz_bytes(**arrays) -> bytes:
-    buffer = io.BytesIO()
-    np.savez(buffer, **arrays)
-    return buffer.getvalue()
-
-
-def write_npz_stream(path: epath.Path, name: str, shape: tuple[int, ...], dtype,
-                     chunks: Iterable[np.ndarray]) -> None:
-    """Writes one array ``name`` of ``shape`` as ``.npz`` from its row chunks, one at a time.
-
-    The file is what ``np.savez`` writes (an uncompressed zip holding ``name.npy``), so
-    ``np.load(path)[name]`` reads it without pickle; it is renamed into place when complete.
-    """
-    tmp = path.parent / (path.name + ".tmp")
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False,
-              "shape": tuple(shape)}
-    written = 0
-    with tmp.open("wb") as f, zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
-        with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_1_0(out, header)
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                out.write(chunk.tobytes())
-                written += chunk.shape[0]
-    if written != shape[0]:
-        tmp.unlink()
-        raise ValueError(f"wrote {written} rows of {name}, expected {shape[0]}")
-    tmp.replace(path)
-
-
-def iter_npz_rows(path: epath.Path, name: str, batch: int,
-                  count: int | None = None) -> tuple[tuple[int, ...], Iterator[np.ndarray]]:
-    """The shape of array ``name`` in an uncompressed ``.npz`` and an iterator over its first
-    ``count`` rows (default all), ``batch`` rows at a time: memory is bounded by one batch.
-
-    Raises:
-      SampleSpecError: the file does not hold ``name``, is compressed, or holds objects.
-    """
-    zf = zipfile.ZipFile(path.open("rb"))
-    member = f"{name}.npy"
-    if member not in zf.namelist() or zf.getinfo(member).compress_type != zipfile.ZIP_STORED:
-        zf.close()
-        raise SampleSpecError(f"{path} holds no uncompressed array {name!r} (as sample.py "
-                              "writes it)")
-    f = zf.open(member)
-    version = np.lib.format.read_magic(f)
-    read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
-                   else np.lib.format.read_array_header_2_0)
-    shape, fortran, dtype = read_header(f)
-    if dtype.hasobject or fortran:
-        zf.close()
-        raise SampleSpecError(f"{path}: {name} is not a plain C-order array (objects are never "
-                              "unpickled here)")
-    total = shape[0] if count is None else min(count, shape[0])
-    row_bytes = int(np.prod(shape[1:], dtype=np.int64)) * dtype.itemsize
-
-    def rows() -> Iterator[np.ndarray]:
-        with zf, f:
-            for start in range(0, total, batch):
-                n = min(batch, total - start)
-                yield np.frombuffer(f.read(n * row_bytes), dtype).reshape(n, *shape[1:])
-
-    return tuple(shape), rows()
+def _finished_state(output_dir: epath.Path, spec: dict) -> str | None:
+    """What is in OUTPUT_DIR already: None (nothing), "" (samples of ``spec``, complete), or why
+    the samples there are not those of ``spec`` (they are then moved aside, never overwritten)."""
+    final = output_dir / "samples.npz"
+    try:
+        record = files.read_json(output_dir / "samples.json")
+    except files.TornFileError:
+        record = "unreadable"
+    if record is None:
+        return "no samples.json beside them" if final.exists() else None
+    if record == "unreadable":
+        return "samples.json unreadable"
+    if not final.exists():
+        return "samples.npz missing"
+    done = _changes(record, spec)
+    if done:
+        return f"other settings: {done}"
+    try:
+        shape, rows = files.iter_npz_rows(final, "images", 1, 0)
+    except (files.NpzError, OSError):
+        return "samples.npz unreadable"
+    if shape != (spec["num_samples"], *spec["image_shape"]):
+        return f"samples.npz holds {shape}"
+    return ""
 
 
 def _prepare(output_dir: epath.Path, spec: dict) -> epath.Path | None:
@@ -141,36 +93,43 @@ def _prepare(output_dir: epath.Path, spec: dict) -> epath.Path | None:
 
     Returns None when samples of ``spec`` are already complete, else the shard folder.
     """
-    final = output_dir / "samples.npz"
-    done = _changes(_read_json(output_dir / "samples.json"), spec)
-    if done == "" and final.exists():
+    done = _finished_state(output_dir, spec)
+    if done == "":
         return None
     shard_dir = output_dir / SHARDS
-    partial = _changes(_read_json(shard_dir / "spec.json"), spec)
-    if partial:
+    try:
+        partial = _changes(files.read_json(shard_dir / "spec.json"), spec)
+    except files.TornFileError:
+        partial = "torn"
+    if partial and partial != "torn":
         raise SampleSpecError(
             f"{shard_dir} holds an unfinished run with other settings ({partial}); rerun it with "
             "its settings to finish it, or pass another --output_dir (nothing was overwritten)")
     if jax.process_index() == 0:
         if done:
-            print(f"samples of other settings ({done}) moved to {_move_aside(output_dir)}")
+            print(f"samples in {output_dir} not made with these settings ({done}) moved to "
+                  f"{_move_aside(output_dir)}", flush=True)
+        if partial == "torn":  # its settings are unknown: its shards are kept aside, unused
+            print(f"{shard_dir / 'spec.json'} is unreadable (a write cut short); its shards "
+                  f"moved to {_move_aside(output_dir, (SHARDS,))}", flush=True)
         shard_dir.mkdir(parents=True, exist_ok=True)
-        if partial is None:
-            (shard_dir / "spec.json").write_text(json.dumps(spec, indent=2))
+        if partial is None or partial == "torn":
+            files.write_json(shard_dir / "spec.json", spec)
     distributed.sync("generate_prepare")
     return shard_dir
 
 
-def _move_aside(output_dir: epath.Path) -> epath.Path:
-    """Moves finished samples of other settings to previous_samples/<k>/; returns the folder."""
+def _move_aside(output_dir: epath.Path,
+                names=("samples.npz", "samples.png", "samples.json")) -> epath.Path:
+    """Moves files of other settings to previous_samples/<k>/; returns the folder."""
     k = 0
     while (output_dir / "previous_samples" / str(k)).exists():
         k += 1
     dst = output_dir / "previous_samples" / str(k)
     dst.mkdir(parents=True)
-    for name in ("samples.npz", "samples.png", "samples.json"):
+    for name in names:
         if (output_dir / name).exists():
-            (output_dir / name).replace(dst / name)
+            (output_dir / name).rename(dst / name)
     return dst
 
 
@@ -211,7 +170,7 @@ def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
     chunks = iter_chunks(model, jax.random.key(seed), chunk_plan, spec, start=first)
     for i, imgs in enumerate(chunks, start=first):
         if main:
-            _write_atomic(shard(i), _npz_bytes(images=imgs))
+            files.write_npz(shard(i), images=imgs)
         made += imgs.shape[0]
         bar.update(imgs.shape[0])
         bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
@@ -221,7 +180,7 @@ def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
 def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: dict) -> None:
     """Streams the shards into samples.npz, writes the grid and the description, cleans up."""
     n = chunk_plan.num_samples
-    read = lambda i: np.load(io.BytesIO(shard(i).read_bytes()), allow_pickle=False)["images"]
+    read = lambda i: files.read_npz(shard(i))["images"]
     write_npz_stream(out / "samples.npz", "images", (n, *image_shape), np.uint8,
                      (read(i) for i in range(chunk_plan.num_chunks)))
     grid = []
@@ -230,7 +189,7 @@ def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: 
         if sum(len(g) for g in grid) >= 100:
             break
     images.save_grid(str(out / "samples.png"), np.concatenate(grid))
-    (out / "samples.json").write_text(json.dumps(description, indent=2))
+    files.write_json(out / "samples.json", description)
     (out / SHARDS).rmtree()
 
 

@@ -16,6 +16,8 @@ import numpy as np
 from etils import epath
 from PIL import Image, ImageDraw
 
+from ddpm_jax import files
+
 
 def to_model_space(images: jax.Array) -> jax.Array:
     """uint8 ``[..., C]`` -> float32 ``u / 127.5 - 1`` in [-1, 1]."""
@@ -67,9 +69,7 @@ def _write_png(path: str, image: Image.Image) -> None:
     image.save(buffer, format="PNG")
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = target.parent / (target.name + ".tmp")
-    tmp.write_bytes(buffer.getvalue())
-    tmp.replace(target)
+    files.write_bytes(target, buffer.getvalue())
 
 
 def read_png(path: str) -> np.ndarray:

@@ -48,7 +48,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import checkpoints, config_lib, errors, unet
+from ddpm_jax import checkpoints, config_lib, errors, files, unet
 
 # The diffusers format and the layout engine, re-exported under their former names here.
 from ddpm_jax.weights.diffusers import (  # noqa: F401
@@ -364,7 +364,7 @@ def import_checkpoint(source: str, config: ml_collections.ConfigDict, workdir: s
     epath.Path(workdir).mkdir(parents=True, exist_ok=True)
     info["path"] = checkpoints.save_weights(workdir, config, params, ema_params=ema_params,
                                             step=info["step"])
-    (epath.Path(workdir) / "config.json").write_text(config_lib.to_json(config))
+    files.write_text(epath.Path(workdir) / "config.json", config_lib.to_json(config))
     info["num_params"] = unet.count_params(params)
     info["seconds"] = time.perf_counter() - start
     return info

@@ -17,7 +17,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddpm_jax import errors, images
+from ddpm_jax import errors, files, images
 
 
 class NonFiniteError(errors.UserError):
@@ -60,9 +60,7 @@ class MetricWriter:
         if not enabled:
             return
         if self.path.exists():
-            self._rows = [ln if ln.endswith("\n") else ln + "\n"
-                          for ln in self.path.read_text().splitlines()
-                          if _row_step(ln) <= resume_step]
+            self._rows = self._read_rows(resume_step)
             self._rewrite()
         self._tb = _summary_writer()(str(epath.Path(workdir) / "tensorboard"),
                                  purge_step=resume_step + 1)
@@ -73,15 +71,35 @@ class MetricWriter:
     def __exit__(self, *exc) -> None:
         self.close()
 
+    def _read_rows(self, resume_step: int) -> list[str]:
+        """The rows up to ``resume_step``; damaged lines are reported and kept aside in
+        ``metrics.jsonl.damaged`` (a run killed mid-write leaves a torn last line)."""
+        rows, damaged = [], []
+        for number, line in enumerate(self.path.read_text().splitlines(), start=1):
+            if not line.strip():
+                continue
+            step = _row_step(line)
+            if step is None:
+                damaged.append((number, line))
+            elif step <= resume_step:
+                rows.append(files.dumps(json.loads(line)) + "\n")  # any bare NaN as null
+        if damaged:
+            aside = self.path.parent / (self.path.name + ".damaged")
+            old = aside.read_text() if aside.exists() else ""
+            files.write_text(aside, old + "".join(f"{ln}\n" for _, ln in damaged))
+            numbers = ", ".join(str(n) for n, _ in damaged[:5])
+            print(f"warning: {self.path} line(s) {numbers}{', ...' if len(damaged) > 5 else ''}"
+                  f" not JSON rows (a torn write or an edit); left out and kept in {aside}",
+                  file=sys.stderr, flush=True)
+        return rows
+
     def _rewrite(self) -> None:
-        tmp = self.path.parent / (self.path.name + ".tmp")
-        tmp.write_text("".join(self._rows))
-        tmp.replace(self.path)
+        files.write_text(self.path, "".join(self._rows))
 
     def write(self, step: int, scalars: dict[str, float]) -> None:
         if not self.enabled:
             return
-        line = json.dumps(dict(step=int(step), **scalars)) + "\n"
+        line = files.dumps(dict(step=int(step), **scalars)) + "\n"  # NaN as null
         self._rows.append(line)
         if self._local:
             with self.path.open("a") as f:
@@ -116,12 +134,13 @@ class MetricWriter:
             self._tb = None
 
 
-def _row_step(line: str) -> float:
-    """The step of a metrics.jsonl row; a torn last line (killed mid-write) counts as past."""
+def _row_step(line: str) -> int | None:
+    """The step of a metrics.jsonl row; None for a line that is not one."""
     try:
-        return json.loads(line)["step"]
+        step = json.loads(line)["step"]
     except (ValueError, KeyError, TypeError):
-        return float("inf")
+        return None
+    return step if isinstance(step, int) else None
 
 
 class MetricLogger:

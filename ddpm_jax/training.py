@@ -39,6 +39,7 @@ from ddpm_jax import (
     checkpoints,
     config_lib,
     diffusion,
+    files,
     images,
     input_pipeline,
     metric_logging,
@@ -447,7 +448,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> Train
 
 def _announce(run: Run) -> None:
     c, start = run.config, run.start.step
-    (run.workdir / "config.json").write_text(config_lib.to_json(c))
+    files.write_text(run.workdir / "config.json", config_lib.to_json(c))
     print(f"{'Resuming' if start else 'Starting'} at step {start}: "
           f"{unet.count_params(run.start.state.params):,} parameters, {run.mesh.size} device(s)"
           f" in {jax.process_count()} process(es), global batch {c.training.batch_size}, "

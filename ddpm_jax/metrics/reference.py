@@ -11,15 +11,13 @@ Everything is read with ``allow_pickle=False``; paths may be local or ``gs://``.
 
 from __future__ import annotations
 
-import io
-import os
 from collections.abc import Callable
 from typing import NamedTuple
 
 import numpy as np
 from etils import epath
 
-from ddpm_jax import errors
+from ddpm_jax import errors, files
 from ddpm_jax.metrics import network
 from ddpm_jax.metrics.errors import MetricsError
 
@@ -44,18 +42,10 @@ def save_reference_stats(path: str, mu, sigma, n: int, *, mode: str,
     sigma = np.asarray(sigma, np.float64)
     if mu.ndim != 1 or sigma.shape != (len(mu), len(mu)):
         raise MetricsError(f"mu must be [d] and sigma [d, d], got {mu.shape} and {sigma.shape}")
-    buf = io.BytesIO()
-    np.savez(buf, mu=mu, sigma=sigma, n=np.int64(n), mode=np.str_(mode),
-             weights_sha256=np.str_(weights_sha256))
     target = epath.Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
-    if "://" in str(path):
-        target.write_bytes(buf.getvalue())
-        return
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "wb") as f:
-        f.write(buf.getvalue())
-    os.replace(tmp, path)  # never a half-written statistics file
+    files.write_npz(target, mu=mu, sigma=sigma, n=np.int64(n), mode=np.str_(mode),
+                    weights_sha256=np.str_(weights_sha256))  # never a half-written file
 
 
 def _read_npz(path: str) -> dict[str, np.ndarray]:

@@ -25,7 +25,7 @@ from collections.abc import Mapping
 import jax
 import numpy as np
 
-from ddpm_jax import errors
+from ddpm_jax import errors, files
 from ddpm_jax.metrics import network
 from ddpm_jax.metrics.errors import MetricsError
 
@@ -194,14 +194,10 @@ def load_weights(path: str | None = None) -> dict:
 def save_tensors(tensors: Mapping[str, np.ndarray], out: str, source_sha256: str) -> None:
     """Writes the 472 checked tensors (PyTorch names and layout) as safetensors with the
     source's SHA-256 in the metadata; written to a temporary name, then renamed."""
-    from safetensors.numpy import save_file  # noqa: PLC0415
-
     check_tensors(tensors, "the source")
     arrays = {name: np.ascontiguousarray(tensors[name]) for name in expected_tensors()}
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    tmp = f"{out}.tmp-{os.getpid()}"
-    save_file(arrays, tmp, metadata={METADATA_SHA256: source_sha256, METADATA_FORMAT: FORMAT})
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # readable by others as the umask allows, like any file
-    os.replace(tmp, out)
+    from safetensors.numpy import save  # noqa: PLC0415
+
+    files.write_bytes(out, save(arrays, metadata={METADATA_SHA256: source_sha256,
+                                                  METADATA_FORMAT: FORMAT}))
