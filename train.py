@@ -22,6 +22,9 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, logs and "
                     "samples.")
+flags.DEFINE_bool("take_over_lock", False, "Take over the workdir's lock held by a run on "
+                  "another host that is gone (a run on this host that no longer runs is "
+                  "detected by itself).")
 flags.mark_flags_as_required(["config", "workdir"])
 cli.define_process_flags()
 
@@ -32,7 +35,8 @@ def main():
     logging.set_verbosity(logging.WARNING)  # Orbax reports every file at INFO
     cli.start_processes()
     try:
-        training.train_and_evaluate(FLAGS.config, FLAGS.workdir)
+        training.train_and_evaluate(FLAGS.config, FLAGS.workdir,
+                                    take_over_lock=FLAGS.take_over_lock)
     except training.Preempted as e:
         print(f"{e}; the checkpoint of step {e.step} is committed, rerun the same command to "
               "resume", file=sys.stderr, flush=True)

@@ -68,8 +68,14 @@ class DDPM:
                    **provenance)
 
     def replace(self, **changes) -> DDPM:
-        """A copy with some fields changed (``params`` are placed on the mesh)."""
+        """A copy with some fields changed (``params`` are checked, then placed on the mesh).
+
+        Raises:
+          ValueError: ``params`` do not have this network's structure and shapes (the first
+            differing path is named) or hold non-finite values.
+        """
         if "params" in changes:
+            check_params(self.params, changes["params"])
             changes["params"] = sharding.put(changes["params"], sharding.replicated(self.mesh))
         return dataclasses.replace(self, **changes)
 
@@ -248,6 +254,28 @@ def _interpolation_fn(graphdef, t: int, clip_denoised: bool):
         return images.to_uint8(out)
 
     return jax.jit(interpolate, compiler_options=xla_cpu.compiler_options("forward"))
+
+
+def check_params(reference, params) -> None:
+    """Raises ValueError unless ``params`` match ``reference``'s paths, shapes and dtypes and
+    are all finite; the message names the first path that differs."""
+    name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
+    want = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(reference)[0]}
+    got = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    for path in [*want, *(p for p in got if p not in want)]:
+        if path not in got:
+            raise ValueError(f"params lack {path} (shape {tuple(want[path].shape)}); give the "
+                             "parameters of this network (model.params has the structure)")
+        if path not in want:
+            raise ValueError(f"params hold {path}, which this network does not have")
+        a, b = want[path], got[path]
+        if tuple(np.shape(b)) != tuple(a.shape) or np.result_type(b) != a.dtype:
+            raise ValueError(f"params {path} is {np.result_type(b)} {tuple(np.shape(b))}, "
+                             f"this network needs {a.dtype} {tuple(a.shape)}")
+    bad = next((p for p, v in got.items() if not bool(jnp.all(jnp.isfinite(v)))), None)
+    if bad is not None:
+        raise ValueError(f"params {bad} holds NaN or infinite values; give finite "
+                         "parameters")
 
 
 def create(config: ml_collections.ConfigDict, *, seed: int = 0, mesh=None) -> DDPM:

@@ -13,6 +13,8 @@ and ``--distributed_timeout`` to a program; ``start_processes()`` then joins the
 
 from __future__ import annotations
 
+import ast
+import os
 import runpy
 import sys
 from collections.abc import Callable, Sequence
@@ -38,12 +40,16 @@ def run(main: Callable[[], None]) -> None:
             main()
         except errors.UserError as e:
             fail(str(e), e.exit_code)
+        except KeyboardInterrupt:
+            fail("interrupted (Ctrl-C); what was finished is kept: rerun the same command to "
+                 "continue", 130)
 
     app.run(wrapped, flags_parser=parse_flags)
 
 
 def parse_flags(argv: Sequence[str]) -> list[str]:
     """absl's parsing with every mistake as one line and exit code 2."""
+    _check_config_file(argv)
     try:
         return flags.FLAGS(argv)
     except flags.Error as e:
@@ -51,6 +57,31 @@ def parse_flags(argv: Sequence[str]) -> list[str]:
     except (AttributeError, KeyError) as e:  # an unknown --config.a.b override key
         fail(_unknown_override(argv) or f"bad config override ({e})")
     return []  # not reached
+
+
+def _check_config_file(argv: Sequence[str]) -> None:
+    """A ``--config`` file that is missing, does not parse or has no ``get_config``: one line
+    (before ml_collections loads it, which would print its own traceback)."""
+    args = list(argv)
+    value = next((a.split("=", 1)[1] for a in args if a.startswith("--config=")), None)
+    if value is None and "--config" in args[:-1]:
+        value = args[args.index("--config") + 1]
+    if value is None:
+        return
+    file = value.partition(":")[0]
+    if not os.path.isfile(file):
+        fail(f"--config={value}: there is no file {file}; give a config file such as "
+             "configs/digits.py")
+    try:
+        with open(file) as f:
+            tree = ast.parse(f.read(), file)
+    except (SyntaxError, ValueError, OSError) as e:
+        where = f" at line {e.lineno}" if getattr(e, "lineno", None) else ""
+        fail(f"--config={value}: {file} cannot be read as Python{where} "
+             f"({getattr(e, 'msg', None) or e}); fix the file")
+    if not any(isinstance(n, ast.FunctionDef) and n.name == "get_config" for n in tree.body):
+        fail(f"--config={value}: {file} defines no get_config(); a config file returns its "
+             "ConfigDict from get_config()")
 
 
 def _unknown_override(argv: Sequence[str]) -> str | None:

@@ -12,6 +12,7 @@ import json
 from typing import Any
 
 import ml_collections
+import numpy as np
 
 from ddpm_jax import diffusion, errors, schedules
 
@@ -106,7 +107,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "diffusion.model_var_type to 'learned' or 'learned_range'",
     )
     try:
-        schedules.get_beta_schedule(
+        betas = schedules.get_beta_schedule(
             config.diffusion.beta_schedule,
             beta_start=config.diffusion.beta_start,
             beta_end=config.diffusion.beta_end,
@@ -114,6 +115,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         )
     except schedules.ScheduleError as e:
         raise ConfigError(str(e)) from None
+    _validate_process(config, betas)
     _validate_model(config)
     _validate_optim(config)
     _validate_training(config)
@@ -146,6 +148,25 @@ def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps
              f"{prefix}thresholding applies to dpm_solver++ only (the clipped DDIMs are "
              f"ddim_clipped and ddim_iddpm, the ancestral sampler clips with "
              f"sampling.clip_denoised); drop {prefix}thresholding")
+
+
+def _validate_process(config, betas: np.ndarray) -> None:
+    """The loss, variance and schedule fit together (what the original asserts, and more)."""
+    d = config.diffusion
+    _require(not (d.loss_type == "mse" and diffusion.is_learned_variance(d.model_var_type)),
+             f"diffusion.loss_type='mse' trains the mean only: the learned variance "
+             f"(model_var_type={d.model_var_type!r}) would get no gradient; use "
+             "loss_type='hybrid' or 'kl', or model_var_type='fixedlarge' or 'fixedsmall'")
+    _require(bool(np.all(np.diff(betas) >= 0.0)),
+             f"the betas of diffusion.beta_schedule={d.beta_schedule!r} decrease (beta_start="
+             f"{d.beta_start} > beta_end={d.beta_end}?); the forward process adds more noise at "
+             "each step: swap diffusion.beta_start and diffusion.beta_end")
+    abar_last = float(np.prod(1.0 - betas))
+    _require(d.model_mean_type != "eps" or (float(np.max(betas)) < 1.0 and abar_last > 0.0),
+             f"diffusion.beta_schedule={d.beta_schedule!r} (beta_end={d.beta_end}) ends with "
+             f"beta = 1, so the last alpha-bar is 0 and model_mean_type='eps' divides by it "
+             "(all-zero samples, NaN bits/dim): use betas in (0, 1), e.g. beta_end < 1, or "
+             "model_mean_type='xstart'")
 
 
 def _validate_model(config) -> None:

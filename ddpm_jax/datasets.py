@@ -41,12 +41,22 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from absl import logging
+from etils import epath
 from PIL import Image
 
 from ddpm_jax import errors
 
 if TYPE_CHECKING:
     import tensorflow_datasets as tfds
+
+
+def _not_the_opencv_note(record) -> bool:
+    # tfds notes on every image decode set-up that OpenCV is missing; PIL decodes these images
+    # (uint8 PNG) to the same pixels, so the note is noise on every run.
+    return "OpenCV is not installed" not in record.getMessage()
+
+
+logging.get_absl_logger().addFilter(_not_the_opencv_note)
 
 
 class DataError(errors.UserError, ValueError):
@@ -213,6 +223,10 @@ def hide_tensorflow_from_accelerators() -> None:
 def make_builder(config: Any) -> tfds.core.DatasetBuilder:
     """Returns the (possibly unprepared) ArrayRecord tfds builder of `config.data.dataset`."""
     spec = dataset_spec(config)
+    data_dir = config.data.data_dir
+    if data_dir and epath.Path(data_dir).exists() and not epath.Path(data_dir).is_dir():
+        raise DataError(f"config.data.data_dir={data_dir} is a file, not a folder; set it to the "
+                        "folder that holds (or will hold) the prepared datasets")
     if spec.tfds_name == "digits":
         from ddpm_jax import digits  # noqa: PLC0415 - a tfds builder: imports tfds
 

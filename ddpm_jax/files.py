@@ -18,6 +18,9 @@ import io
 import json
 import math
 import os
+import socket
+import sys
+import time
 import uuid
 import zipfile
 from collections.abc import Iterable, Iterator
@@ -45,6 +48,24 @@ class NpzError(errors.UserError, ValueError):
 
 def _path(path) -> epath.Path:
     return path if isinstance(path, epath.Path) else epath.Path(path)
+
+
+def check_writable(folder, what: str, fix: str, error: type[Exception] = WriteError) -> None:
+    """Creates ``folder`` if needed and checks that a file can be written in it.
+
+    Raises:
+      error: one line naming ``what``, the folder, the reason and ``fix``.
+    """
+    folder = _path(folder)
+    try:
+        if folder.exists() and not folder.is_dir():
+            raise NotADirectoryError(20, "a file is in the way")
+        folder.mkdir(parents=True, exist_ok=True)
+        probe = folder / f".write_test{TMP_MARK}{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as e:
+        raise error(f"{what} {folder} is not writable ({e.strerror or e}); {fix}") from None
 
 
 def tmp_path(path) -> epath.Path:
@@ -244,3 +265,144 @@ def _npy_layout(handle, path, name: str) -> tuple[tuple[int, ...], np.dtype, int
     start = info.header_offset + 30 + int.from_bytes(local[26:28], "little") + int.from_bytes(
         local[28:30], "little")
     return tuple(shape), dtype, start + header_len
+
+
+# -- folder locks ---------------------------------------------------------------------------------
+class LockedError(errors.UserError):
+    """A folder is in use by another run (the message names it and what to do)."""
+
+
+_HELD: dict[str, str] = {}  # lock path -> token, for the locks this process holds
+
+
+def _start_time(pid: int) -> str | None:
+    """The kernel's start time of process ``pid`` (tells a reused pid apart); None if unknown."""
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[1].split()[19]
+    except (OSError, IndexError):
+        return None
+
+
+def _alive(holder: dict) -> bool:
+    """Whether the holder, a process on this host, still runs."""
+    pid = holder.get("pid")
+    if not isinstance(pid, int) or pid <= 0:
+        return False
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass
+    started = _start_time(pid)
+    return started is None or holder.get("started") in (None, started)
+
+
+def _create_exclusive(path: epath.Path, me: dict) -> bool:
+    """Creates the lock file holding ``me``; False if it exists already."""
+    if "://" in str(path):  # a bucket: write, then read back (the last writer wins)
+        if path.exists():
+            return False
+        write_json(path, me)
+        time.sleep(0.5)
+        try:
+            return (read_json(path) or {}).get("token") == me["token"]
+        except TornFileError:
+            return False
+    tmp = tmp_path(path)
+    write_json(tmp, me)
+    try:
+        os.link(tmp, path)  # atomic, and never replaces an existing lock
+        return True
+    except FileExistsError:
+        return False
+    finally:
+        tmp.unlink()
+
+
+def _describe(holder: dict) -> str:
+    return (f"{holder.get('program', 'a run')} on host {holder.get('host')} (pid "
+            f"{holder.get('pid')}, since {holder.get('since')})")
+
+
+def _acquire(path: epath.Path, me: dict, *, what: str, take_over: bool, flag: str) -> None:
+    for _ in range(5):
+        if _create_exclusive(path, me):
+            return
+        try:
+            holder = read_json(path)
+        except TornFileError:
+            holder = {}
+        if holder is None:  # released meanwhile
+            continue
+        holder = holder if isinstance(holder, dict) else {}
+        same_host = holder.get("host") == me["host"]
+        if holder and same_host and _alive(holder):
+            raise LockedError(f"{what} is in use by {_describe(holder)}; wait for it to end or "
+                              f"stop it (lock {path})")
+        if holder and not same_host and not take_over:
+            raise LockedError(f"{what} is in use by {_describe(holder)}; if that run is gone, "
+                              f"rerun with {flag} to take it over (lock {path})")
+        reason = ("taken over" if holder and not same_host else
+                  "left by a process that no longer runs" if holder else "unreadable")
+        print(f"note: lock {path} {reason}" + (f" ({_describe(holder)})" if holder else ""),
+              file=sys.stderr, flush=True)
+        path.unlink(missing_ok=True)
+    raise LockedError(f"could not take the lock {path} of {what}: other runs keep taking it; "
+                      "make sure one run uses it")
+
+
+def _release(path: epath.Path, token: str) -> None:
+    try:
+        if (read_json(path) or {}).get("token") == token:
+            path.unlink(missing_ok=True)
+    except (OSError, TornFileError):
+        pass
+
+
+class FolderLock:
+    """Holds ``<folder>/.<name>.lock`` while a run uses ``folder``, refusing a second run.
+
+    The lock records the holder (host, pid, the process's start time, program). A lock whose
+    holder is a process of this host that no longer runs is taken over (a killed run does not
+    block its rerun); one held on another host is refused unless ``take_over`` (the message
+    names ``flag``). Only the leader (process 0) takes the lock; the other processes of the
+    same run learn the outcome through ``broadcast`` (process 0's int on every process) and
+    stop with it. Nested use of the same lock in one process is allowed.
+    """
+
+    def __init__(self, folder, name: str, *, what: str, program: str, take_over: bool = False,
+                 flag: str = "--take_over_lock", leader: bool = True,
+                 broadcast=lambda value: value):
+        self.path = _path(folder) / f".{name}.lock"
+        self.what, self.program, self.take_over, self.flag = what, program, take_over, flag
+        self.leader, self.broadcast = leader, broadcast
+        self._token: str | None = None
+
+    def __enter__(self) -> FolderLock:
+        if str(self.path) in _HELD:
+            return self
+        error = None
+        if self.leader:
+            me = dict(host=socket.gethostname(), pid=os.getpid(),
+                      started=_start_time(os.getpid()), program=self.program,
+                      since=time.strftime("%Y-%m-%d %H:%M:%S UTC", time.gmtime()),
+                      token=uuid.uuid4().hex)
+            try:
+                _acquire(self.path, me, what=self.what, take_over=self.take_over,
+                         flag=self.flag)
+                self._token = me["token"]
+                _HELD[str(self.path)] = self._token
+            except LockedError as e:
+                error = e
+        if not self.broadcast(0 if error else 1):
+            raise error or LockedError(f"{self.what} is in use by another run (process 0 says "
+                                       "which); nothing was started")
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._token is not None:
+            _HELD.pop(str(self.path), None)
+            _release(self.path, self._token)
+            self._token = None

@@ -38,6 +38,12 @@ class SampleSpecError(errors.UserError, ValueError):
 Plan, plan = sampling.Plan, sampling.plan
 
 
+class Interrupted(errors.UserError):
+    """Ctrl-C stopped the sampling; the finished batches are kept."""
+
+    exit_code = 130
+
+
 def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.SamplerSpec, *,
                 start: int = 0, x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """``sampling.iter_chunks`` of ``model``'s compiled chain for ``spec``."""
@@ -141,12 +147,19 @@ def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
     chunk_plan = plan(num_samples, batch_size or model.config.sampling.batch_size, model.mesh)
     description = _spec(model, chunk_plan, seed, spec)
     out = epath.Path(output_dir)
-    final = out / "samples.npz"
     if jax.process_index() == 0:
-        out.mkdir(parents=True, exist_ok=True)
+        files.check_writable(out, "output folder", "choose another output folder")
+    with files.FolderLock(out, "samples", what=f"output folder {out}", program="sample.py",
+                          leader=jax.process_index() == 0, broadcast=distributed.broadcast_int):
+        return _generate(model, out, chunk_plan, spec, seed, description, progress)
+
+
+def _generate(model, out: epath.Path, chunk_plan: Plan, spec, seed: int, description: dict,
+              progress: bool) -> str:
+    final = out / "samples.npz"
     shard_dir = _prepare(out, description)
     if shard_dir is None:
-        print(f"{final} is already complete ({num_samples} images)")
+        print(f"{final} is already complete ({chunk_plan.num_samples} images)")
         return str(final)
     shard = lambda i: shard_dir / f"shard_{i:06d}.npz"
     first = distributed.broadcast_int(next(
@@ -168,13 +181,19 @@ def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
                disable=not (progress and main), dynamic_ncols=True)
     start, made = time.time(), 0
     chunks = iter_chunks(model, jax.random.key(seed), chunk_plan, spec, start=first)
-    for i, imgs in enumerate(chunks, start=first):
-        if main:
-            files.write_npz(shard(i), images=imgs)
-        made += imgs.shape[0]
-        bar.update(imgs.shape[0])
-        bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
-    bar.close()
+    try:
+        for i, imgs in enumerate(chunks, start=first):
+            if main:
+                files.write_npz(shard(i), images=imgs)
+            made += imgs.shape[0]
+            bar.update(imgs.shape[0])
+            bar.set_postfix(img_s=f"{made / max(time.time() - start, 1e-9):.2f}")
+    except KeyboardInterrupt:
+        raise Interrupted(
+            f"interrupted after {done + made} of {chunk_plan.num_samples} images; the finished "
+            f"batches are kept in {shard(0).parent}: rerun the same command to finish") from None
+    finally:
+        bar.close()
 
 
 def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: dict) -> None:

@@ -703,7 +703,7 @@ def plan(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh) -> Plan:
     """The chunks of ``num_samples`` images at ``batch_size`` rows per compiled chain."""
     if num_samples < 1 or batch_size < 1:
         raise config_lib.ConfigError(
-            f"--num_samples and --batch_size must be positive, got {num_samples} and "
+            f"num_samples and batch_size must be positive, got {num_samples} and "
             f"{batch_size}")
     batch = min(batch_size, num_samples)
     return Plan(num_samples, batch, sharding.padded_size(batch, mesh))

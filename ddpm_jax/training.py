@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import os
 import signal
 import sys
 from collections.abc import Callable
@@ -39,6 +40,8 @@ from ddpm_jax import (
     checkpoints,
     config_lib,
     diffusion,
+    distributed,
+    errors,
     files,
     images,
     input_pipeline,
@@ -233,16 +236,28 @@ def compile_train_step(train_step, mesh, state, *, steps_per_dispatch: int = 1):
 def prepare_workdir(workdir: str) -> epath.Path:
     """Creates ``workdir`` (local or ``gs://``) and checks that a file can be written there."""
     path = checkpoints.absolute(workdir)
-    try:
-        path.mkdir(parents=True, exist_ok=True)
-        probe = path / f".write_test.{jax.process_index()}"
-        probe.write_text("ok")
-        probe.unlink()
-    except OSError as e:
-        raise config_lib.ConfigError(
-            f"workdir {path} is not writable ({e.strerror or e}); choose another --workdir"
-        ) from None
+    writable_folder(path, "workdir", "choose another --workdir")
     return path
+
+
+def writable_folder(folder: epath.Path, what: str, fix: str) -> None:
+    """``files.check_writable`` as a ConfigError."""
+    files.check_writable(folder, what, fix, config_lib.ConfigError)
+
+
+def lock_workdir(path: epath.Path, *, take_over: bool = False) -> files.FolderLock:
+    """The lock that makes a run own its workdir (taken by process 0 for every process)."""
+    return files.FolderLock(path, "train", what=f"workdir {path}", program="train.py",
+                            take_over=take_over, leader=jax.process_index() == 0,
+                            broadcast=distributed.broadcast_int)
+
+
+class AlreadyTrained(Exception):  # noqa: N818 - a control-flow signal, not an error
+    """The workdir's checkpoint is at ``training.num_train_steps`` already (its state)."""
+
+    def __init__(self, message: str, state: TrainState):
+        super().__init__(message)
+        self.state = state
 
 
 _RESUME_FIXED = ("model", "diffusion", "data.dataset", "data.image_size", "data.channels",
@@ -384,16 +399,24 @@ class Run:
     is_main: bool
 
 
-def setup(config, workdir: str, stack: contextlib.ExitStack) -> Run:
+def setup(config, workdir: str, stack: contextlib.ExitStack, *,
+          take_over_lock: bool = False) -> Run:
     """Checks and builds everything before anything compiles; ``stack`` closes it all.
 
-    The data is opened (and so checked) before the initial state is compiled; a resumed run
-    first checks the saved config, then restores, then opens the data at the saved position.
+    The workdir is locked first (a second run on it is refused). The data is opened (and so
+    checked) before the initial state is compiled; a resumed run first checks the saved config,
+    then restores, then opens the data at the saved position.
+
+    Raises:
+      AlreadyTrained: the latest checkpoint is at ``training.num_train_steps``.
     """
     config_lib.validate(config)
     for warning in config_lib.warnings(config):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     path = prepare_workdir(workdir)
+    stack.enter_context(lock_workdir(path, take_over=take_over_lock))
+    writable_folder(path / checkpoints.CHECKPOINT_SUBDIR, "checkpoints folder",
+                    "move what is in the way, or choose another --workdir")
     mesh = sharding.create_mesh()
     rows = sharding.process_rows(mesh, config.training.batch_size)
     ckpt = stack.enter_context(checkpoints.Checkpointer(
@@ -403,11 +426,16 @@ def setup(config, workdir: str, stack: contextlib.ExitStack) -> Run:
     graphdef, abstract_params = unet.abstract_model(config)
     abstract = abstract_state(abstract_params, tx)
     latest = ckpt.latest_step()
+    _check_steps(latest, config.training.num_train_steps, path)
     if latest is None:
         reader = stack.enter_context(input_pipeline.create_train_reader(config, rows))
         start = fresh_start(config, tx, mesh)
     else:
         start = restore_start(config, ckpt, latest, abstract, mesh)
+        if latest == config.training.num_train_steps:
+            raise AlreadyTrained(f"{path} is trained to training.num_train_steps={latest} "
+                                 "already; raise it to train further (nothing was changed)",
+                                 start.state)
         reader = stack.enter_context(input_pipeline.create_train_reader(
             config, rows, position=start.data_position))
     k = config.training.steps_per_dispatch
@@ -415,6 +443,13 @@ def setup(config, workdir: str, stack: contextlib.ExitStack) -> Run:
                                     steps_per_dispatch=k)
     return Run(config, path, mesh, ckpt, Batches(reader, mesh, rows, k), start, train_step,
                make_grid_writer(config, graphdef, d, mesh, path), jax.process_index() == 0)
+
+
+def _check_steps(latest: int | None, total: int, path: epath.Path) -> None:
+    if latest is not None and latest > total:
+        raise checkpoints.CheckpointError(
+            f"the checkpoint in {path} is at step {latest}, past training.num_train_steps="
+            f"{total}; raise it to train further, or use another --workdir (nothing was changed)")
 
 
 def make_grid_writer(config, graphdef, d, mesh, workdir: epath.Path):
@@ -436,14 +471,36 @@ def make_grid_writer(config, graphdef, d, mesh, workdir: epath.Path):
     return write
 
 
-def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> TrainState:
-    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state."""
-    with contextlib.ExitStack() as stack:
-        run = setup(config, workdir, stack)
-        preemption = stack.enter_context(PreemptionHandler())
-        writer = stack.enter_context(metric_logging.MetricWriter(
-            run.workdir, resume_step=run.start.step, enabled=run.is_main))
-        return train_loop(run, writer, preemption)
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
+                       take_over_lock: bool = False) -> TrainState:
+    """Trains (or resumes) the run of ``config`` in ``workdir``; returns the final state.
+
+    A workdir already trained to ``training.num_train_steps`` is left as it is (one line; its
+    restored state is returned). A refusal at set-up leaves no new, empty workdir behind.
+    """
+    existed = checkpoints.absolute(workdir).exists()
+    try:
+        with contextlib.ExitStack() as stack:
+            run = setup(config, workdir, stack, take_over_lock=take_over_lock)
+            preemption = stack.enter_context(PreemptionHandler())
+            writer = stack.enter_context(metric_logging.MetricWriter(
+                run.workdir, resume_step=run.start.step, enabled=run.is_main))
+            return train_loop(run, writer, preemption)
+    except AlreadyTrained as e:
+        print(f"{e}", file=sys.stderr, flush=True)
+        return e.state
+    except errors.UserError:
+        if not existed and jax.process_index() == 0:
+            _remove_if_empty(checkpoints.absolute(workdir))
+        raise
+
+
+def _remove_if_empty(path: epath.Path) -> None:
+    """Removes a local folder tree that holds no file (what a refused start created)."""
+    if "://" in str(path) or not path.is_dir():
+        return
+    if not any(names for _, _, names in os.walk(path)):
+        path.rmtree()
 
 
 def _announce(run: Run) -> None:

@@ -63,7 +63,8 @@ def test_resume_is_bit_exact_and_resuming_at_the_end_is_a_no_op(digits_dir, tmp_
     assert "Resuming at step 3" in proc.stderr
     _assert_same_run(straight, resumed, 6)
     # Again at the end: nothing changes.
-    assert "Resuming at step 6" in train_here(resumed, digits_dir, 6, checkpoint_every=3)
+    assert "trained to training.num_train_steps=6 already" in train_here(
+        resumed, digits_dir, 6, checkpoint_every=3)  # config.json, metrics untouched
     _assert_same_run(straight, resumed, 6)
 
 
@@ -250,6 +251,58 @@ def test_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypat
     import ddpm_jax
 
     assert ddpm_jax.load(workdir).step == 2
+
+
+def _config(trained, steps):
+    config = test_config.get_config()
+    config.data.data_dir = trained[0].data.data_dir
+    config.training.num_train_steps = steps
+    return config
+
+
+def _tree(root) -> dict:
+    out = {}
+    for d, _, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as fh:
+                out[os.path.relpath(os.path.join(d, n), root)] = fh.read()
+    return out
+
+
+def test_finished_or_overtrained_workdir_is_left_as_it_is(trained, tmp_path, capsys):
+    workdir = _copy(trained[1], tmp_path)
+    before = _tree(workdir)
+    assert int(training.train_and_evaluate(_config(trained, 2), workdir).step) == 2
+    assert "trained to training.num_train_steps=2 already" in capsys.readouterr().err
+    with pytest.raises(checkpoints.CheckpointError) as e:
+        training.train_and_evaluate(_config(trained, 1), workdir)
+    assert "at step 2, past training.num_train_steps=1" in str(e.value)
+    assert _tree(workdir) == before  # config.json, metrics, grids untouched
+
+
+def test_replace_params_checks_shapes_and_finiteness(trained):
+    import ddpm_jax
+
+    model = ddpm_jax.load(trained[1])
+    leaves, tree = jax.tree_util.tree_flatten_with_path(model.params)
+    first = jax.tree_util.keystr(leaves[0][0], simple=True, separator="/")
+    wrong = jax.tree.unflatten(tree, [np.zeros((3,), np.float32)] + [v for _, v in leaves[1:]])
+    with pytest.raises(ValueError, match=f"params {first} is float32 \\(3,\\), this network "):
+        model.replace(params=wrong)
+    nan = jax.tree.map(lambda v: np.full(v.shape, np.nan, v.dtype), model.params)
+    with pytest.raises(ValueError, match=f"params {first} holds NaN"):
+        model.replace(params=nan)
+    same = model.replace(params=jax.tree.map(np.asarray, model.params))
+    assert same.num_params == model.num_params
+
+
+def test_api_errors_name_arguments_not_flags(trained):
+    import ddpm_jax
+
+    model = ddpm_jax.load(trained[1])
+    with pytest.raises(ValueError) as e:
+        model.sample(jax.random.key(0), 0)
+    assert "--" not in str(e.value) and "num_samples" in str(e.value)
 
 
 _MARK = 7  # a batch of only this value becomes NaN on the devices (see _poison)
