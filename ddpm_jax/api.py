@@ -179,17 +179,23 @@ class DDPM:
         return x0[:num_samples], np.swapaxes(xs, 0, 1)[:num_samples], np.swapaxes(
             x0s, 0, 1)[:num_samples]
 
-    def interpolate(self, key, image1, image2, *, t: int = 500, num: int = 9) -> np.ndarray:
-        """Paper Fig. 8 between two uint8 ``[H, W, C]`` images: uint8 ``[num, H, W, C]``."""
+    def interpolate(self, key, image1, image2, *, t: int = 500, num: int = 9,
+                    shared_noise: bool = False) -> np.ndarray:
+        """Paper Fig. 8 between two uint8 ``[H, W, C]`` images: uint8 ``[num, H, W, C]``.
+
+        ``t`` is the paper's number of diffusion steps (1..T); each image is diffused with its
+        own noise as in the original (``shared_noise=True``: one noise for both, a variant).
+        """
         T = self.config.diffusion.num_timesteps
-        if not 0 <= t < T:
-            raise ValueError(f"t must be in [0, {T}), got {t}")
+        if not 1 <= t <= T:
+            raise ValueError(f"t (the number of diffusion steps) must be in [1, {T}], got {t}")
         for name, im in (("image1", image1), ("image2", image2)):
             im = np.asarray(im)
             if im.dtype != np.uint8 or im.shape != self.image_shape:
                 raise ValueError(f"{name} must be uint8 {self.image_shape}, got {im.dtype} "
                                  f"{im.shape}")
-        fn = _interpolation_fn(self.graphdef, t, self.config.sampling.clip_denoised)
+        fn = _interpolation_fn(self.graphdef, t, self.config.sampling.clip_denoised,
+                               shared_noise)
         out = fn(self.params, self.diffusion, key, image1, image2, jnp.linspace(0, 1, num))
         return sharding.to_host(out)
 
@@ -245,12 +251,12 @@ def _bound_fn(graphdef, clip_denoised: bool, mesh):
 
 
 @functools.lru_cache(maxsize=8)
-def _interpolation_fn(graphdef, t: int, clip_denoised: bool):
+def _interpolation_fn(graphdef, t: int, clip_denoised: bool, shared_noise: bool):
     def interpolate(params, d, key, image1, image2, lambdas):
         model_fn = lambda x, s: unet.apply(graphdef, params, x, s)
         x1, x2 = images.to_model_space(image1), images.to_model_space(image2)
         out = sampling.interpolate(d, model_fn, key, x1, x2, t=t, lambdas=lambdas,
-                                   clip_denoised=clip_denoised)
+                                   clip_denoised=clip_denoised, shared_noise=shared_noise)
         return images.to_uint8(out)
 
     return jax.jit(interpolate, compiler_options=xla_cpu.compiler_options("forward"))

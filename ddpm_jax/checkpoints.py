@@ -201,6 +201,7 @@ class Checkpointer:
         )
         if opt_state is not None:
             items["opt_state"] = ocp.args.StandardSave(opt_state)
+        self.wait()  # a failure of the previous save is reported as that step's
         self._saving = int(step)
         try:
             self._manager.save(int(step), args=ocp.args.Composite(**items), force=True)
@@ -215,12 +216,18 @@ class Checkpointer:
             raise self._save_failed(e) from None
 
     def _save_failed(self, e: Exception) -> CheckpointError:
-        committed = [s for s in self.steps() if s != self._saving]
-        return CheckpointError(
-            f"saving the checkpoint of step {self._saving} failed ({e.__class__.__name__}: "
-            f"{str(e)[:200]}); the last committed checkpoint ({max(committed, default='none')})"
-            " is intact: free space or fix the workdir and rerun the same command to resume "
-            "from it")
+        try:
+            committed = [s for s in self.steps() if s != self._saving]
+        except Exception:  # noqa: BLE001 - the storage may fail to list as well
+            committed = []
+        reason = " ".join(f"{e.__class__.__name__}: {e}".split())[:200]
+        intact = (f"the last committed checkpoint (step {max(committed)}, "
+                  f"{self.step_dir(max(committed))}) is intact: "
+                  "free space or fix the workdir and rerun the same command to resume from it"
+                  if committed else "no checkpoint was committed before it: free space or fix "
+                  "the workdir and rerun the same command (training starts at step 0)")
+        return CheckpointError(f"saving the checkpoint of step {self._saving} failed "
+                               f"({reason}); {intact}")
 
     def close(self) -> None:
         self._manager.close()

@@ -36,7 +36,8 @@ No Inception weights are needed for the digits metrics.
 network evaluations per batch), also written to ``bpd_<split>.json`` beside the checkpoint.
 
 One JSON (``--out``, default ``<workdir>/evaluation.json``) holds every metric asked for at the
-top level (``fid``, ``is_mean``, ``is_std``, ``kid_mean``, ``kid_std``, ``bpd``, ``precision``,
+top level (``fid``, ``is_mean``, ``is_std`` over ``--is_splits``, ``is_1split`` and
+``is_10split_mean`` / ``is_10split_std``, ``kid_mean``, ``kid_std``, ``bpd``, ``precision``,
 ``recall``, ``digits_fd`` and its companions) and a ``provenance`` object:
 checkpoint, step, EMA or raw, sampler, steps, N, seed, the Inception
 mode and weights hash, the reference, IS splits and KID subsets. Every flag, file and shape is
@@ -290,6 +291,20 @@ def _reference_batches(ref: Reference, chunk: int):
     return datasets.iter_split(ref.config, ref.split, batch_size=chunk, num_examples=ref.count)
 
 
+def inception_scores(logits: np.ndarray, splits: int) -> dict:
+    """``is_mean`` / ``is_std`` over ``splits`` splits, and the two conventions side by side:
+    ``is_1split`` (all logits as one split, as the original's 50k evaluation) and
+    ``is_10split_mean`` / ``is_10split_std`` (the improved-GAN convention)."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    out = dict(zip(("is_mean", "is_std"), m.inception_score(logits, splits=splits),
+                   strict=True))
+    out["is_1split"] = m.inception_score(logits, splits=1)[0]
+    if len(logits) >= 10:
+        out["is_10split_mean"], out["is_10split_std"] = m.inception_score(logits, splits=10)
+    return out
+
+
 def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
     """``samples.npz`` of at least ``--num_samples`` images, reused or made; its description."""
     n = FLAGS.num_samples
@@ -364,7 +379,7 @@ def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | Non
             sha), sample_features_seconds=round(secs, 2))
     result = {}
     if "is" in metrics:
-        result["is_mean"], result["is_std"] = m.inception_score(logits, splits=FLAGS.is_splits)
+        result.update(inception_scores(logits, FLAGS.is_splits))
         provenance["is_splits"] = FLAGS.is_splits
     if ref is None:
         return result

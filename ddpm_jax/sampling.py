@@ -438,30 +438,36 @@ def interpolate(
     t: int,
     lambdas,
     clip_denoised: bool = True,
+    shared_noise: bool = False,
 ) -> jax.Array:
-    """Paper Fig. 8: diffuse x1 and x2 to step t with shared noise, lerp, then denoise.
+    """Paper Fig. 8: diffuse x1 and x2 by t steps, lerp the latents, then denoise t steps.
 
-    The reverse chain's noise is shared by every row too, so each row is the same function of
-    its own x_t: the endpoints (lambda 0 and 1) are exactly the decodings of x1 and x2 alone.
+    As the original's ``interpolate``, each image is diffused with its own noise (with
+    ``shared_noise``, a variant, both use the same noise, so the latent blend is the pixel
+    blend, diffused). The reverse chain's noise is shared by every row, so each row is the same
+    function of its own x_t: the endpoints (lambda 0 and 1) are the decodings of z1 and z2.
 
     Args:
       x1, x2: ``[H, W, C]`` images in [-1, 1].
-      t: 0-based step to diffuse to (the paper uses t = 500 of 1000).
+      t: the paper's number of diffusion steps, in [1, T] (it uses t = 500 of 1000): the
+        latents are x_t at the 0-based index t - 1, and the chain runs indices t - 1, ..., 0.
       lambdas: ``[L]`` interpolation weights.
+      shared_noise: diffuse both images with one noise draw (not the original's choice).
     Returns:
       ``[L, H, W, C]`` decoded interpolations.
     """
     lambdas = jnp.asarray(lambdas, dtype=jnp.float32)
     q_key, chain_key = jax.random.split(key)
-    noise = jax.random.normal(q_key, x1.shape, dtype=jnp.float32)
-    ts = jnp.full((1,), t, dtype=jnp.int32)
-    z1 = diffusion.q_sample(d, x1[None], ts, noise[None])[0]
-    z2 = diffusion.q_sample(d, x2[None], ts, noise[None])[0]
+    noise1, noise2 = jax.random.normal(q_key, (2, *x1.shape), dtype=jnp.float32)
+    noise2 = noise1 if shared_noise else noise2
+    ts = jnp.full((1,), t - 1, dtype=jnp.int32)
+    z1 = diffusion.q_sample(d, x1[None], ts, noise1[None])[0]
+    z2 = diffusion.q_sample(d, x2[None], ts, noise2[None])[0]
     lam = lambdas[:, None, None, None]
     x_t = (1.0 - lam) * z1[None] + lam * z2[None]
     step_fn = ancestral_step_fn(d, model_fn, chain_key, clip_denoised=clip_denoised,
                                 shared_noise=True)
-    return _chain(step_fn, x_t, jnp.arange(t, -1, -1, dtype=jnp.int32), None)
+    return _chain(step_fn, x_t, jnp.arange(t - 1, -1, -1, dtype=jnp.int32), None)
 
 
 # ---------------------------------------------------------------------------------------------

@@ -244,7 +244,7 @@ def test_failed_save_keeps_the_last_good_checkpoint(trained, tmp_path, monkeypat
 
     monkeypatch.setattr(checkpoints.ocp.CheckpointManager, "save", disk_full)
     with pytest.raises(checkpoints.CheckpointError,
-                       match=r"step 4 failed .*No space left.*checkpoint \(2\) is intact"):
+                       match=r"step 4 failed .*No space left.*\(step 2, .*/2\) is intact"):
         training.train_and_evaluate(config, workdir)
     monkeypatch.undo()
     assert sorted(os.listdir(os.path.join(workdir, "checkpoints"))) == ["2"]
