@@ -17,6 +17,10 @@ pickle: arrays are TensorStore/OCDBT files, the rest is JSON. Directories may be
 
 from __future__ import annotations
 
+import logging
+import re
+import threading
+import traceback
 from typing import Any
 
 import jax
@@ -34,6 +38,36 @@ CHECKPOINT_SUBDIR = "checkpoints"
 
 class CheckpointError(errors.UserError, RuntimeError):
     """A checkpoint that cannot be used as asked; the message names the problem and the fix."""
+
+
+# Errors of Orbax's background writers (and of the asyncio loops they run) are logged from their
+# threads, often many times and after the save has already failed; the failure itself reaches
+# the run as one CheckpointError. Those records are gathered here instead of being printed.
+BACKGROUND_ERRORS: list[str] = []
+
+
+def _gather_background_errors(record: logging.LogRecord) -> bool:
+    from_orbax = "orbax" in (record.pathname or "") or record.name == "asyncio"
+    if from_orbax and record.levelno >= logging.ERROR:
+        BACKGROUND_ERRORS.append(record.getMessage()[:500])
+        return False
+    return True
+
+
+logging.getLogger("absl").addFilter(_gather_background_errors)
+logging.getLogger("asyncio").addFilter(_gather_background_errors)
+_thread_excepthook = threading.excepthook
+
+
+def _gather_thread_errors(args) -> None:
+    frames = traceback.extract_tb(args.exc_traceback) if args.exc_traceback else []
+    if any("orbax" in f.filename for f in frames):
+        BACKGROUND_ERRORS.append(f"{args.exc_type.__name__}: {args.exc_value}"[:500])
+        return
+    _thread_excepthook(args)
+
+
+threading.excepthook = _gather_thread_errors
 
 
 def _handlers() -> dict[str, Any]:
@@ -220,7 +254,10 @@ class Checkpointer:
             committed = [s for s in self.steps() if s != self._saving]
         except Exception:  # noqa: BLE001 - the storage may fail to list as well
             committed = []
-        reason = " ".join(f"{e.__class__.__name__}: {e}".split())[:200]
+        text = " ".join(str(e).split())
+        known = re.search(r"No space left on device|Permission denied|Read-only file system|"
+                          r"Disk quota exceeded", text)
+        reason = known.group(0) if known else f"{e.__class__.__name__}: {text[:200]}"
         intact = (f"the last committed checkpoint (step {max(committed)}, "
                   f"{self.step_dir(max(committed))}) is intact: "
                   "free space or fix the workdir and rerun the same command to resume from it"
