@@ -176,11 +176,12 @@ def test_refused_start_leaves_no_empty_workdir(test_cfg, tmp_path):
 def fake_model(monkeypatch):
     import types
 
-    from ddpm_jax import generate, sharding
+    from ddpm_jax import diffusion, generate, sharding
 
     config = test_config.get_config()
-    model = types.SimpleNamespace(config=config, source="ck", step=2, ema=True, mesh=sharding
-                                  .create_mesh(), image_shape=(8, 8, 1))
+    model = types.SimpleNamespace(config=config, source="ck", step=2, ema=True,
+                                  mesh=sharding.create_mesh(), image_shape=(8, 8, 1),
+                                  diffusion=diffusion.Diffusion.from_config(config))
     calls = []
 
     def chunks(model, key, plan, spec, *, start=0, x_T=None):
