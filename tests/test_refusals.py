@@ -226,3 +226,21 @@ def test_second_sampler_on_one_folder_and_unwritable_folders_are_refused(fake_mo
     with pytest.raises(files.WriteError) as e:
         generate.generate(model, str(tmp_path / "a_file"), num_samples=2, progress=False)
     assert "output folder" in _one_line(e) and "a file is in the way" in str(e.value)
+
+
+@pytest.mark.parametrize("damage", ["junk", "truncated", "empty"])
+def test_junk_or_truncated_weights_file_is_one_line(tmp_path, damage):
+    from etils import epath
+    from safetensors.numpy import save
+
+    from ddpm_jax.weights import diffusers
+
+    good = save({"conv_in.weight": np.zeros((32, 3, 3, 3), np.float32)})
+    data = {"junk": b"not safetensors at all", "truncated": good[:len(good) // 2],
+            "empty": b""}[damage]
+    path = tmp_path / "diffusion_pytorch_model.safetensors"
+    path.write_bytes(data)
+    with pytest.raises(diffusers.WeightsError) as e:
+        diffusers._read_tensors(epath.Path(path))
+    assert "is not a readable .safetensors file" in _one_line(e) and str(path) in str(e.value)
+    assert path.read_bytes() == data

@@ -272,9 +272,15 @@ def read_diffusers(path: str) -> tuple[dict[str, np.ndarray], dict | None, str]:
 
 def _read_tensors(weights: epath.Path) -> dict[str, np.ndarray]:
     if weights.name.endswith(".safetensors"):
+        from safetensors import SafetensorError  # noqa: PLC0415
         from safetensors.numpy import load  # noqa: PLC0415
 
-        return load(weights.read_bytes())
+        try:
+            return load(weights.read_bytes())
+        except (SafetensorError, ValueError) as e:  # junk, empty or truncated
+            raise WeightsError(f"{weights} is not a readable .safetensors file ("
+                               f"{errors.first_line(e, 120)}): a truncated download or "
+                               "another format; download it again") from None
     try:
         import torch  # noqa: PLC0415
     except ImportError:
