@@ -560,7 +560,8 @@ class SamplerSpec:
     def record(self, d: Diffusion) -> dict:
         """The fields every samples.json and evaluation provenance carries."""
         return dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
-                    num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta, thresholding=self.thresholding,
+                    num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta,
+                    thresholding=self.thresholding,
                     clip_denoised=self.clip_denoised)
 
 
