@@ -1,10 +1,33 @@
-"""The reverse chain as one ``lax.scan``: ancestral (Algorithm 2), DDIM, progressive, interpolation.
+"""The reverse chains, each one ``lax.scan``: ancestral (Algorithm 2, respaced), DDIM and its
+clipped variants, DPM-Solver++(2M), EDM's Heun; spacings, progressive, interpolation.
 
 Every sampler is a pure function of (diffusion, model_fn, key, ...) that compiles to a single
-scan over the chain: one dispatch for all T steps, no Python loop and no ``lax.cond`` per step.
+scan over its steps: one dispatch for the whole chain, no Python loop and no ``lax.cond`` per
+step. Per-step coefficients are float64 numpy constants computed from the process's betas when
+the chain is traced.
 
-Randomness: ``x_T ~ N(0, I)`` is drawn from ``split(key)[0]``, and the noise of (0-based) step t
-from ``fold_in(split(key)[1], t)``; draws do not depend on how the batch is sharded.
+The model interface (what a step calls, and all it calls):
+
+    model_fn(x_t, t) -> output
+
+``x_t`` float32 ``[B, H, W, C]``, ``t`` int32 ``[B]`` trained timesteps in [0, T); ``output`` is
+the network's raw output as training defines it (eps, x0 or x_{t-1} by
+``diffusion.model_mean_type``; with the variance channels for learned-variance models). Steps
+read it through ``diffusion.p_mean_variance``, so a wrapper that returns the same kind of output
+(classifier-free guidance: ``(1 + w) f(x, t, y) - w f(x, t, null)``) needs no other sampler. In
+the compiled chain (``get_sampling_fn``) the model_fn is built inside the jit by
+``build_model_fn(graphdef, params, model_args)``, where ``model_args`` is any pytree passed at
+call time (labels, a guidance scale): traced, so new values never recompile. ``eta`` is traced
+too; only the sampler, the number of steps, the spacing, the shape and the mesh compile.
+
+Samplers (``VARIANTS`` says exactly what each computes; the README cites the papers):
+``ancestral``, ``ddim`` (x0 not clipped), ``ddim_clipped``, ``ddim_iddpm``, ``dpm_solver++``,
+``heun``. Spacings (``spacing_timesteps``): ``uniform``, ``quadratic``, ``linspace``,
+``leading``, ``trailing``, ``karras``.
+
+Randomness: ``x_T ~ N(0, I)`` is drawn from ``split(key)[0]``, and the noise of the step at
+(model) timestep t from ``fold_in(split(key)[1], t)``; draws do not depend on how the batch is
+sharded.
 """
 
 from __future__ import annotations

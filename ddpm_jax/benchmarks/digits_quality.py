@@ -22,10 +22,12 @@ FLAGS = flags.FLAGS
 
 
 def define_flags() -> None:
-    """The command's flags (defined only when this module is the program)."""
+    """The program's flags (defined only when it runs, so that other benchmarks can import the
+    classifier)."""
     flags.DEFINE_string("workdir", "runs/digits", "Workdir of a digits run.")
     flags.DEFINE_integer("num_samples", 256, "Samples per sampler.", lower_bound=1)
-    flags.DEFINE_list("samplers", ["ddim:100", "ancestral"], "sampler[:num_steps] to evaluate.")
+    flags.DEFINE_list("samplers", ["ddim_iddpm:100", "ancestral"],
+                      "sampler[:num_steps] to evaluate.")
     flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
