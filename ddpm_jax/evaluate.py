@@ -38,9 +38,9 @@ network evaluations per batch), also written to ``bpd_<split>.json`` beside the 
 One JSON (``--out``, default ``<workdir>/evaluation.json``) holds every metric asked for at the
 top level (``fid``, ``is_mean``, ``is_std`` over ``--is_splits``, ``is_1split`` and
 ``is_10split_mean`` / ``is_10split_std``, ``kid_mean``, ``kid_std``, ``bpd``, ``precision``,
-``recall``, ``digits_fd`` and its companions) and a ``provenance`` object:
-checkpoint, step, EMA or raw, sampler, steps, N, seed, the Inception
-mode and weights hash, the reference, IS splits and KID subsets. Every flag, file and shape is
+``recall``, ``digits_fd`` and its companions) and a ``provenance`` object: checkpoint, step, EMA
+or raw, sampler, variant, spacing, steps, NFE, eta, N, seed, the Inception mode and weights
+hash, the reference, IS splits and KID subsets. Every flag, file and shape is
 checked before anything compiles; on several processes every process takes part (process flags
 as for ``train.py``) and process 0 writes.
 """

@@ -278,3 +278,29 @@ def test_records_name_the_variant_spacing_and_network_calls():
     old = sampling.SamplerSpec("ddim_iddpm", 100).record(d)
     assert "Improved DDPM" in old["variant"] and old["spacing"] == "uniform"
     assert "not clipped" in sampling.SamplerSpec("ddim", 100).record(d)["variant"]
+
+
+# -- compilation: one per number of steps, none per eta or model argument ----------------------
+def _toy_builder(graphdef, params, model_args):
+    """A ``build_model_fn``: the toy model, scaled by a traced ``model_args`` (as a guidance
+    scale would be)."""
+    del graphdef, params
+    return lambda x, t: toy_eps(x, t) * (1.0 if model_args is None else model_args["scale"])
+
+
+def test_one_compile_per_number_of_steps_and_none_per_eta_or_model_args():
+    from ddpm_jax import sharding
+
+    mesh, d, key = sharding.create_mesh(), _process(), jax.random.key(0)
+    shape = (mesh.size,) + SHAPE[1:]
+    get = lambda spec: sampling.get_sampling_fn(None, spec, shape, mesh, _toy_builder)
+    fn = get(sampling.SamplerSpec("ddim", 5))
+    outs = [np.asarray(fn(None, d, key, None, eta)) for eta in (0.0, 0.3, 1.0)]
+    assert fn._cache_size() == 1
+    assert not np.array_equal(outs[0], outs[2])  # eta is used, not compiled in
+    assert get(sampling.SamplerSpec("ddim", 5, eta=0.7)) is fn
+    dpm = get(sampling.SamplerSpec("dpm_solver++", 6))
+    scaled = [np.asarray(dpm(None, d, key, None, 0.0, {"scale": jnp.float32(s)}))
+              for s in (1.0, 0.5)]
+    assert dpm._cache_size() == 1 and not np.array_equal(*scaled)
+    assert get(sampling.SamplerSpec("dpm_solver++", 7)) is not dpm

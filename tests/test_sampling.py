@@ -288,6 +288,10 @@ def test_generate_writes_files_and_resumes_a_killed_run(model, tmp_path, monkeyp
     expected = np.load(full)["images"]
     assert expected.shape == (5, 8, 8, 1) and expected.dtype == np.uint8
     assert os.path.exists(tmp_path / "full" / "samples.png")
+    record = json.loads((tmp_path / "full" / "samples.json").read_text())
+    assert {k: record[k] for k in ("sampler", "spacing", "num_steps", "nfe", "eta", "seed")} == \
+        dict(sampler="ddim", spacing="uniform", num_steps=5, nfe=5, eta=0.0, seed=0)
+    assert record["variant"] == sampling.VARIANTS["ddim"]
 
     calls = []
     real = generate.iter_chunks

@@ -150,7 +150,7 @@ def settings(model: ddpm_jax.DDPM, samplers, spacings, nfes, thresholds):
                     if chain_id in seen:
                         continue
                     seen.add(chain_id)
-                    label = name + ("+thresholding" if th else "")
+                    label = name + (" thresholding" if th else "")
                     out.append((label, m, spec))
     return out
 

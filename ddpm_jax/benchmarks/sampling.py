@@ -15,8 +15,8 @@ of ``--num_runs`` timed runs after one untimed run, ended by ``block_until_ready
   included); seconds per step = time / K, extrapolated to the config's T steps.
 * loop: the same K steps as a Python loop over a jitted single ``sampling.p_sample`` step (the
   usual way of other implementations), to compare dispatch per step with one scan.
-* DDIM: ``sampling.ddim_sample_loop`` with ``--ddim_steps`` steps (eta 0; x0 clipped as Improved
-  DDPM when ``sampling.clip_denoised``), run in full.
+* DDIM: ``sampling.ddim_sample_loop`` (Song et al., x0 not clipped) with ``--ddim_steps`` steps
+  (eta 0), run in full.
 
 Then one chain step alone (the jitted ``p_sample`` step of the loop), timed interleaved for
 every setting and, with ``--vs_diffusers`` (needs the torch extra), against diffusers'
