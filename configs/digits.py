@@ -31,9 +31,12 @@ def get_config():
     config.training.checkpoint_every = 400
     config.training.sample_every = 800
     config.training.num_sample_images = 100
-    # The grids use DDIM with 100 of the T = 1000 steps: a 10x faster chain from the same model.
-    config.sampling.sampler = "ddim_iddpm"
-    config.sampling.num_steps = 100
+    # The grids and sample.py use DPM-Solver++(2M) with x0 clipped, 20 network calls: measured
+    # (README, "Quality against network evaluations") better than the clipped DDIM on 100 steps
+    # at a fifth of its cost, and 50x cheaper than the full chain.
+    config.sampling.sampler = "dpm_solver++"
+    config.sampling.num_steps = 20
+    config.sampling.thresholding = True
     config.sampling.batch_size = 100
     config.lock()
     return config
