@@ -393,11 +393,12 @@ def test_run_once_options_give_the_same_initial_state_bit_for_bit():
         np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
 
 
-def test_quality_vs_nfe_runs_on_the_test_config(tmp_path):
+def test_quality_vs_nfe_runs_on_the_test_config(tmp_path, digits_dir):
     pytest.importorskip("sklearn")
     out = subprocess.run(
         [sys.executable, "-m", "ddpm_jax.benchmarks.quality_vs_nfe", "--config=test",
-         f"--out_dir={tmp_path}", "--num_samples=8", "--nfe=3,4", "--spacings=own,karras",
+         f"--out_dir={tmp_path}", f"--data_dir={digits_dir}", "--num_samples=8", "--nfe=3,4",
+         "--spacings=own,karras",
          "--samplers=dpm_solver++,heun"],
         cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
@@ -408,8 +409,8 @@ def test_quality_vs_nfe_runs_on_the_test_config(tmp_path):
     assert got == {("dpm_solver++", "linspace", 3), ("dpm_solver++", "karras", 3),
                    ("heun", "karras", 3), ("dpm_solver++", "linspace", 4),
                    ("dpm_solver++", "karras", 4)}
-    assert all(r["fd_pca"] > 0 and 0 < r["confidence"] <= 1 and r["s_per_1000"] > 0
-               for r in rows[1:])
+    assert all(r["digits_fd"] > 0 and r["fd_pca"] > 0 and 0 <= r["precision"] <= 1
+               and 0 < r["svm_confidence"] <= 1 and r["s_per_1000"] > 0 for r in rows[1:])
     assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 1000
     assert "| dpm_solver++ | linspace |" in out.stdout
     saved = json.loads((tmp_path / "quality_vs_nfe.json").read_text())

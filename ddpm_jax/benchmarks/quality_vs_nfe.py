@@ -11,10 +11,11 @@ and each NFE (``--nfe``: the steps are NFE, EDM's Heun takes (NFE + 1) // 2 step
 but the last), the same ``--num_samples`` starting noises are sampled by one compiled chain, timed
 (wall and process CPU seconds per 1,000 images; compile time apart) and scored by the metric:
 
-* ``digits``: the Frechet distance of the samples to the 1,497 real training digits in a
-  16-dimensional PCA space of the real digits (lower is better; the 300 real test digits give
-  the floor), and the mean confidence of an RBF SVM fitted on the real digits
-  (``benchmarks.digits_quality``).
+* ``digits``: ``ddpm_jax.metrics.digits`` (``digits_fd``: the Frechet distance to the real test
+  digits in the digits CNN's features, its ratio to the real training digits' distance,
+  precision, recall, the CNN's confidence), and beside it the Frechet distance to the 1,497
+  real training digits in a 16-dimensional PCA space of the real digits (``fd_pca``) and the
+  mean confidence of an RBF SVM fitted on them (``benchmarks.digits_quality``).
 * ``fid``: FID against a reference statistics file with the FID Inception-v3 (CIFAR10 on the
   imported paper weights; needs an accelerator for 50k samples).
 
@@ -54,20 +55,28 @@ flags.DEFINE_enum("metric", "digits", ["digits", "fid"], "Quality metric.")
 flags.DEFINE_string("ref_stats", None, "--metric=fid: reference statistics file (.npz).")
 flags.DEFINE_string("inception_weights", None, "--metric=fid: the converted Inception file.")
 flags.DEFINE_integer("seed", 0, "Sampling seed (the same noise for every setting).")
+flags.DEFINE_string("data_dir", None, "--metric=digits: where the digits are prepared "
+                    "(default: tfds' default).")
 
 
 # -- metrics: score(uint8 images) -> dict; floor() -> the same for real data --------------------
 class DigitsQuality:
-    """Frechet distance in a PCA space of the real digits, and an SVM's confidence."""
+    """The project's digits metric (``ddpm_jax.metrics.digits``: Frechet distance, precision and
+    recall in the digits CNN's features, against the real test digits), beside a Frechet
+    distance in a PCA space of the real digits and an SVM's confidence (``fd_pca``,
+    ``svm_confidence``: an independent check of the same ranking)."""
 
-    name, key = "digits", "fd_pca"
+    name, key = "digits", "digits_fd"
 
-    def __init__(self, components: int = 16):
+    def __init__(self, data_dir: str | None = None, components: int = 16):
         from sklearn.datasets import load_digits  # noqa: PLC0415
         from sklearn.decomposition import PCA  # noqa: PLC0415
 
         from ddpm_jax.benchmarks import digits_quality  # noqa: PLC0415
+        from ddpm_jax.metrics import digits  # noqa: PLC0415
 
+        self.digits, self.data_dir = digits, data_dir
+        self.ref_cnn = digits.load_reference(data_dir)  # trained once, cached by the data
         x, _ = load_digits(return_X_y=True)
         x = np.round(x * 255.0 / 16.0) / 255.0  # the stored uint8 values, scaled to [0, 1]
         self.train, self.test = x[:1497], x[1497:]
@@ -80,18 +89,23 @@ class DigitsQuality:
         f = self.pca.transform(flat).astype(np.float64)
         return f.mean(0), np.cov(f, rowvar=False)
 
-    def _score_flat(self, flat) -> dict:
+    def _pca_scores(self, flat) -> dict:
         from ddpm_jax import metrics  # noqa: PLC0415
 
         fd = metrics.frechet_distance(*self._stats(flat), *self.ref)
         conf = self._judge(self.clf, np.round(flat * 255.0).astype(np.uint8))["mean_confidence"]
-        return dict(fd_pca=float(fd), confidence=float(conf))
+        return dict(fd_pca=float(fd), svm_confidence=float(conf))
 
     def score(self, images: np.ndarray) -> dict:
-        return self._score_flat(images.reshape(len(images), -1) / 255.0)
+        r = self.digits.evaluate_digits(images, data_dir=self.data_dir)
+        keep = ("digits_fd", "digits_fd_ratio", "precision", "recall", "digits_confidence")
+        return {k: float(r[k]) for k in keep} | self._pca_scores(
+            images.reshape(len(images), -1) / 255.0)
 
     def floor(self) -> dict:
-        return self._score_flat(self.test)
+        """Real digits: training digits to test digits in the CNN's space; test digits in PCA's."""
+        return dict(digits_fd=self.ref_cnn.fd_real,
+                    digits_confidence=self.ref_cnn.test_confidence) | self._pca_scores(self.test)
 
 
 class FIDQuality:
@@ -121,7 +135,7 @@ def make_metric():
         if not (FLAGS.ref_stats and FLAGS.inception_weights):
             raise config_lib.ConfigError("--metric=fid needs --ref_stats and --inception_weights")
         return FIDQuality(FLAGS.ref_stats, FLAGS.inception_weights)
-    return DigitsQuality()
+    return DigitsQuality(FLAGS.data_dir)
 
 
 # -- the grid --------------------------------------------------------------------------------------
@@ -179,7 +193,7 @@ def table(rows: list[dict], metric) -> str:
     """Markdown: one row per (sampler, spacing), one column per NFE, cells 'quality (s/1k)'."""
     nfes = sorted({r["nfe"] for r in rows})
     keys = list(dict.fromkeys((r["sampler"], r["spacing"]) for r in rows))
-    extra = " / confidence" if metric.name == "digits" else ""
+    extra = " / precision / recall" if metric.name == "digits" else ""
     head = ("| sampler | spacing | " + " | ".join(f"NFE {k}" for k in nfes) + " |\n"
             + "|---|---|" + "---|" * len(nfes) + "\n")
     lines = []
@@ -191,7 +205,8 @@ def table(rows: list[dict], metric) -> str:
             if r is None:
                 cells.append("")
                 continue
-            q = f"{r[metric.key]:.2f}" + (f" / {r['confidence']:.2f}" if extra else "")
+            q = f"{r[metric.key]:.2f}" + (f" / {r['precision']:.2f} / {r['recall']:.2f}"
+                                          if extra else "")
             cells.append(f"{q} ({r['s_per_1000']:.0f} s)")
         lines.append(f"| {sampler} | {spacing} | " + " | ".join(cells) + " |")
     return (f"{metric.key}{extra} (seconds per 1,000 images)\n\n" + head + "\n".join(lines))
