@@ -26,7 +26,6 @@ Prints one JSON line per setting, then a Markdown table; writes ``quality_vs_nfe
 
 from __future__ import annotations
 
-import importlib
 import json
 import os
 import time
@@ -38,6 +37,7 @@ from etils import epath
 
 import ddpm_jax
 from ddpm_jax import config_lib, diffusion, sampling, sharding
+from ddpm_jax.benchmarks import common
 
 FLAGS = flags.FLAGS
 flags.DEFINE_string("workdir", "runs/digits", "Workdir of a trained (or imported) run.")
@@ -176,9 +176,7 @@ def measure(label: str, model: ddpm_jax.DDPM, spec: sampling.SamplerSpec, metric
     fn = sampling.get_sampling_fn(model.graphdef, spec, (padded,) + model.image_shape,
                                   model.mesh)
     args = (model.params, model.diffusion, jax.random.key(seed), None, spec.eta)
-    start = time.perf_counter()
-    compiled = fn.lower(*args).compile()
-    compile_s = time.perf_counter() - start
+    compiled, compile_s = common.compile_timed(fn.lower(*args))
     cpu0, start = sum(os.times()[:2]), time.perf_counter()
     images = np.asarray(sharding.to_host(compiled(*args)))[:n]
     wall, cpu = time.perf_counter() - start, sum(os.times()[:2]) - cpu0
@@ -244,8 +242,7 @@ def main(argv):
             raise app.UsageError(f"--samplers: {name!r} is not one of {config_lib.SAMPLERS}")
     metric = make_metric()
     if FLAGS.config:
-        config = importlib.import_module(f"configs.{FLAGS.config}").get_config()
-        model = ddpm_jax.create(config)
+        model = ddpm_jax.create(common.load_config(FLAGS.config))
     else:
         model = ddpm_jax.load(FLAGS.workdir)
     grid = settings(model, FLAGS.samplers, FLAGS.spacings, nfes, thresholds)
