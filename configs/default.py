@@ -46,6 +46,8 @@ def get_config() -> ml_collections.ConfigDict:
     optim.warmup = 5000
     optim.grad_clip = 1.0
     optim.ema_decay = 0.9999
+    optim.ema_warmup = False  # True: decay min(ema_decay, (1 + step) / (10 + step)) (TF's)
+    optim.schedule = "constant"  # after the warm-up; "cosine": a half cosine down to 0
     optim.beta1 = 0.9
     optim.beta2 = 0.999
     optim.eps = 1e-8
@@ -74,4 +76,15 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.clip_denoised = True  # the ancestral sampler clips its predicted x_0 (as the paper)
     sampling.thresholding = False  # dpm_solver++ clips its predicted x_0
     sampling.batch_size = 256
+
+    # Evaluation during training (ddpm_jax.evaluation), on the EMA weights.
+    config.eval = ev = ml_collections.ConfigDict()
+    ev.metrics = ""  # comma list of digits_fd, precision, recall, fid, is; "" = none
+    ev.every_steps = 0  # and at the last step; 0 = only at the last step
+    ev.num_samples = 1000
+    ev.sampler = config_dict.placeholder(str)  # None: config.sampling.sampler (and num_steps)
+    ev.num_steps = config_dict.placeholder(int)
+    ev.best_metric = ""  # keep the best checkpoint (WORKDIR/best/) by this row key; "" = none
+    ev.wandb = False  # also send every row to Weights & Biases (the wandb extra)
+    ev.wandb_project = "ddpm_jax"
     return config

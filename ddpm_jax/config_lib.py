@@ -198,6 +198,8 @@ def _validate_optim(config) -> None:
              f"optim.warmup must be a non-negative integer, got {o.warmup!r}")
     _require(o.grad_clip > 0, f"optim.grad_clip must be positive, got {o.grad_clip!r}")
     _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay!r}")
+    if "schedule" in o:
+        _choice(config, "optim.schedule", ("constant", "cosine"))
 
 
 def _validate_training(config) -> None:

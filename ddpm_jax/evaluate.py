@@ -32,6 +32,11 @@ train to real test), ``digits_fd_ratio``, ``digits_confidence`` and ``digits_cla
 digits. Without ``digits_fd`` they are measured in the Inception's pool3 against ``--ref``.
 No Inception weights are needed for the digits metrics.
 
+``sfid`` (Nash et al. 2021, as guided-diffusion's evaluator computes it) is the Fréchet
+distance of the Inception's spatial features: the TF graph's ``mixed_6/conv`` (Mixed_6d's 1x1
+branch, after its ReLU), its first 7 channels at 17x17, flattened to 2,023 numbers; its reference
+statistics are cached beside the FID ones (``..._sfid.npz``).
+
 ``bpd`` is the full variational bound on ``--split`` (default ``config.data.eval_split``; T
 network evaluations per batch), also written to ``bpd_<split>.json`` beside the checkpoint.
 
@@ -60,8 +65,8 @@ from etils import epath
 from ddpm_jax import api, cli, datasets, errors, files, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
-METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall")
-SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall")
+METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall", "sfid")
+SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall", "sfid")
 DIGITS_METRICS = ("digits_fd",)  # precision / recall go with them: see pr_space
 STATS_DIR = "ddpm_jax_fid_stats"
 
@@ -166,7 +171,7 @@ def pr_space(metrics) -> str | None:
 
 def inception_metrics(metrics) -> tuple[str, ...]:
     """The metrics that need the FID Inception (its weights file)."""
-    wanted = [m for m in metrics if m in ("fid", "is", "kid")]
+    wanted = [m for m in metrics if m in ("fid", "is", "kid", "sfid")]
     if pr_space(metrics) == "inception":
         wanted += [m for m in metrics if m in ("precision", "recall")]
     return tuple(wanted)
@@ -193,13 +198,16 @@ def _ref_config(config, ref: str, image_shape):
 
 def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Reference | None:
     """Checks the reference of FID / KID and opens (but does not read) its images."""
-    if not {"fid", "kid", "precision", "recall"} & set(metrics):
+    if not {"fid", "kid", "precision", "recall", "sfid"} & set(metrics):
         return None
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
     if FLAGS.ref and FLAGS.ref_stats:
         raise EvaluationError("give --ref=DATASET:SPLIT or --ref_stats=FILE.npz, not both")
     if FLAGS.ref_stats:
+        if "sfid" in metrics:
+            raise EvaluationError("sfid needs the reference's spatial statistics, which a "
+                                  "statistics file does not hold: pass --ref=DATASET:SPLIT")
         needs = [m for m in ("kid", "precision", "recall") if m in metrics]
         if needs:
             names = " and ".join("KID" if n == "kid" else n for n in needs)
@@ -260,8 +268,9 @@ def _bar(total: int, what: str):
 
 
 def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_logits: bool,
-                    weights: str):
-    """Feature statistics (and, if asked, pool3 / unbiased logits) of uint8 image batches."""
+                    weights: str, spatial_stats=None):
+    """Feature statistics (and, if asked, pool3 / unbiased logits) of uint8 image batches;
+    ``spatial_stats`` (a ``FeatureStats``), if given, takes the sFID features."""
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
     stats = m.FeatureStats(2048)
@@ -276,6 +285,8 @@ def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_lo
         feats = m.inception_features(images, weights=weights, mode=FLAGS.mode,
                                      batch_size=FLAGS.inception_batch_size, progress=progress)
         stats.update(feats["pool3"])
+        if spatial_stats is not None:
+            spatial_stats.update(feats["spatial"])
         if keep_pool3:
             pool3.append(feats["pool3"])
         if keep_logits:
@@ -371,9 +382,10 @@ def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | Non
     chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
     rows = sample_rows(model, samples_dir, chunk)
     keep = {"kid", "precision", "recall"} & set(metrics)
+    spatial = m.FeatureStats(m.network.SPATIAL_DIM) if "sfid" in metrics else None
     stats, pool3, logits, secs = stream_features(
         rows, n, what="samples", keep_pool3=bool(keep), keep_logits="is" in metrics,
-        weights=weights)
+        weights=weights, spatial_stats=spatial)
     provenance.update(
         mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
             sha), sample_features_seconds=round(secs, 2))
@@ -389,32 +401,54 @@ def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | Non
         provenance["reference"] = dict(stats_file=ref.name, n=ref_stats.n, mode=ref_stats.mode,
                                        weights_sha256=ref_stats.weights_sha256)
     else:
+        spatial_cache = ref.cache.parent / ref.cache.name.replace(".npz", "_sfid.npz")
+        ref_spatial = m.FeatureStats(m.network.SPATIAL_DIM)
+
         def compute():
             nonlocal ref_pool3
             s, ref_pool3, _, _ = stream_features(
                 _reference_batches(ref, chunk), ref.count, what=f"reference {ref.name}",
-                keep_pool3=bool(keep), keep_logits=False, weights=weights)
+                keep_pool3=bool(keep), keep_logits=False, weights=weights,
+                spatial_stats=ref_spatial if "sfid" in metrics else None)
             return s.result()
 
         cached = ref.cache.exists()
+        spatial_cached = spatial_cache.exists()
         if cached:  # computed before: provenance checked (another mode or weights is refused)
             ref_stats = m.load_reference_stats(str(ref.cache), mode=FLAGS.mode,
                                                weights_sha256=sha)
             if ref_stats.mode is None or ref_stats.weights_sha256 is None:
                 raise EvaluationError(f"{ref.cache} records no mode and weights: delete it to "
                                       "recompute the statistics")
-        if not cached or keep:  # KID, precision and recall need the features themselves
+        # KID, precision and recall need the features themselves.
+        if not cached or keep or ("sfid" in metrics and not spatial_cached):
             mu, sigma, count = compute()
             if not cached:
                 if jax.process_index() == 0:
                     m.save_reference_stats(str(ref.cache), mu, sigma, count, mode=FLAGS.mode,
                                            weights_sha256=sha)
                 ref_stats = m.ReferenceStats(mu, sigma, count, FLAGS.mode, sha)
+            if "sfid" in metrics and not spatial_cached and jax.process_index() == 0:
+                m.save_reference_stats(str(spatial_cache), *ref_spatial.result(),
+                                       mode=FLAGS.mode, weights_sha256=sha)
+        if "sfid" in metrics:
+            if spatial_cached:
+                ref_spatial_stats = m.load_reference_stats(
+                    str(spatial_cache), dim=m.network.SPATIAL_DIM, mode=FLAGS.mode,
+                    weights_sha256=sha)
+            else:
+                ref_spatial_stats = m.ReferenceStats(*ref_spatial.result(), FLAGS.mode, sha)
         provenance["reference"] = dict(dataset_split=ref.name, n=ref_stats.n,
                                        stats_file=str(ref.cache), reused_cache=cached)
     if "fid" in metrics:
         mu, sigma, _ = stats.result()
         result["fid"] = m.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma)
+    if "sfid" in metrics:
+        mu, sigma, _ = spatial.result()
+        result["sfid"] = m.frechet_distance(mu, sigma, ref_spatial_stats.mu,
+                                            ref_spatial_stats.sigma)
+        provenance.update(sfid_features="mixed_6/conv[..., :7] (Mixed_6d.branch1x1), 17x17x7",
+                          sfid_stats_file=str(spatial_cache))
     if "kid" in metrics:
         result["kid_mean"], result["kid_std"] = m.kernel_inception_distance(
             pool3, ref_pool3, subsets=FLAGS.kid_subsets, subset_size=FLAGS.kid_subset_size,

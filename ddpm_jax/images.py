@@ -2,7 +2,8 @@
 
 Model space is float32 in [-1, 1]: ``x = u / 127.5 - 1`` for uint8 ``u`` (the original's data
 map), and back ``u = clip(round((x + 1) * 127.5), 0, 255)``. Both run on the devices, inside the
-jitted steps. The rest writes sample grids, progressive strips and loss curves as PNG files.
+jitted steps. The rest writes sample grids, progressive strips, and loss and quality curves
+(matplotlib) as PNG files.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from etils import epath
-from PIL import Image, ImageDraw
+from PIL import Image
 
 from ddpm_jax import files
 
@@ -83,27 +84,75 @@ def save_grid(path: str, images: np.ndarray, *, ncols: int | None = None) -> str
     return save_png(path, make_grid(images, ncols=ncols, scale=auto_scale(images.shape[1])))
 
 
+def _figure(width: int, height: int):
+    import matplotlib  # noqa: PLC0415 - only the plots need it
+
+    matplotlib.use("Agg")  # files only, no display
+    from matplotlib import pyplot as plt  # noqa: PLC0415
+
+    return plt, plt.figure(figsize=(width / 100, height / 100), dpi=100)
+
+
+def _save_figure(plt, fig, path: str) -> str:
+    buffer = io.BytesIO()
+    fig.savefig(buffer, format="png", dpi=100)
+    plt.close(fig)
+    buffer.seek(0)
+    _write_png(path, Image.open(buffer).convert("RGB"))
+    return path
+
+
+def smooth(values, weight: float = 0.9) -> np.ndarray:
+    """TensorBoard's smoothing: an exponential moving average, debiased at the start."""
+    out, avg = [], 0.0
+    for i, v in enumerate(np.asarray(values, np.float64)):
+        avg = weight * avg + (1.0 - weight) * v
+        out.append(avg / (1.0 - weight ** (i + 1)))
+    return np.asarray(out)
+
+
 def save_loss_curve(path: str, steps, losses, *, width: int = 640, height: int = 360) -> str:
-    """A plain line plot of loss against step (log-scale y) as PNG."""
+    """Training loss against step (log scale): the logged points and their smoothed line."""
     steps = np.asarray(steps, dtype=np.float64)
     losses = np.asarray(losses, dtype=np.float64)
     ok = np.isfinite(losses) & (losses > 0)
     steps, losses = steps[ok], losses[ok]
-    img = Image.new("RGB", (width, height), "white")
-    draw = ImageDraw.Draw(img)
-    left, right, top, bottom = 60, width - 20, 20, height - 40
-    draw.rectangle([left, top, right, bottom], outline="black")
-    if len(steps) >= 2:
-        y = np.log10(losses)
-        x0, x1 = steps.min(), max(steps.max(), steps.min() + 1)
-        y0, y1 = y.min(), max(y.max(), y.min() + 1e-6)
-        px = left + (steps - x0) / (x1 - x0) * (right - left)
-        py = bottom - (y - y0) / (y1 - y0) * (bottom - top)
-        draw.line(list(zip(px.tolist(), py.tolist(), strict=True)), fill=(31, 119, 180), width=2)
-        draw.text((left, bottom + 8), f"step {int(x0)}", fill="black")
-        draw.text((right - 90, bottom + 8), f"step {int(x1)}", fill="black")
-        draw.text((4, top), f"{10 ** y1:.3g}", fill="black")
-        draw.text((4, bottom - 10), f"{10 ** y0:.3g}", fill="black")
-    draw.text((left + 8, top + 4), "training loss (log scale)", fill="black")
-    _write_png(path, img)
-    return path
+    plt, fig = _figure(width, height)
+    ax = fig.add_subplot()
+    ax.plot(steps, losses, "o", markersize=3, alpha=0.35, color="tab:blue", label="logged")
+    if len(losses) >= 2:
+        ax.plot(steps, smooth(losses), "-", color="tab:blue", linewidth=2,
+                label="smoothed (EMA 0.9)")
+    ax.set_yscale("log")
+    ax.set_xlabel("training step")
+    ax.set_ylabel("loss (L_simple, log scale)")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(loc="upper right")
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)
+
+
+QUALITY_KEYS = ("digits_fd_ratio", "fid", "precision", "recall", "digits_confidence", "is_mean")
+
+
+def save_quality_curve(path: str, rows: list[dict], seconds: dict, *, width: int = 900,
+                       height: int = 360) -> str:
+    """Evaluation metrics against training step (left) and training seconds (right)."""
+    plt, fig = _figure(width, height)
+    by_step, by_time = fig.add_subplot(1, 2, 1), fig.add_subplot(1, 2, 2)
+    steps = [r["step"] for r in rows]
+    times = [seconds.get(s, np.nan) for s in steps]
+    keys = [k for k in QUALITY_KEYS if all(k in r for r in rows)]
+    for k in keys:
+        values = [r[k] for r in rows]
+        by_step.plot(steps, values, "o-", label=k)
+        by_time.plot(times, values, "o-", label=k)
+    by_step.set_xlabel("training step")
+    by_time.set_xlabel("training seconds (evaluations left out)")
+    for ax in (by_step, by_time):
+        ax.set_ylabel("metric")
+        ax.grid(True, alpha=0.3)
+    by_step.legend(loc="best", fontsize="small")
+    fig.suptitle("sample quality during training (EMA weights)")
+    fig.tight_layout()
+    return _save_figure(plt, fig, path)

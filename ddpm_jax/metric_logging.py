@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+import uuid
 from typing import Any
 
 import jax
@@ -51,14 +52,18 @@ class MetricWriter:
     appended to) the file is rewritten whole at each write.
     """
 
-    def __init__(self, workdir: epath.Path, *, resume_step: int, enabled: bool):
+    def __init__(self, workdir: epath.Path, *, resume_step: int, enabled: bool,
+                 wandb_project: str | None = None, config: dict | None = None):
         self.enabled = enabled
         self.path = epath.Path(workdir) / "metrics.jsonl"
         self._local = "://" not in str(workdir)
         self._rows: list[str] = []
         self._tb = None
+        self._wandb = None
         if not enabled:
             return
+        if wandb_project:
+            self._wandb = start_wandb(epath.Path(workdir), wandb_project, config or {})
         if self.path.exists():
             self._rows = self._read_rows(resume_step)
             self._rewrite()
@@ -108,6 +113,8 @@ class MetricWriter:
             self._rewrite()
         for name, value in scalars.items():
             self._tb.add_scalar(name, value, int(step))
+        if self._wandb is not None:
+            self._wandb.log(dict(scalars), step=int(step))
 
     def write_image(self, step: int, name: str, png_path: str | None) -> None:
         """Adds the PNG at ``png_path`` (a sample grid) to TensorBoard at ``step``."""
@@ -122,16 +129,54 @@ class MetricWriter:
         return [json.loads(ln) for ln in self._rows if ln.strip()]
 
     def save_loss_curve(self, path: epath.Path) -> str | None:
-        rows = self.rows()
+        rows = [r for r in self.rows() if "loss" in r]
         if not rows:
             return None
         return images.save_loss_curve(str(path), [r["step"] for r in rows],
                                       [r["loss"] for r in rows])
 
+    def save_quality_curve(self, path: epath.Path) -> str | None:
+        """The evaluation rows' metrics against step and training seconds (``quality.png``)."""
+        rows = self.rows()
+        evals = [r for r in rows if "eval_seconds" in r]
+        if not evals:
+            return None
+        return images.save_quality_curve(str(path), evals, _train_seconds(rows))
+
     def close(self) -> None:
         if self._tb is not None:
             self._tb.close()
             self._tb = None
+        if self._wandb is not None:
+            self._wandb.finish()
+            self._wandb = None
+
+
+def start_wandb(workdir: epath.Path, project: str, config: dict):
+    """A Weights & Biases run for this workdir (the same run again on resume; its id is kept in
+    ``WORKDIR/wandb_id.txt``). ``WANDB_MODE=offline`` keeps it on disk under ``WORKDIR/wandb``.
+    """
+    try:
+        import wandb  # noqa: PLC0415 - the optional wandb extra
+    except ImportError:
+        raise errors.UserError("config.eval.wandb=True needs the wandb package: pip install "
+                               "'ddpm_jax[wandb]' (or set config.eval.wandb=False)") from None
+    id_file = workdir / "wandb_id.txt"
+    run_id = id_file.read_text().strip() if id_file.exists() else uuid.uuid4().hex[:8]
+    id_file.write_text(run_id)
+    return wandb.init(project=project, id=run_id, resume="allow", dir=str(workdir),
+                      config=config, name=workdir.name)
+
+
+def _train_seconds(rows: list[dict]) -> dict[int, float]:
+    """Seconds of training (evaluations left out) at each logged step, from the rows' rates."""
+    out, total, last = {}, 0.0, 0
+    for r in rows:
+        if "steps_per_sec" in r and r["steps_per_sec"] > 0:
+            total += (r["step"] - last) / r["steps_per_sec"]
+            last = r["step"]
+        out[r["step"]] = total
+    return out
 
 
 def _row_step(line: str) -> int | None:
@@ -179,6 +224,12 @@ class MetricLogger:
         self.flush()  # the previous log step: the devices are already busy with this one
         if step % self.log_every == 0 or step >= self.total:
             self.pending = (step, metrics)
+
+    def note(self, text: str) -> None:
+        """A line above the progress bar; the steps/s clock restarts after it (an evaluation's
+        time is not counted as training time)."""
+        self.bar.write(text, file=sys.stderr)
+        self.clock = (time.time(), self.clock[1])
 
     def _wait_previous(self) -> None:
         if self.previous is not None:

@@ -42,6 +42,7 @@ from ddpm_jax import (
     diffusion,
     distributed,
     errors,
+    evaluation,
     files,
     images,
     input_pipeline,
@@ -79,11 +80,36 @@ class TrainState:
 
 
 def learning_rate_fn(config) -> optax.Schedule:
-    """lr(step) = lr * min(step / warmup, 1): linear warm-up, then constant (the original)."""
+    """lr(step) = lr * min(step / warmup, 1): linear warm-up, then constant (the original).
+
+    With ``optim.schedule = "cosine"`` the rate then falls as a half cosine from lr at the end
+    of the warm-up to 0 at ``training.num_train_steps`` (for short runs).
+    """
     lr, warmup = config.optim.lr, config.optim.warmup
-    if warmup == 0:
+    cosine = config.optim.get("schedule", "constant") == "cosine"
+    if warmup == 0 and not cosine:
         return optax.constant_schedule(lr)
-    return lambda step: lr * jnp.minimum(jnp.asarray(step, jnp.float32) / warmup, 1.0)
+    total = config.training.num_train_steps
+
+    def schedule(step):
+        s = jnp.asarray(step, jnp.float32)
+        rate = lr * jnp.minimum(s / warmup, 1.0) if warmup else jnp.float32(lr)
+        if cosine:
+            done = jnp.clip((s - warmup) / max(total - warmup, 1), 0.0, 1.0)
+            rate = rate * 0.5 * (1.0 + jnp.cos(jnp.pi * done))
+        return rate
+
+    return schedule
+
+
+def ema_decay_fn(config):
+    """decay(step): ``optim.ema_decay``, or with ``optim.ema_warmup`` TF's
+    ExponentialMovingAverage with ``num_updates``: ``min(decay, (1 + step) / (10 + step))``, so
+    the average forgets the initial parameters quickly in a short run."""
+    decay = config.optim.ema_decay
+    if not config.optim.get("ema_warmup", False):
+        return lambda step: decay
+    return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
 def create_optimizer(config) -> optax.GradientTransformation:
@@ -137,7 +163,7 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``). The logged
     ``lr`` is the one Adam applied: the schedule at the count of applied updates.
     """
-    decay = config.optim.ema_decay
+    decay_fn = ema_decay_fn(config)
     lr_fn = learning_rate_fn(config)
     image = (config.data.image_size, config.data.image_size, config.data.channels)
 
@@ -156,6 +182,7 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
         updates, opt_state = tx.update(grads, state.opt_state, state.params)
         params = optax.apply_updates(state.params, updates)
         # EMA: ema <- decay * ema + (1 - decay) * params, every step.
+        decay = decay_fn(state.step.astype(jnp.float32))
         ema = jax.tree.map(lambda e, p: decay * e + (1.0 - decay) * p, state.ema_params, params)
         grad_norm = optax.global_norm(grads)
         finite = jnp.isfinite(loss) & jnp.isfinite(grad_norm) & jnp.isfinite(
@@ -311,13 +338,14 @@ def restore_start(config, ckpt: checkpoints.Checkpointer, step: int, abstract: T
 
 
 def save_state(ckpt: checkpoints.Checkpointer, state: TrainState, *, data_position: int,
-               base_key, config) -> None:
+               base_key, config, **extra_meta) -> None:
     """Starts an asynchronous save of ``state`` with everything a resume needs."""
     meta = dict(
         data_position=int(data_position),
         base_key=np.asarray(jax.random.key_data(base_key)).tolist(),
         nonfinite_steps=int(jax.device_get(state.nonfinite_steps)),
         first_nonfinite_step=int(jax.device_get(state.first_nonfinite_step)),
+        **extra_meta,
     )
     ckpt.save(int(jax.device_get(state.step)), params=state.params, ema_params=state.ema_params,
               opt_state=state.opt_state, meta=meta, config=config)
@@ -397,6 +425,9 @@ class Run:
     train_step: Callable
     write_grid: Callable[[TrainState, int], str | None]
     is_main: bool
+    evaluator: evaluation.Evaluator | None = None
+    best: checkpoints.Checkpointer | None = None  # WORKDIR/best/: the best step by a metric
+    best_value: float | None = None
 
 
 def setup(config, workdir: str, stack: contextlib.ExitStack, *,
@@ -411,6 +442,7 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
       AlreadyTrained: the latest checkpoint is at ``training.num_train_steps``.
     """
     config_lib.validate(config)
+    eval_plan = evaluation.plan(config)  # a missing weight file is refused here, in one line
     for warning in config_lib.warnings(config):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     path = prepare_workdir(workdir)
@@ -441,8 +473,22 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
     k = config.training.steps_per_dispatch
     train_step = compile_train_step(make_train_step(config, graphdef, d, tx), mesh, abstract,
                                     steps_per_dispatch=k)
-    return Run(config, path, mesh, ckpt, Batches(reader, mesh, rows, k), start, train_step,
-               make_grid_writer(config, graphdef, d, mesh, path), jax.process_index() == 0)
+    run = Run(config, path, mesh, ckpt, Batches(reader, mesh, rows, k), start, train_step,
+              make_grid_writer(config, graphdef, d, mesh, path), jax.process_index() == 0)
+    if eval_plan is not None:
+        run.evaluator = evaluation.Evaluator(eval_plan, config, graphdef, d, mesh)
+        if eval_plan.best_metric:
+            run.best = stack.enter_context(checkpoints.Checkpointer(
+                path / BEST_SUBDIR, max_to_keep=1))
+            best_step = run.best.latest_step()
+            if best_step is not None:
+                (meta,) = run.best.read_json(best_step, "meta")
+                if meta.get("best_metric") == eval_plan.best_metric:
+                    run.best_value = meta.get("best_value")
+    return run
+
+
+BEST_SUBDIR = "best"
 
 
 def _check_steps(latest: int | None, total: int, path: epath.Path) -> None:
@@ -483,8 +529,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
         with contextlib.ExitStack() as stack:
             run = setup(config, workdir, stack, take_over_lock=take_over_lock)
             preemption = stack.enter_context(PreemptionHandler())
+            ev = config.get("eval")
             writer = stack.enter_context(metric_logging.MetricWriter(
-                run.workdir, resume_step=run.start.step, enabled=run.is_main))
+                run.workdir, resume_step=run.start.step, enabled=run.is_main,
+                wandb_project=ev.wandb_project if ev is not None and ev.wandb else None,
+                config=config_lib.to_dict(config)))
             return train_loop(run, writer, preemption)
     except AlreadyTrained as e:
         print(f"{e}", file=sys.stderr, flush=True)
@@ -532,9 +581,28 @@ def train_loop(run: Run, writer: metric_logging.MetricWriter,
     return state
 
 
+def _evaluate(run: Run, logger, state: TrainState, step: int) -> None:
+    """The evaluation row of ``step`` (before its checkpoint, so that a run killed between the
+    two evaluates the step again on resume), and the best checkpoint."""
+    logger.flush()  # the loss rows of earlier steps come first
+    row = run.evaluator(state.ema_params, step)
+    logger.writer.write(step, row)
+    shown = ", ".join(f"{k} {v:.4g}" for k, v in row.items())
+    if run.is_main:
+        logger.note(f"evaluation at step {step}: {shown}")
+    metric = run.evaluator.plan.best_metric
+    if run.best is not None and evaluation.is_better(metric, row[metric], run.best_value):
+        run.best_value = row[metric]
+        save_state(run.best, state, data_position=run.batches.reader.position,
+                   base_key=run.start.base_key, config=run.config, best_metric=metric,
+                   best_value=row[metric])
+
+
 def _after_step(run: Run, logger, preemption, state: TrainState, metrics, step: int) -> None:
-    """Checkpoint, preemption and sample grid at their intervals."""
+    """Evaluation, checkpoint, preemption and sample grid at their intervals."""
     tc = run.config.training
+    if run.evaluator is not None and run.evaluator.due(step):
+        _evaluate(run, logger, state, step)
     stop = preemption.should_stop(step)
     if step % tc.checkpoint_every == 0 or stop:
         logger.flush()
@@ -557,15 +625,30 @@ def _finish(run: Run, writer: metric_logging.MetricWriter, state: TrainState) ->
         save_state(run.ckpt, state, data_position=run.batches.reader.position,
                    base_key=run.start.base_key, config=run.config)
     run.ckpt.wait()
+    if run.best is not None:
+        run.best.wait()
     grid = run.write_grid(state, final)
     if not run.is_main:
         return
     writer.write_image(final, "samples", grid)
     curve = writer.save_loss_curve(run.workdir / "loss.png")
-    print(
-        f"\nTrained to step {final}.\n  checkpoint:   {run.ckpt.step_dir(final)}\n"
-        f"  samples:      {grid}\n  loss curve:   {curve}\n  metrics:      {writer.path}\n"
-        f"  tensorboard:  tensorboard --logdir {run.workdir / 'tensorboard'}\n"
-        f"  sample more:  python sample.py --workdir={run.workdir} --num_samples=64",
-        flush=True,
-    )
+    lines = [f"\nTrained to step {final}.", f"  checkpoint:   {run.ckpt.step_dir(final)}"]
+    if run.best is not None and run.best.latest_step() is not None:
+        lines.append(f"  best:         {run.best.step_dir(run.best.latest_step())} "
+                     f"({run.evaluator.plan.best_metric} {run.best_value:.4g})")
+    lines += [f"  samples:      {grid}", f"  loss curve:   {curve}"]
+    evals = [r for r in writer.rows() if "eval_seconds" in r]
+    if evals:
+        quality = writer.save_quality_curve(run.workdir / "quality.png")
+        last = evals[-1]
+        shown = ", ".join(f"{k} {v:.4g}" for k, v in last.items()
+                          if k not in ("step", "eval_seconds"))
+        lines += [f"  quality:      {shown} (step {last['step']}, "
+                  f"{run.evaluator.plan.num_samples} samples, {run.evaluator.plan.spec.sampler}"
+                  f"{'' if run.evaluator.plan.spec.num_steps is None else '-'}"
+                  f"{run.evaluator.plan.spec.num_steps or ''}, {last['eval_seconds']:.1f} s)",
+                  f"  quality plot: {quality}"]
+    lines += [f"  metrics:      {writer.path}",
+              f"  tensorboard:  tensorboard --logdir {run.workdir / 'tensorboard'}",
+              f"  sample more:  python sample.py --workdir={run.workdir} --num_samples=64"]
+    print("\n".join(lines), flush=True)

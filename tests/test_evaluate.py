@@ -8,7 +8,7 @@ import pytest
 from conftest import run_python
 
 from configs import test as test_config
-from ddpm_jax import checkpoints, unet
+from ddpm_jax import checkpoints, datasets, unet
 
 
 def test_evaluate_writes_the_bound_of_the_test_split(digits_dir, tmp_path):
@@ -67,12 +67,14 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
 
     workdir, data_dir, weights, _ = tiny_run
     out = os.path.join(workdir, "eval1.json")
-    proc = _evaluate(f"--workdir={workdir}", "--metrics=fid,is,kid,bpd", *SAMPLE_FLAGS,
+    proc = _evaluate(f"--workdir={workdir}", "--metrics=fid,is,kid,bpd,sfid,precision,recall",
+                     *SAMPLE_FLAGS,
                      "--ref=digits:train", "--ref_num_examples=40", "--num_examples=4",
                      "--batch_size=4", f"--out={out}", weights=weights)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
-    for key in ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "bpd"):
+    for key in ("fid", "is_mean", "is_std", "kid_mean", "kid_std", "bpd", "sfid", "precision",
+                "recall"):
         assert np.isfinite(result[key]), key
     assert result["fid"] > 0 and result["is_mean"] >= 1.0 and result["bpd"] > 0
     p = result["provenance"]
@@ -95,6 +97,23 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
     np.testing.assert_allclose(
         (result["is_mean"], result["is_std"]),
         metrics.inception_score(feats["logits_unbiased"], splits=2), rtol=1e-5)
+    # sFID: the spatial features against the reference's cached spatial statistics (float64
+    # numpy); precision / recall in pool3 against the reference images' features.
+    assert p["precision_recall_features"] == "inception_pool3" and p["precision_recall_k"] == 3
+    spatial = metrics.load_reference_stats(p["sfid_stats_file"], dim=2023, mode="tf1",
+                                           weights_sha256="0" * 64)
+    assert spatial.n == 40
+    s = feats["spatial"].astype(np.float64)
+    np.testing.assert_allclose(result["sfid"], metrics.frechet_distance(
+        s.mean(0), np.cov(s, rowvar=False), spatial.mu, spatial.sigma), rtol=1e-5)
+    ref_config = test_config.get_config()
+    ref_config.data.data_dir = data_dir
+    ref_images = datasets.load_split(ref_config, "train", 40)
+    ref_feats = metrics.inception_features(ref_images, weights=weights)
+    s_ref = ref_feats["spatial"].astype(np.float64)
+    np.testing.assert_allclose(spatial.mu, s_ref.mean(0), rtol=1e-4, atol=1e-6)
+    assert (result["precision"], result["recall"]) == pytest.approx(
+        metrics.precision_recall(ref_feats["pool3"], feats["pool3"], k=3), abs=1e-9)
 
     # Again: the samples and the reference statistics are reused, and the numbers are the same.
     out2 = os.path.join(workdir, "eval2.json")

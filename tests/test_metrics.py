@@ -310,7 +310,7 @@ def test_features_shapes_padding_and_grey(random_weights, monkeypatch):
     assert done == [2, 3]
     assert {k: (v.shape, v.dtype) for k, v in three.items()} == {
         "pool3": ((3, 2048), np.float32), "logits": ((3, 1008), np.float32),
-        "logits_unbiased": ((3, 1008), np.float32)}
+        "logits_unbiased": ((3, 1008), np.float32), "spatial": ((3, 2023), np.float32)}
     assert 0.05 < three["pool3"].mean() < 5  # activations of order one (not vanishing)
     np.testing.assert_allclose(three["logits"] - three["logits_unbiased"],
                                np.broadcast_to(load_file(path)["fc.bias"], (3, 1008)), atol=1e-5)
@@ -331,6 +331,48 @@ assert jax.device_count() == 2
 out = metrics.inception_features(images, weights=sys.argv[2], batch_size=3)  # 4 rows: 2 + 2
 np.savez(sys.argv[3], **out)
 """
+
+
+def test_sfid_features_are_the_first_7_channels_of_mixed_6d_1x1(random_weights):
+    """guided-diffusion's ``mixed_6/conv:0`` = Mixed_6d.branch1x1 after its ReLU, [..., :7],
+    flattened: recomputed here in float64 from the weight file's tensors."""
+    import jax.numpy as jnp
+    from flax import nnx
+
+    from ddpm_jax.metrics import network
+
+    path, tensors = random_weights
+    images = np.random.default_rng(3).integers(0, 256, (2, 32, 32, 3), dtype=np.uint8)
+    got = metrics.inception_features(images, weights=path)["spatial"]
+    model = nnx.merge(network.abstract_model()[0], metrics.load_weights(path))
+    x = network.preprocess(jnp.asarray(images), "tf1")
+    x = network._chain(x, model.Conv2d_1a_3x3, model.Conv2d_2a_3x3, model.Conv2d_2b_3x3)
+    x = network.max_pool(x, stride=2)
+    x = network._chain(x, model.Conv2d_3b_1x1, model.Conv2d_4a_3x3)
+    x = network.max_pool(x, stride=2)
+    x = network._chain(x, model.Mixed_5b, model.Mixed_5c, model.Mixed_5d, model.Mixed_6a,
+                       model.Mixed_6b, model.Mixed_6c)
+    x = np.asarray(x, np.float64)  # [2, 17, 17, 768]: Mixed_6d's input
+
+    def branch(block, channels):
+        t = {k.split(f"{block}.branch1x1.")[1]: v.astype(np.float64) for k, v in
+             tensors.items() if k.startswith(f"{block}.branch1x1.")}
+        y = x @ t["conv.weight"][:, :, 0, 0].T  # a 1x1 convolution, [2, 17, 17, 192]
+        y = (y - t["bn.running_mean"]) / np.sqrt(t["bn.running_var"] + 1e-3)
+        y = np.maximum(y * t["bn.weight"] + t["bn.bias"], 0.0)
+        return y[..., channels].reshape(2, -1)
+
+    want = branch("Mixed_6d", slice(0, 7))
+    assert got.shape == (2, 17 * 17 * 7) and _rel(got, want) <= 1e-5
+    # Another block or other channels are far off (the comparison can fail).
+    assert _rel(got, branch("Mixed_6d", slice(1, 8))) > 0.1
+    assert _rel(got, branch("Mixed_6e", slice(0, 7))) > 0.1
+    # sFID is the Fréchet distance of these features (float64 scipy reference).
+    rng = np.random.default_rng(0)
+    a, b = rng.normal(size=(40, 6)), rng.normal(0.3, 1.2, size=(30, 6))
+    stats = [(f.mean(0), np.cov(f, rowvar=False)) for f in (a, b)]
+    assert metrics.frechet_distance(*stats[0], *stats[1]) == pytest.approx(
+        _fid_sqrtm(*stats[0], *stats[1]), rel=1e-10)
 
 
 def test_features_sharded_over_two_devices(random_weights, tmp_path):

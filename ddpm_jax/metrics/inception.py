@@ -29,7 +29,7 @@ from ddpm_jax.metrics import network
 from ddpm_jax.metrics import weights as weights_lib
 from ddpm_jax.metrics.errors import MetricsError
 
-OUTPUTS = ("pool3", "logits", "logits_unbiased")
+OUTPUTS = ("pool3", "logits", "logits_unbiased", "spatial")
 DEFAULT_BATCH_SIZE = 64
 
 
@@ -100,8 +100,10 @@ def inception_features(
       progress: called with the number of images done after each batch.
 
     Returns:
-      ``pool3`` float32 ``[N, 2048]`` (FID, KID), ``logits`` float32 ``[N, 1008]`` (with the
-      fc bias) and ``logits_unbiased`` float32 ``[N, 1008]`` (without it: the Inception Score's).
+      ``pool3`` float32 ``[N, 2048]`` (FID, KID, precision / recall), ``logits`` float32
+      ``[N, 1008]`` (with the fc bias), ``logits_unbiased`` float32 ``[N, 1008]`` (without it:
+      the Inception Score's) and ``spatial`` float32 ``[N, 2023]`` (sFID: ``mixed_6/conv``, the
+      first 7 channels of Mixed_6d's 1x1 branch at 17x17, flattened).
 
     Raises:
       MetricsError: images not uint8 NHWC with 1 or 3 channels, an unknown mode, a batch size
@@ -117,7 +119,8 @@ def inception_features(
     if n == 0:
         return {"pool3": np.zeros((0, network.POOL3_DIM), np.float32),
                 "logits": np.zeros((0, network.NUM_LOGITS), np.float32),
-                "logits_unbiased": np.zeros((0, network.NUM_LOGITS), np.float32)}
+                "logits_unbiased": np.zeros((0, network.NUM_LOGITS), np.float32),
+                "spatial": np.zeros((0, network.SPATIAL_DIM), np.float32)}
     return run_batched(_forward_fn(mode), params, images, batch_size=batch_size, mesh=mesh,
                        progress=progress)
 

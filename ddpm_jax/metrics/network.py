@@ -32,6 +32,10 @@ from flax import nnx
 INPUT_SIZE = 299
 POOL3_DIM = 2048
 NUM_LOGITS = 1008
+# sFID's spatial features (Nash et al. 2021, as guided-diffusion's evaluator takes them): the TF
+# graph's ``mixed_6/conv`` = Mixed_6d's 1x1 branch after its ReLU, its first 7 channels, 17x17.
+SPATIAL_CHANNELS = 7
+SPATIAL_DIM = 17 * 17 * SPATIAL_CHANNELS
 BN_EPS = 1e-3
 MODES = ("tf1", "pytorch_fid")
 HIGHEST = jax.lax.Precision.HIGHEST
@@ -284,13 +288,16 @@ class InceptionV3(nnx.Module):
         x = _chain(x, self.Conv2d_3b_1x1, self.Conv2d_4a_3x3)  # 71x71x192
         x = max_pool(x, stride=2)  # 35x35x192
         x = _chain(x, self.Mixed_5b, self.Mixed_5c, self.Mixed_5d)  # 35x35x288
-        x = _chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d,
-                   self.Mixed_6e)  # 17x17x768
+        x = _chain(x, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c)  # 17x17x768
+        # [N, 17 * 17 * 7] (row-major over H, W, C as TF's reshape); XLA reuses the branch.
+        spatial = self.Mixed_6d.branch1x1(x)[..., :SPATIAL_CHANNELS].reshape(x.shape[0], -1)
+        x = _chain(x, self.Mixed_6d, self.Mixed_6e)  # 17x17x768
         x = _chain(x, self.Mixed_7a, self.Mixed_7b, self.Mixed_7c)  # 8x8x2048
         pool3 = jnp.mean(x, axis=(1, 2))  # [N, 2048]
         # Inception Score logits without the bias, as improved-GAN / TTUR take them; [N, 1008].
         unbiased = jnp.dot(pool3, self.fc.kernel[...], precision=HIGHEST)
-        return dict(pool3=pool3, logits_unbiased=unbiased, logits=unbiased + self.fc.bias[...])
+        return dict(pool3=pool3, logits_unbiased=unbiased, logits=unbiased + self.fc.bias[...],
+                    spatial=spatial)
 
 
 def abstract_model():
@@ -301,5 +308,6 @@ def abstract_model():
 
 def apply(graphdef, params, images_uint8: jax.Array, mode: str) -> dict[str, jax.Array]:
     """The pure forward pass (jittable): uint8 ``[N, H, W, 1 or 3]`` -> ``pool3`` float32
-    ``[N, 2048]``, ``logits`` and ``logits_unbiased`` float32 ``[N, 1008]``."""
+    ``[N, 2048]``, ``logits`` and ``logits_unbiased`` float32 ``[N, 1008]``, ``spatial``
+    float32 ``[N, 2023]`` (sFID's)."""
     return nnx.merge(graphdef, params)(preprocess(images_uint8, mode))
