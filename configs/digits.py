@@ -24,7 +24,12 @@ def get_config():
     # 2-core CPU; 2,000 steps give slightly more confident digits (see the README).
     config.optim.lr = 2e-3
     config.optim.warmup = 50
-    config.optim.ema_decay = 0.99  # a short run: average over ~100 steps, not 10k
+    # A short run: the rate falls as a half cosine to 0, and the EMA (0.995, with TF's num_updates
+    # warm-up min(decay, (1 + step) / (10 + step))) forgets the initial weights quickly. Measured
+    # against constant lr with EMA 0.99 at the same cost: Fréchet ratio 1.18 vs 1.33 (README).
+    config.optim.schedule = "cosine"
+    config.optim.ema_decay = 0.995
+    config.optim.ema_warmup = True
     config.training.batch_size = 64
     config.training.num_train_steps = 800
     config.training.log_every = 50
