@@ -400,7 +400,7 @@ def test_quality_vs_nfe_runs_on_the_test_config(tmp_path, digits_dir):
          f"--out_dir={tmp_path}", f"--data_dir={digits_dir}", "--num_samples=8", "--nfe=3,4",
          "--spacings=own,karras",
          "--samplers=dpm_solver++,heun"],
-        cwd=ROOT, capture_output=True, text=True, timeout=300, check=True)
+        cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
     rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
     assert rows[0]["sampler"] == "real test digits"
     got = {(r["sampler"], r["spacing"], r["nfe"]) for r in rows[1:]}
