@@ -98,7 +98,7 @@ def test_a_resumed_run_logs_what_an_uninterrupted_run_logs(uninterrupted, test_c
 @pytest.mark.parametrize("metrics, message", [
     ("fid", "config.eval.metrics asks for fid / is: "),
     ("digits_fd,sharpness", "config.eval.metrics: unknown sharpness"),
-    ("precision", "precision / recall are measured with digits_fd"),
+    ("precision", "config.eval.metrics: precision / recall are measured with digits_fd"),
 ])
 def test_refused_at_start_up_in_one_line(test_cfg, tmp_path, monkeypatch, metrics, message):
     monkeypatch.delenv("DDPM_JAX_INCEPTION_WEIGHTS", raising=False)
