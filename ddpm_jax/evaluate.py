@@ -48,8 +48,9 @@ from etils import epath
 from ddpm_jax import api, cli, datasets, errors, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
-METRICS = ("fid", "is", "kid", "bpd")
-SAMPLE_METRICS = ("fid", "is", "kid")
+METRICS = ("fid", "is", "kid", "bpd", "digits_class_share")
+INCEPTION_METRICS = ("fid", "is", "kid")
+SAMPLE_METRICS = (*INCEPTION_METRICS, "digits_class_share")
 STATS_DIR = "ddpm_jax_fid_stats"
 
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
@@ -66,6 +67,10 @@ flags.DEFINE_string("samples_dir", None, "Where samples.npz is reused or made (d
 flags.DEFINE_integer("sample_batch_size", None, "Images per compiled sampling chain (default: "
                      "config.sampling.batch_size).", lower_bound=1)
 cli.define_sampler_flags()
+flags.DEFINE_string("labels", None, "A class-conditional model: the classes sampled, as "
+                    "sample.py --labels (default: all, the classes in equal numbers).")
+flags.DEFINE_float("guidance", None, "A class-conditional model: the guidance w of the samples "
+                   "(default: config.sampling.guidance).")
 # The FID network and the reference.
 flags.DEFINE_string("inception_weights", None, "The converted FID Inception weights "
                     "(default: $DDPM_JAX_INCEPTION_WEIGHTS).")
@@ -196,8 +201,37 @@ def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Refer
 
 
 def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec) -> dict:
-    return dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
-                **spec.record(model.diffusion), image_shape=list(model.image_shape))
+    out = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
+               **spec.record(model.diffusion), image_shape=list(model.image_shape))
+    if model.num_classes:
+        out.update(labels=sample_labels(model), guidance=sample_guidance(model))
+    return out
+
+
+def sample_labels(model: api.DDPM) -> str | None:
+    """--labels, or "all" (class-balanced samples) for a class-conditional model."""
+    if FLAGS.labels is None and model.num_classes:
+        return "all"
+    return FLAGS.labels
+
+
+def sample_guidance(model: api.DDPM) -> float | None:
+    """--guidance, or config.sampling.guidance for a class-conditional model."""
+    if FLAGS.guidance is None and model.num_classes:
+        return float(model.config.sampling.guidance)
+    return FLAGS.guidance
+
+
+def digits_class_share(model: api.DDPM, samples: epath.Path, n: int) -> float:
+    """The share of the first ``n`` samples that the digits classifier (an RBF SVM fitted on
+    the real training digits) assigns to the class each was sampled for."""
+    from ddpm_jax.benchmarks import digits_quality  # noqa: PLC0415
+
+    with np.load(str(samples), allow_pickle=False) as f:
+        images, labels = f["images"][:n], f["labels"][:n]
+    clf = digits_quality.fit_classifier()[0]
+    predicted = clf.predict_proba(images.reshape(n, -1) / 255.0).argmax(1)
+    return float((predicted == labels).mean())
 
 
 def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
@@ -265,11 +299,21 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
     made = find_samples(samples_dir, model, spec, n)
     if made is None:
         generate.generate(model, str(samples_dir), num_samples=n, seed=FLAGS.seed, spec=spec,
-                          batch_size=FLAGS.sample_batch_size)
+                          batch_size=FLAGS.sample_batch_size, labels=sample_labels(model),
+                          guidance=sample_guidance(model))
         made = json.loads((samples_dir / "samples.json").read_text())
     else:
         print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
               f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
+    result = {}
+    if model.num_classes:
+        provenance.update(labels=made["labels"], guidance=made["guidance"])
+    if "digits_class_share" in metrics:
+        result["digits_class_share"] = digits_class_share(model, samples_dir / "samples.npz", n)
+    if not set(INCEPTION_METRICS) & set(metrics):
+        provenance.update(num_samples=n, samples=str(samples_dir / "samples.npz"),
+                          sample_seed=made["seed"], sampler=spec.sampler)
+        return result
     chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
     shape, rows = generate.iter_npz_rows(samples_dir / "samples.npz", "images", chunk, n)
     if shape[0] < n or tuple(shape[1:]) != model.image_shape:
@@ -283,7 +327,6 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
         sample_batch_size=made["batch_size"], **spec.record(model.diffusion),
         mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
             sha), sample_features_seconds=round(secs, 2))
-    result = {}
     if "is" in metrics:
         result["is_mean"], result["is_std"] = m.inception_score(logits, splits=FLAGS.is_splits)
         provenance["is_splits"] = FLAGS.is_splits
@@ -330,6 +373,18 @@ def sample_metrics(model, metrics, spec, ref: Reference | None, weights: str, sh
     return result
 
 
+def check_conditioning(model: api.DDPM, metrics) -> None:
+    """The labels and guidance of the samples, and the class share's needs, before sampling."""
+    guidance = sample_guidance(model)
+    labels = generate.parse_labels(sample_labels(model), FLAGS.num_samples, model.num_classes)
+    api.check_labels(labels, guidance or 0.0, FLAGS.num_samples, model.num_classes,
+                     prefix="--")
+    if "digits_class_share" in metrics and (model.config.data.dataset != "digits"
+                                            or labels is None):
+        raise EvaluationError("--metrics=digits_class_share needs a class-conditional digits "
+                              "model (configs/digits_cond.py)")
+
+
 def main():
     if FLAGS.workdir is None:
         cli.fail("--workdir is required")
@@ -350,6 +405,8 @@ def main():
         from ddpm_jax import metrics as m  # noqa: PLC0415
 
         spec = sampling.spec_from_config(config, **cli.sampler_overrides())
+        check_conditioning(model, metrics)
+    if set(INCEPTION_METRICS) & set(metrics):
         weights = m.weights.resolve_path(FLAGS.inception_weights)
         sha = m.weights_sha256(weights)
         m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked

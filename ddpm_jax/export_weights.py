@@ -64,7 +64,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import checkpoints, diffusion, errors, import_weights, unet
+from ddpm_jax import checkpoints, config_lib, diffusion, errors, import_weights, unet
 
 # The diffusers version whose file format the exported configs follow (and were tested with).
 DIFFUSERS_VERSION = "0.42.1"
@@ -127,6 +127,13 @@ def differences(config: ml_collections.ConfigDict) -> list[str]:
         lines.append(
             f"model.dtype is {config.model.dtype}: the weights are float32 and diffusers runs them "
             "in float32 unless loaded with torch_dtype")
+    k = config_lib.num_classes(config)
+    if k:
+        lines.append(
+            f"class-conditional: the UNet2DModel has num_class_embeds={k + 1} (classes 0-{k - 1}"
+            f" and the null class {k}, the last row); DDPMPipeline passes no labels, so call "
+            f"pipe.unet(x, t, class_labels=y) and, for guidance w, combine (1 + w) eps(x, y) - "
+            f"w eps(x, {k}) (diffusers' guidance_scale = 1 + w)")
     if d.num_timesteps != 1000:
         lines.append(
             f"T = {d.num_timesteps}: DDPMPipeline defaults to 1000 inference steps; call it "

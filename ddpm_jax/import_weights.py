@@ -96,6 +96,8 @@ CONV = {"kernel": ("weight", TORCH_CONV), "bias": ("bias", SAME)}
 LINEAR = {"kernel": ("weight", TORCH_LINEAR), "bias": ("bias", SAME)}
 CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
 NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
+# torch.nn.Embedding stores [num_embeddings, dim], as ours (the null class is the last row).
+EMBED = {"embedding": ("weight", SAME)}
 
 # -- the name mapping ----------------------------------------------------------------------------
 # Layers of a ResNet block and of an attention block: ours -> (diffusers names, layout). Older
@@ -133,6 +135,7 @@ DIFFUSERS_SCOPES = (
     ("up_{i}/upsample/conv", "up_blocks.{k}.upsamplers.0.conv", CONV),
     ("norm_out", "conv_norm_out", NORM),
     ("conv_out", "conv_out", CONV),
+    ("label_emb", "class_embedding", EMBED),
 )
 # TF leaves: nn.conv2d / nn.dense / nn.nin store W (ours already: conv [kh, kw, in, out],
 # dense and NIN [in, out]) and b; tf.contrib group_norm stores gamma and beta ([C]).
@@ -382,7 +385,9 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         time_embedding_dim=None,
         attn_norm_num_groups=None,
         class_embed_type=None,
-        num_class_embeds=None,
+        # A class-conditional U-Net: its K classes and the null class (the last row).
+        num_class_embeds=config_lib.num_classes(config) + 1 if config_lib.num_classes(config)
+        else None,
     )
 
 

@@ -632,6 +632,53 @@ def network_fn(graphdef: Any, params: Any, model_args: Any) -> ModelFn:
     return lambda x, t: unet.apply(graphdef, params, x, t)
 
 
+def guided_model_fn(apply_fn: Callable, labels: jax.Array | None, guidance: jax.Array,
+                    null_class: int, eps_channels: int | None = None) -> ModelFn:
+    """Classifier-free guidance (Ho and Salimans 2021) as a model call for any sampler.
+
+    ``apply_fn(x, t, labels) -> output`` is the network; the returned ``model_fn(x, t)`` gives
+    ``(1 + w) out(x, t, y) - w out(x, t, null)`` with w = ``guidance`` (diffusers writes the same
+    with ``guidance_scale = 1 + w``; w = 0 is the conditional model alone). Both predictions come
+    from ONE forward pass over the batch and its copy (``[x; x]`` with ``[y; null]``). w is an
+    array, so a new value is a new argument of the compiled chain, not a new compilation. For a
+    learned-variance output only the first ``eps_channels`` channels are guided; the variance
+    channels are the conditional ones (as GLIDE does). Without labels: the model as it is (the
+    null class for a conditional network).
+    """
+    if labels is None:
+        return lambda x, t: apply_fn(x, t, None)
+    labels = jnp.asarray(labels, jnp.int32)
+    w = jnp.asarray(guidance, jnp.float32)
+
+    def model_fn(x, t):
+        both = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                        jnp.concatenate([labels, jnp.full_like(labels, null_class)]))
+        cond, uncond = jnp.split(both.astype(jnp.float32), 2)
+        guided = cond + w * (cond - uncond)
+        if eps_channels is None or eps_channels == cond.shape[-1]:
+            return guided
+        return jnp.concatenate([guided[..., :eps_channels], cond[..., eps_channels:]], axis=-1)
+
+    return model_fn
+
+
+def guided_network_fn(graphdef: Any, params: Any, model_args: Any = None) -> ModelFn:
+    """``model_fn(x, t)`` of a split U-Net: the network itself when ``model_args`` is None,
+    else guided towards ``model_args["labels"]`` (int32 ``[B]``) with w =
+    ``model_args["guidance"]`` (``guided_model_fn``)."""
+    apply_fn = lambda x, t, y: unet.apply(graphdef, params, x, t, labels=y)
+    if model_args is None:
+        return lambda x, t: apply_fn(x, t, None)
+    num_classes, eps_channels = unet.conditioning(graphdef, params)
+    return guided_model_fn(apply_fn, model_args["labels"], model_args["guidance"], num_classes,
+                           eps_channels)
+
+
+def guidance_args(labels, guidance: float) -> dict[str, Any]:
+    """The ``model_args`` of a guided chain: labels int32 ``[B]``, w float32 ``[]``."""
+    return dict(labels=jnp.asarray(labels, jnp.int32), guidance=jnp.float32(guidance))
+
+
 def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
                     mesh: jax.sharding.Mesh, build_model_fn: Callable = network_fn) -> Callable:
     """The compiled chain of a U-Net: ``fn(params, d, key, x_T=None, eta=0.0, model_args=None)``.

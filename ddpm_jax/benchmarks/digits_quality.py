@@ -20,10 +20,15 @@ from sklearn.svm import SVC
 import ddpm_jax
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/digits", "Workdir of a digits run.")
-flags.DEFINE_integer("num_samples", 256, "Samples per sampler.", lower_bound=1)
-flags.DEFINE_list("samplers", ["ddim:100", "ancestral"], "sampler[:num_steps] to evaluate.")
-flags.DEFINE_integer("seed", 0, "Sampling seed.")
+
+
+def define_flags() -> None:
+    """The program's flags (defined when it runs: importing the module for its classifier
+    defines none)."""
+    flags.DEFINE_string("workdir", "runs/digits", "Workdir of a digits run.")
+    flags.DEFINE_integer("num_samples", 256, "Samples per sampler.", lower_bound=1)
+    flags.DEFINE_list("samplers", ["ddim:100", "ancestral"], "sampler[:num_steps] to evaluate.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed.")
 
 
 def fit_classifier():
@@ -61,4 +66,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
