@@ -3,8 +3,10 @@
   python sample.py --workdir=runs/digits --num_samples=64
   python sample.py --workdir=runs/cifar10 --num_samples=50000 --sampler=ddim --num_steps=100
   python sample.py --workdir=runs/cifar10 --sampler=dpm_solver++ --num_steps=20
+  python sample.py --workdir=runs/digits_cond --num_samples=100 --labels=all --guidance=1
 
-Writes OUTPUT_DIR/samples.npz (uint8 NHWC, key ``images``), samples.png and samples.json;
+Writes OUTPUT_DIR/samples.npz (uint8 NHWC, key ``images``; for a class-conditional model with
+``--labels`` also ``labels``, int32 [N]), samples.png and samples.json;
 OUTPUT_DIR defaults to the workdir. A killed run resumes from its last finished batch when
 started again with the same flags. Every flag is checked before OUTPUT_DIR is touched. Paths may
 be ``gs://``; on several hosts, start the same command on every host (process flags as for
@@ -28,6 +30,11 @@ flags.DEFINE_bool("progressive", False, "Also write progressive.png and trajecto
 flags.DEFINE_integer("progressive_every", None, "Chain steps between columns of the progressive "
                      "strip; must divide the steps (default: about 10 columns).", lower_bound=1)
 flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
+flags.DEFINE_string("labels", None, "Classes to sample from a class-conditional model: 3, "
+                    "0,1,2 (in turn, as many of each) or all (every class, as many of each).")
+flags.DEFINE_float("guidance", None, "Classifier-free guidance w >= 0 with --labels: eps = "
+                   "(1 + w) eps(x, y) - w eps(x, null), diffusers' guidance_scale = 1 + w "
+                   "(default: config.sampling.guidance).")
 cli.define_process_flags()
 
 
@@ -50,7 +57,8 @@ def main():
           f"{spec.nfe(model.diffusion)} network calls per image; writing to {out}", flush=True)
     path = generate.generate(model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                              spec=dataclasses.replace(spec, record_every=None),
-                             batch_size=FLAGS.batch_size)
+                             batch_size=FLAGS.batch_size, labels=FLAGS.labels,
+                             guidance=FLAGS.guidance)
     extra = ""
     if FLAGS.progressive:
         p1, p2 = generate.write_progressive(model, out, seed=FLAGS.seed, spec=spec)

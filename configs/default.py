@@ -31,6 +31,11 @@ def get_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.block_size = 1  # space-to-depth factor (memory saving for 256px models)
     model.dtype = "float32"  # activation dtype; parameters are always float32
+    # Class conditioning: 0 = unconditional (the paper's model). K > 0: a label embedding of K
+    # classes plus a learned null class; during training a label becomes the null class with
+    # probability cond_drop_prob (classifier-free guidance; 0.1 in Ho and Salimans 2021).
+    model.num_classes = 0
+    model.cond_drop_prob = 0.1
 
     config.diffusion = diffusion = ml_collections.ConfigDict()
     diffusion.num_timesteps = 1000
@@ -76,6 +81,9 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.clip_denoised = True  # the ancestral sampler clips its predicted x_0 (as the paper)
     sampling.thresholding = False  # dpm_solver++ clips its predicted x_0
     sampling.batch_size = 256
+    # Classifier-free guidance w of class-conditional sampling (training grids, and sample.py
+    # --labels without --guidance): eps = (1 + w) eps(x, y) - w eps(x, null); 0 = no guidance.
+    sampling.guidance = 0.0
 
     # Evaluation during training (ddpm_jax.evaluation), on the EMA weights.
     config.eval = ev = ml_collections.ConfigDict()

@@ -89,17 +89,28 @@ class DDPM:
         return unet.count_params(self.params)
 
     # -- the network ------------------------------------------------------------------------------
-    def predict_noise(self, x_t, t) -> jax.Array:
+    def predict_noise(self, x_t, t, *, labels=None) -> jax.Array:
         """eps_theta(x_t, t): float32 ``[B, H, W, C]``, t int32 ``[B]`` in [0, T).
 
         For learned-variance models the eps half of the output; for x0- or x_{t-1}-predicting
-        models the eps implied by the prediction.
+        models the eps implied by the prediction. ``labels`` (int ``[B]`` in [0, num_classes],
+        num_classes being the null class) condition a class-conditional model; without them
+        it predicts for the null class.
         """
         x_t = np.asarray(x_t, np.float32)
         t = self._check_timesteps(t, x_t)
         padded, n = _pad_rows(x_t, self.mesh), x_t.shape[0]
         t = _pad_rows(t, self.mesh)
-        return _eps_fn(self.graphdef, self.mesh)(self.params, self.diffusion, padded, t)[:n]
+        fn = _eps_fn(self.graphdef, self.mesh)
+        if labels is None:
+            return fn(self.params, self.diffusion, padded, t)[:n]
+        labels = np.asarray(labels)
+        if not self.num_classes or labels.shape != (n,) or labels.min() < 0 or (
+                labels.max() > self.num_classes):
+            raise ValueError(f"labels must be int [{n}] in [0, {self.num_classes}] for a "
+                             f"class-conditional model, got {labels.dtype} {labels.shape}")
+        return fn(self.params, self.diffusion, padded, t,
+                  _pad_rows(labels.astype(np.int32), self.mesh))[:n]
 
     def _check_timesteps(self, t, x_t) -> np.ndarray:
         self._check_images(x_t, "x_t")
@@ -119,22 +130,35 @@ class DDPM:
                 f"model, got {tuple(x.shape)}")
 
     # -- sampling ---------------------------------------------------------------------------------
+    @property
+    def num_classes(self) -> int:
+        """Classes of a class-conditional model (0: unconditional)."""
+        return config_lib.num_classes(self.config)
+
     def sample_batch(self, key, batch: int, spec: SamplerSpec = sampling.ANCESTRAL, *,
-                     x_T=None) -> jax.Array:
+                     x_T=None, labels=None, guidance: float = 0.0) -> jax.Array:
         """One compiled chain: uint8 ``[batch, H, W, C]`` split over the devices.
 
         ``batch`` must divide over the devices (``DDPM.sample`` pads for you). Without ``x_T``
-        the starting noise is drawn inside the chain from ``key``.
+        the starting noise is drawn inside the chain from ``key``. ``labels`` (int32
+        ``[batch]``, checked by ``DDPM.sample``) and the guidance w run the guided chain; w is
+        an argument of the compiled chain, so every w shares one compilation.
         """
-        fn = sampling.get_sampling_fn(self.graphdef, spec, (batch,) + self.image_shape,
-                                      self.mesh)
-        return fn(self.params, self.diffusion, key, None if x_T is None else
-                  np.asarray(x_T, np.float32), spec.eta)
+        shape = (batch,) + self.image_shape
+        x_T = None if x_T is None else np.asarray(x_T, np.float32)
+        if labels is None:
+            fn = sampling.get_sampling_fn(self.graphdef, spec, shape, self.mesh)
+            return fn(self.params, self.diffusion, key, x_T, spec.eta)
+        fn = sampling.get_sampling_fn(self.graphdef, spec, shape, self.mesh,
+                                      sampling.guided_network_fn)
+        labels = sharding.put(np.asarray(labels, np.int32), sharding.data_sharding(self.mesh))
+        return fn(self.params, self.diffusion, key, x_T, spec.eta,
+                  sampling.guidance_args(labels, guidance))
 
     def sample(self, key, num_samples: int, *, sampler: str = "ancestral",
                num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
                x_T=None, batch_size: int | None = None,
-               thresholding: bool = False) -> np.ndarray:
+               thresholding: bool = False, labels=None, guidance: float = 0.0) -> np.ndarray:
         """``num_samples`` images as uint8 ``[N, H, W, C]``.
 
         Runs in chunks of ``batch_size`` (default ``config.sampling.batch_size``); chunk i
@@ -146,8 +170,12 @@ class DDPM:
         exactly what each computes. ``num_steps`` and ``spacing`` (``uniform``, ``quadratic``,
         ``linspace``, ``leading``, ``trailing``, ``karras``) default to the sampler's own;
         ``eta`` is DDIM's noise; ``thresholding`` clips DPM-Solver++'s predicted x0.
+        ``labels`` (int ``[N]`` in [0, num_classes), a class-conditional model only) asks for
+        those classes, with classifier-free guidance w = ``guidance`` (any sampler):
+        eps = (1 + w) eps(x, y) - w eps(x, null) (diffusers' guidance_scale is 1 + w).
         """
         spec = self._spec(sampler, num_steps, eta, spacing=spacing, thresholding=thresholding)
+        labels = check_labels(labels, guidance, num_samples, self.num_classes)
         chunks = sampling.plan(num_samples, batch_size or self.config.sampling.batch_size,
                                self.mesh)
         if x_T is not None:
@@ -155,9 +183,9 @@ class DDPM:
             self._check_images(x_T, "x_T")
             if x_T.shape[0] != num_samples:
                 raise ValueError(f"x_T holds {x_T.shape[0]} images, num_samples={num_samples}")
-        sample_batch = functools.partial(self.sample_batch, spec=spec)
+        sample_batch = functools.partial(self.sample_batch, spec=spec, guidance=guidance)
         return np.concatenate(list(sampling.iter_chunks(sample_batch, self.image_shape, key,
-                                                        chunks, x_T=x_T)))
+                                                        chunks, x_T=x_T, labels=labels)))
 
     def _spec(self, sampler, num_steps, eta, record_every=None, *, spacing=None,
               thresholding=False) -> SamplerSpec:
@@ -218,6 +246,37 @@ class DDPM:
         return {k: v[:x.shape[0]] for k, v in out.items()}
 
 
+def check_labels(labels, guidance: float, num_samples: int, num_classes: int,
+                 *, prefix: str = "") -> np.ndarray | None:
+    """The labels as int32 ``[num_samples]`` (None without), after the checks that keep a
+    conditional request from running wrong: labels only for a class-conditional model, each in
+    [0, num_classes), guidance only with labels, and w finite and >= 0.
+
+    ``prefix`` names the settings as flags ("--") in the messages.
+    """
+    config_lib.check_guidance(guidance, prefix=prefix)
+    if labels is None:
+        if guidance:
+            raise config_lib.ConfigError(
+                f"{prefix}guidance={guidance} needs {prefix}labels (guidance steers towards "
+                f"the classes asked for); add {prefix}labels or drop {prefix}guidance")
+        return None
+    if not num_classes:
+        raise config_lib.ConfigError(
+            f"{prefix}labels given, but this model is unconditional (model.num_classes = 0); "
+            f"drop {prefix}labels or use a class-conditional checkpoint")
+    labels = np.asarray(labels)
+    if labels.shape != (num_samples,) or not np.issubdtype(labels.dtype, np.integer):
+        raise config_lib.ConfigError(
+            f"{prefix}labels must be integers, one per sample ([{num_samples}]), got "
+            f"{labels.dtype} {labels.shape}")
+    if labels.size and (labels.min() < 0 or labels.max() >= num_classes):
+        raise config_lib.ConfigError(
+            f"{prefix}labels must lie in [0, {num_classes}) (this model's classes), got values "
+            f"in [{labels.min()}, {labels.max()}]")
+    return labels.astype(np.int32)
+
+
 def _pad_rows(x, mesh) -> jax.Array:
     """``x`` with its leading axis padded (repeating the last row) to a multiple of the devices,
     split over them."""
@@ -231,8 +290,8 @@ def _pad_rows(x, mesh) -> jax.Array:
 
 @functools.lru_cache(maxsize=8)
 def _eps_fn(graphdef, mesh):
-    def eps(params, d, x, t):
-        out = unet.apply(graphdef, params, x, t)
+    def eps(params, d, x, t, labels=None):
+        out = unet.apply(graphdef, params, x, t, labels=labels)
         return diffusion.p_mean_variance(d, out, x, t, clip_denoised=False)["eps"]
 
     return jax.jit(eps, out_shardings=sharding.data_sharding(mesh),

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import difflib
 import json
+import math
 from typing import Any
 
 import ml_collections
@@ -21,6 +22,9 @@ DTYPES = ("float32", "bfloat16", "float16")
 SAMPLERS = ("ancestral", "ddim", "ddim_clipped", "ddim_iddpm", "dpm_solver++", "heun")
 SPACINGS = ("uniform", "quadratic", "linspace", "leading", "trailing", "karras")
 MISSING = object()  # what ``lookup`` returns for a key that is not there
+# Keys added after runs were already saved: a saved config without them reads as these values
+# (the behaviour those runs had), so old checkpoints still load and resume.
+ADDED_KEYS = {"model.num_classes": 0, "model.cond_drop_prob": 0.1, "sampling.guidance": 0.0}
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -36,6 +40,12 @@ def lookup(tree: Any, key: str, default: Any = MISSING) -> Any:
         except (KeyError, TypeError, AttributeError):
             return default
     return node
+
+
+def num_classes(config: Any) -> int:
+    """``model.num_classes`` of a config: 0 (unconditional) when it has no such key."""
+    value = lookup(config, "model.num_classes", 0)
+    return int(value or 0)
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:
@@ -117,6 +127,7 @@ def validate(config: ml_collections.ConfigDict) -> None:
         raise ConfigError(str(e)) from None
     _validate_process(config, betas)
     _validate_model(config)
+    _validate_conditioning(config)
     _validate_optim(config)
     _validate_training(config)
     s = config.sampling
@@ -191,6 +202,25 @@ def _validate_model(config) -> None:
              f"{sorted(channels)}")
 
 
+def _validate_conditioning(config) -> None:
+    m = config.model
+    _require(isinstance(m.num_classes, int) and not isinstance(m.num_classes, bool)
+             and m.num_classes >= 0,
+             f"model.num_classes must be a non-negative integer (0 = unconditional), got "
+             f"{m.num_classes!r}")
+    _require(0.0 <= m.cond_drop_prob < 1.0,
+             f"model.cond_drop_prob must be in [0, 1), got {m.cond_drop_prob!r}")
+    check_guidance(config.sampling.guidance, prefix="sampling.")
+
+
+def check_guidance(guidance: float, *, prefix: str = "--") -> None:
+    """A guidance scale w: finite and >= 0 (0 = the conditional model without guidance)."""
+    _require(isinstance(guidance, int | float) and not isinstance(guidance, bool)
+             and math.isfinite(guidance) and guidance >= 0.0,
+             f"{prefix}guidance must be a finite number >= 0 (0 = no guidance), got "
+             f"{guidance!r}")
+
+
 def _validate_optim(config) -> None:
     o = config.optim
     _require(o.lr > 0, f"optim.lr must be positive, got {o.lr!r}")
@@ -245,6 +275,11 @@ def from_dict(tree: dict) -> ml_collections.ConfigDict:
             return tuple(tuples(v) for v in node)
         return node
 
-    config = ml_collections.ConfigDict(tuples(tree))
+    tree = tuples(tree)
+    for key, value in ADDED_KEYS.items():
+        section, name = key.split(".")
+        if isinstance(tree.get(section), dict) and name not in tree[section]:
+            tree[section] = {**tree[section], name: value}
+    config = ml_collections.ConfigDict(tree)
     config.lock()
     return config

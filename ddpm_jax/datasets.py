@@ -74,6 +74,7 @@ class DatasetSpec:
         layout: "exact" (used as stored), "pad_or_resize" (mnist) or "crop_resize" (lsun).
         config_hint: the --config argument of prepare_data commands in messages.
         manual_file: the file a manual download must provide, if any.
+        num_classes: classes of the records' ``label`` feature; 0 when there is none.
     """
 
     tfds_name: str
@@ -82,17 +83,19 @@ class DatasetSpec:
     layout: str
     config_hint: str
     manual_file: str | None = None
+    num_classes: int = 0
 
 
 _SPECS: dict[str, DatasetSpec] = {
-    "digits": DatasetSpec("digits", 1, 8, "exact", "configs/digits.py"),
-    "cifar10": DatasetSpec("cifar10", 3, 32, "exact", "configs/cifar10.py"),
+    "digits": DatasetSpec("digits", 1, 8, "exact", "configs/digits.py", num_classes=10),
+    "cifar10": DatasetSpec("cifar10", 3, 32, "exact", "configs/cifar10.py", num_classes=10),
     "mnist": DatasetSpec(
         "mnist",
         1,
         28,
         "pad_or_resize",
         "configs/default.py --config.data.dataset=mnist --config.data.channels=1",
+        num_classes=10,
     ),
     "celeb_a_hq/256": DatasetSpec(
         "celeb_a_hq/256", 3, 256, "exact", "configs/celebahq.py", "data256x256.tar"
@@ -146,6 +149,13 @@ def dataset_spec(config: Any) -> DatasetSpec:
             f"config.data.image_size={size} does not match {name}, whose images are "
             f"{stored}x{stored}; set --config.data.image_size={stored}"
         )
+    classes = int(config.get("model", {}).get("num_classes", 0) or 0)  # 0: no key (older configs)
+    if classes and classes != spec.num_classes:
+        have = f"has {spec.num_classes} classes" if spec.num_classes else "has no labels"
+        fix = (f"set --config.model.num_classes={spec.num_classes}" if spec.num_classes
+               else "set --config.model.num_classes=0 (unconditional)")
+        raise DataError(f"config.model.num_classes={classes} does not match {name}, which "
+                        f"{have}; {fix}")
     return spec
 
 
@@ -372,6 +382,12 @@ def load_images(
             raise DataError(f"a record has shape {image.shape} after preprocessing, not {shape}")
         out[row] = image
     return out
+
+
+def load_labels(source: Sequence[dict], indices: Sequence[int]) -> np.ndarray:
+    """The ``label`` feature of records as int32 ``[len(indices)]``."""
+    return np.fromiter((int(source[int(key)]["label"]) for key in indices), np.int32,
+                       count=len(indices))
 
 
 def iter_split(config: Any, split: str, *, batch_size: int = 256,

@@ -65,8 +65,10 @@ from etils import epath
 from ddpm_jax import api, cli, datasets, errors, files, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
-METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall", "sfid")
-SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall", "sfid")
+METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall", "sfid",
+           "digits_class_share")
+SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall", "sfid",
+                  "digits_class_share")
 DIGITS_METRICS = ("digits_fd",)  # precision / recall go with them: see pr_space
 STATS_DIR = "ddpm_jax_fid_stats"
 
@@ -84,6 +86,10 @@ flags.DEFINE_string("samples_dir", None, "Where samples.npz is reused or made (d
 flags.DEFINE_integer("sample_batch_size", None, "Images per compiled sampling chain (default: "
                      "config.sampling.batch_size).", lower_bound=1)
 cli.define_sampler_flags()
+flags.DEFINE_string("labels", None, "A class-conditional model: the classes sampled, as "
+                    "sample.py --labels (default: all, the classes in equal numbers).")
+flags.DEFINE_float("guidance", None, "A class-conditional model: the guidance w of the samples "
+                   "(default: config.sampling.guidance).")
 # The FID network and the reference.
 flags.DEFINE_string("inception_weights", None, "The converted FID Inception weights "
                     "(default: $DDPM_JAX_INCEPTION_WEIGHTS).")
@@ -236,8 +242,38 @@ def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Refer
 
 
 def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec, seed: int) -> dict:
-    return dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
-                seed=seed, **spec.record(model.diffusion), image_shape=list(model.image_shape))
+    out = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
+               seed=seed, **spec.record(model.diffusion), image_shape=list(model.image_shape))
+    if model.num_classes:
+        out.update(labels=sample_labels(model), guidance=sample_guidance(model))
+    return out
+
+
+def sample_labels(model: api.DDPM) -> str | None:
+    """--labels, or "all" (class-balanced samples) for a class-conditional model."""
+    if FLAGS.labels is None and model.num_classes:
+        return "all"
+    return FLAGS.labels
+
+
+def sample_guidance(model: api.DDPM) -> float | None:
+    """--guidance, or config.sampling.guidance for a class-conditional model."""
+    if FLAGS.guidance is None and model.num_classes:
+        return float(model.config.sampling.guidance)
+    return FLAGS.guidance
+
+
+def digits_class_share(model: api.DDPM, samples: epath.Path, n: int) -> float:
+    """The share of the first ``n`` samples that the digits classifier
+    (``ddpm_jax.metrics.digits``, trained once on the real training digits) assigns to the class
+    each was sampled for."""
+    from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
+
+    with np.load(str(samples), allow_pickle=False) as f:
+        images, labels = f["images"][:n], f["labels"][:n]
+    ref = dm.load_reference(model.config.data.data_dir)
+    predicted = dm.digits_features(images, ref.params)["probs"].argmax(1)
+    return float((predicted == labels).mean())
 
 
 def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
@@ -323,7 +359,8 @@ def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
     made = find_samples(samples_dir, model, spec, n, FLAGS.seed)
     if made is None:
         generate.generate(model, str(samples_dir), num_samples=n, seed=FLAGS.seed, spec=spec,
-                          batch_size=FLAGS.sample_batch_size)
+                          batch_size=FLAGS.sample_batch_size, labels=sample_labels(model),
+                          guidance=sample_guidance(model))
         made = files.read_json(samples_dir / "samples.json")
     else:
         print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
@@ -331,6 +368,8 @@ def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
     provenance.update(
         num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
         sample_batch_size=made["batch_size"], **spec.record(model.diffusion))
+    if model.num_classes:
+        provenance.update(labels=made["labels"], guidance=made["guidance"])
     return samples_dir, made
 
 
@@ -461,6 +500,18 @@ def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | Non
     return result
 
 
+def check_conditioning(model: api.DDPM, metrics) -> None:
+    """The labels and guidance of the samples, and the class share's needs, before sampling."""
+    guidance = sample_guidance(model)
+    labels = generate.parse_labels(sample_labels(model), FLAGS.num_samples, model.num_classes)
+    api.check_labels(labels, guidance or 0.0, FLAGS.num_samples, model.num_classes,
+                     prefix="--")
+    if "digits_class_share" in metrics and (model.config.data.dataset != "digits"
+                                            or labels is None):
+        raise EvaluationError("--metrics=digits_class_share needs a class-conditional digits "
+                              "model (configs/digits_cond.py)")
+
+
 def main():
     if FLAGS.workdir is None:
         cli.fail("--workdir is required")
@@ -491,6 +542,8 @@ def main():
         if FLAGS.num_samples < 2:
             raise EvaluationError("digits_fd needs at least 2 samples (--num_samples)")
         digits_ref = dm.load_reference(config.data.data_dir)  # trained once, then cached
+    if wants_samples:
+        check_conditioning(model, metrics)
     if inception_metrics(metrics):
         from ddpm_jax import metrics as m  # noqa: PLC0415
 
@@ -517,6 +570,9 @@ def main():
     result = {}
     if wants_samples:
         samples_dir, _ = prepare_samples(model, spec, provenance)
+        if "digits_class_share" in metrics:
+            result["digits_class_share"] = digits_class_share(
+                model, samples_dir / "samples.npz", FLAGS.num_samples)
         if digits_ref is not None:
             result.update(digits_sample_metrics(model, metrics, samples_dir, digits_ref,
                                                 provenance))

@@ -172,11 +172,13 @@ def read_npz(path) -> dict[str, np.ndarray]:
 
 
 def write_npz_stream(path, name: str, shape: tuple[int, ...], dtype,
-                     chunks: Iterable[np.ndarray]) -> str:
+                     chunks: Iterable[np.ndarray],
+                     extra: dict[str, np.ndarray] | None = None) -> str:
     """Writes one array ``name`` of ``shape`` as ``.npz`` from its row chunks, one at a time.
 
-    The file is what ``np.savez`` writes (an uncompressed zip holding ``name.npy``), so
-    ``np.load(path)[name]`` reads it without pickle; it is renamed into place when complete.
+    The file is what ``np.savez`` writes (an uncompressed zip holding ``name.npy``, then the
+    small ``extra`` arrays whole), so ``np.load(path)[name]`` reads it without pickle; it is
+    renamed into place when complete.
 
     Raises:
       ValueError: the chunks do not hold ``shape[0]`` rows (nothing is written).
@@ -186,15 +188,19 @@ def write_npz_stream(path, name: str, shape: tuple[int, ...], dtype,
 
     def write(f) -> None:
         written = 0
-        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf, \
-                zf.open(f"{name}.npy", "w", force_zip64=True) as out:
-            np.lib.format.write_array_header_1_0(out, header)
-            for chunk in chunks:
-                chunk = np.ascontiguousarray(chunk, dtype=dtype)
-                out.write(chunk.tobytes())
-                written += chunk.shape[0]
-        if written != shape[0]:
-            raise ValueError(f"wrote {written} rows of {name}, expected {shape[0]}")
+        with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:
+            with zf.open(f"{name}.npy", "w", force_zip64=True) as out:
+                np.lib.format.write_array_header_1_0(out, header)
+                for chunk in chunks:
+                    chunk = np.ascontiguousarray(chunk, dtype=dtype)
+                    out.write(chunk.tobytes())
+                    written += chunk.shape[0]
+            if written != shape[0]:
+                raise ValueError(f"wrote {written} rows of {name}, expected {shape[0]}")
+            for key, array in (extra or {}).items():
+                with zf.open(f"{key}.npy", "w", force_zip64=True) as out:
+                    np.lib.format.write_array(out, np.ascontiguousarray(array),
+                                              allow_pickle=False)
 
     return write_with(path, write)
 

@@ -4,8 +4,9 @@
 ``generate`` (what ``sample.py`` runs) writes each finished chunk atomically as a shard
 ``OUTPUT_DIR/sample_shards/shard_<i>.npz``; a killed run started again with the same settings
 samples only the chunks it lacks. At the end the shards are streamed into
-``OUTPUT_DIR/samples.npz`` (uint8 NHWC under the key ``images``; loads with ``np.load`` and no
-pickle), so memory is bounded by one chunk whatever N is; then a PNG grid ``samples.png`` and
+``OUTPUT_DIR/samples.npz`` (uint8 NHWC under the key ``images``, and the int32 ``labels`` of a
+class-conditional run; loads with ``np.load`` and no pickle), so memory is bounded by one
+chunk whatever N is; then a PNG grid ``samples.png`` and
 ``samples.json`` describing how they were made. Every setting is checked before anything in
 OUTPUT_DIR is touched. With several processes every process samples its rows of every chunk and
 process 0 writes the files. Paths may be local or ``gs://``.
@@ -23,7 +24,7 @@ import jax
 import numpy as np
 from etils import epath
 
-from ddpm_jax import config_lib, distributed, errors, files, images, sampling
+from ddpm_jax import api, config_lib, distributed, errors, files, images, sampling
 
 if TYPE_CHECKING:
     from ddpm_jax.api import DDPM
@@ -45,16 +46,54 @@ class Interrupted(errors.UserError):
 
 
 def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.SamplerSpec, *,
-                start: int = 0, x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
-    """``sampling.iter_chunks`` of ``model``'s compiled chain for ``spec``."""
-    return sampling.iter_chunks(functools.partial(model.sample_batch, spec=spec),
-                                model.image_shape, key, chunk_plan, start=start, x_T=x_T)
+                start: int = 0, x_T: np.ndarray | None = None, labels: np.ndarray | None = None,
+                guidance: float = 0.0) -> Iterator[np.ndarray]:
+    """``sampling.iter_chunks`` of ``model``'s compiled chain for ``spec`` (guided by
+    ``labels`` and w = ``guidance`` for a conditional model)."""
+    return sampling.iter_chunks(
+        functools.partial(model.sample_batch, spec=spec, guidance=guidance), model.image_shape,
+        key, chunk_plan, start=start, x_T=x_T, labels=labels)
 
 
-def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec) -> dict:
-    return dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
-                num_samples=chunk_plan.num_samples, batch_size=chunk_plan.batch, seed=seed,
-                **spec.record(model.diffusion), image_shape=list(model.image_shape))
+def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec,
+          labels: str | None = None, guidance: float = 0.0) -> dict:
+    out = dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
+               num_samples=chunk_plan.num_samples, batch_size=chunk_plan.batch, seed=seed,
+               **spec.record(model.diffusion), image_shape=list(model.image_shape))
+    if model.num_classes:  # a class-conditional model: what was asked for, and how guided
+        out.update(num_classes=model.num_classes, labels=labels, guidance=float(guidance))
+    return out
+
+
+def parse_labels(text: str | None, num_samples: int, num_classes: int) -> np.ndarray | None:
+    """The labels of ``--labels``: "3" (every sample a 3), "0,1,2" (the classes in turn, as
+    many of each) or "all" (every class in turn, as many of each); int32 ``[num_samples]``.
+
+    Raises ConfigError for a model without classes, or a list whose classes cannot each get
+    the same number of the ``num_samples`` (``api.check_labels`` checks the classes).
+    """
+    if text is None:
+        return None
+    if not num_classes:
+        raise config_lib.ConfigError(
+            f"--labels={text} given, but this model is unconditional (model.num_classes = 0); "
+            "drop --labels or sample a class-conditional checkpoint")
+    text = text.strip()
+    if text == "all":
+        classes = list(range(num_classes))
+    else:
+        try:
+            classes = [int(part) for part in text.split(",")]
+        except ValueError:
+            raise config_lib.ConfigError(
+                f"--labels={text!r} must be a class (3), a comma list of classes (0,1,2) or "
+                "'all'") from None
+    if num_samples % len(classes):
+        raise config_lib.ConfigError(
+            f"--labels={text} asks for {len(classes)} classes in equal numbers, but "
+            f"--num_samples={num_samples} is not a multiple of {len(classes)}; use e.g. "
+            f"--num_samples={len(classes) * max(1, num_samples // len(classes))}")
+    return np.asarray(classes, np.int32)[np.arange(num_samples) % len(classes)]
 
 
 def _changes(old: dict | None, new: dict) -> str | None:
@@ -141,21 +180,34 @@ def _move_aside(output_dir: epath.Path,
 
 def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
              spec: sampling.SamplerSpec = sampling.ANCESTRAL,
-             batch_size: int | None = None, progress: bool = True) -> str:
-    """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz."""
+             batch_size: int | None = None, progress: bool = True,
+             labels: str | None = None, guidance: float | None = None) -> str:
+    """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz.
+
+    ``labels`` ("3", "0,1,2" or "all", see ``parse_labels``) samples those classes of a
+    class-conditional model with guidance w = ``guidance`` (default
+    ``config.sampling.guidance``); samples.npz then also holds ``labels`` (int32 [N]) and
+    samples.json the labels asked for and w.
+    """
     spec.check(model.config.diffusion.num_timesteps)
     chunk_plan = plan(num_samples, batch_size or model.config.sampling.batch_size, model.mesh)
-    description = _spec(model, chunk_plan, seed, spec)
+    label_array = parse_labels(labels, num_samples, model.num_classes)
+    if guidance is None:
+        guidance = float(model.config.sampling.guidance) if label_array is not None else 0.0
+    label_array = api.check_labels(label_array, guidance, num_samples, model.num_classes,
+                                   prefix="--")
+    description = _spec(model, chunk_plan, seed, spec, labels, guidance)
     out = epath.Path(output_dir)
     if jax.process_index() == 0:
         files.check_writable(out, "output folder", "choose another output folder")
     with files.FolderLock(out, "samples", what=f"output folder {out}", program="sample.py",
                           leader=jax.process_index() == 0, broadcast=distributed.broadcast_int):
-        return _generate(model, out, chunk_plan, spec, seed, description, progress)
+        return _generate(model, out, chunk_plan, spec, seed, description, progress, label_array,
+                         guidance)
 
 
 def _generate(model, out: epath.Path, chunk_plan: Plan, spec, seed: int, description: dict,
-              progress: bool) -> str:
+              progress: bool, label_array: np.ndarray | None, guidance: float) -> str:
     final = out / "samples.npz"
     shard_dir = _prepare(out, description)
     if shard_dir is None:
@@ -164,15 +216,16 @@ def _generate(model, out: epath.Path, chunk_plan: Plan, spec, seed: int, descrip
     shard = lambda i: shard_dir / f"shard_{i:06d}.npz"
     first = distributed.broadcast_int(next(
         (i for i in range(chunk_plan.num_chunks) if not shard(i).exists()), chunk_plan.num_chunks))
-    _sample_shards(model, chunk_plan, spec, seed, first, shard, progress)
+    _sample_shards(model, chunk_plan, spec, seed, first, shard, progress, label_array,
+                   guidance)
     if jax.process_index() == 0:
-        _finish(out, chunk_plan, model.image_shape, shard, description)
+        _finish(out, chunk_plan, model.image_shape, shard, description, label_array)
     distributed.sync("generate_finish")
     return str(final)
 
 
 def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
-                   progress: bool) -> None:
+                   progress: bool, labels: np.ndarray | None, guidance: float) -> None:
     from tqdm.auto import tqdm  # noqa: PLC0415
 
     main = jax.process_index() == 0
@@ -180,7 +233,8 @@ def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
     bar = tqdm(total=chunk_plan.num_samples, initial=done, unit="img",
                disable=not (progress and main), dynamic_ncols=True)
     start, made = time.time(), 0
-    chunks = iter_chunks(model, jax.random.key(seed), chunk_plan, spec, start=first)
+    chunks = iter_chunks(model, jax.random.key(seed), chunk_plan, spec, start=first,
+                         labels=labels, guidance=guidance)
     try:
         for i, imgs in enumerate(chunks, start=first):
             if main:
@@ -196,12 +250,14 @@ def _sample_shards(model, chunk_plan: Plan, spec, seed: int, first: int, shard,
         bar.close()
 
 
-def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: dict) -> None:
+def _finish(out: epath.Path, chunk_plan: Plan, image_shape, shard, description: dict,
+            labels: np.ndarray | None = None) -> None:
     """Streams the shards into samples.npz, writes the grid and the description, cleans up."""
     n = chunk_plan.num_samples
     read = lambda i: files.read_npz(shard(i))["images"]
     write_npz_stream(out / "samples.npz", "images", (n, *image_shape), np.uint8,
-                     (read(i) for i in range(chunk_plan.num_chunks)))
+                     (read(i) for i in range(chunk_plan.num_chunks)),
+                     extra=None if labels is None else dict(labels=labels))
     grid = []
     for i in range(chunk_plan.num_chunks):
         grid.append(read(i)[:100 - sum(len(g) for g in grid)])

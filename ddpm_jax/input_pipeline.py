@@ -12,6 +12,9 @@ decides the order, and reads this process's rows of every global batch:
   so the global batch is the same for any number of processes and devices.
 * Row r of batch b is flipped when ``default_rng([seed, FLIP_STREAM, b]).random(B)[r] < 0.5``:
   the same after a resume and for any process count.
+* A class-conditional config (``config.model.num_classes`` > 0) also reads each record's label:
+  batches are then ``(images, labels int32 [len(rows)])``, the labels of the same records (a
+  flip does not change a label), so they resume exactly as the images do.
 * The reader's whole state is one integer, ``position`` = global batches consumed, saved in every
   checkpoint; a reader created at a saved position yields exactly the batches an uninterrupted
   reader would have yielded.
@@ -37,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax import datasets
+from ddpm_jax import config_lib, datasets
 
 FLIP_STREAM = 0x666C6970  # "flip": separates the flip draws from the epoch permutations
 
@@ -96,10 +99,12 @@ class ReaderSpec:
     random_flip: bool
     prefetch: int
     num_threads: int
+    labels: bool = False
 
 
 class Reader:
-    """This process's rows of consecutive global batches, uint8 ``[len(rows), H, W, C]``.
+    """This process's rows of consecutive global batches, uint8 ``[len(rows), H, W, C]`` (with
+    ``spec.labels``: the tuple of those images and their int32 ``[len(rows)]`` labels).
 
     An infinite iterator whose whole state is ``position`` (global batches consumed); create a
     reader at a saved position to continue from it. Close it (or use it as a context manager) to
@@ -131,7 +136,7 @@ class Reader:
         """Global batches consumed so far (the next batch is global batch ``position``)."""
         return self._position
 
-    def read_batch(self, batch_index: int) -> np.ndarray:
+    def read_batch(self, batch_index: int) -> np.ndarray | tuple[np.ndarray, np.ndarray]:
         """This process's rows of global batch ``batch_index``, computed now (no prefetch)."""
         spec = self.spec
         ids = batch_record_indices(
@@ -140,6 +145,8 @@ class Reader:
         if spec.random_flip:
             flips = batch_flips(spec.seed, spec.global_batch, batch_index, self._rows)
             images[flips] = images[flips, :, ::-1]
+        if spec.labels:
+            return images, datasets.load_labels(self._source, ids)
         return images
 
     def _load(self, ids: np.ndarray) -> np.ndarray:
@@ -222,7 +229,8 @@ def create_train_reader(config: Any, rows: np.ndarray, *, position: int = 0) -> 
       position: global batches already consumed (restored from a checkpoint).
 
     Returns:
-      A ``Reader`` yielding uint8 ``[len(rows), H, W, C]``.
+      A ``Reader`` yielding uint8 ``[len(rows), H, W, C]`` (and the int32 labels of those rows
+      for a class-conditional config).
 
     Raises:
       DataError: unknown dataset or split, data not prepared, image size or channels that do not
@@ -245,6 +253,7 @@ def create_train_reader(config: Any, rows: np.ndarray, *, position: int = 0) -> 
         random_flip=bool(config.data.random_flip),
         prefetch=int(config.data.prefetch),
         num_threads=max(1, int(config.data.num_threads)),
+        labels=config_lib.num_classes(config) > 0,
     )
     source = datasets.open_source(config, config.data.split)
     if len(source) == 0:

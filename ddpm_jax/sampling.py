@@ -662,6 +662,53 @@ def network_fn(graphdef: Any, params: Any, model_args: Any) -> ModelFn:
     return lambda x, t: unet.apply(graphdef, params, x, t)
 
 
+def guided_model_fn(apply_fn: Callable, labels: jax.Array | None, guidance: jax.Array,
+                    null_class: int, eps_channels: int | None = None) -> ModelFn:
+    """Classifier-free guidance (Ho and Salimans 2021) as a model call for any sampler.
+
+    ``apply_fn(x, t, labels) -> output`` is the network; the returned ``model_fn(x, t)`` gives
+    ``(1 + w) out(x, t, y) - w out(x, t, null)`` with w = ``guidance`` (diffusers writes the same
+    with ``guidance_scale = 1 + w``; w = 0 is the conditional model alone). Both predictions come
+    from ONE forward pass over the batch and its copy (``[x; x]`` with ``[y; null]``). w is an
+    array, so a new value is a new argument of the compiled chain, not a new compilation. For a
+    learned-variance output only the first ``eps_channels`` channels are guided; the variance
+    channels are the conditional ones (as GLIDE does). Without labels: the model as it is (the
+    null class for a conditional network).
+    """
+    if labels is None:
+        return lambda x, t: apply_fn(x, t, None)
+    labels = jnp.asarray(labels, jnp.int32)
+    w = jnp.asarray(guidance, jnp.float32)
+
+    def model_fn(x, t):
+        both = apply_fn(jnp.concatenate([x, x]), jnp.concatenate([t, t]),
+                        jnp.concatenate([labels, jnp.full_like(labels, null_class)]))
+        cond, uncond = jnp.split(both.astype(jnp.float32), 2)
+        guided = cond + w * (cond - uncond)
+        if eps_channels is None or eps_channels == cond.shape[-1]:
+            return guided
+        return jnp.concatenate([guided[..., :eps_channels], cond[..., eps_channels:]], axis=-1)
+
+    return model_fn
+
+
+def guided_network_fn(graphdef: Any, params: Any, model_args: Any = None) -> ModelFn:
+    """``model_fn(x, t)`` of a split U-Net: the network itself when ``model_args`` is None,
+    else guided towards ``model_args["labels"]`` (int32 ``[B]``) with w =
+    ``model_args["guidance"]`` (``guided_model_fn``)."""
+    apply_fn = lambda x, t, y: unet.apply(graphdef, params, x, t, labels=y)
+    if model_args is None:
+        return lambda x, t: apply_fn(x, t, None)
+    num_classes, eps_channels = unet.conditioning(graphdef, params)
+    return guided_model_fn(apply_fn, model_args["labels"], model_args["guidance"], num_classes,
+                           eps_channels)
+
+
+def guidance_args(labels, guidance: float) -> dict[str, Any]:
+    """The ``model_args`` of a guided chain: labels int32 ``[B]``, w float32 ``[]``."""
+    return dict(labels=jnp.asarray(labels, jnp.int32), guidance=jnp.float32(guidance))
+
+
 def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
                     mesh: jax.sharding.Mesh, build_model_fn: Callable = network_fn) -> Callable:
     """The compiled chain of a U-Net: ``fn(params, d, key, x_T=None, eta=0.0, model_args=None)``.
@@ -741,18 +788,25 @@ def plan(num_samples: int, batch_size: int, mesh: jax.sharding.Mesh) -> Plan:
 
 def iter_chunks(sample_batch: Callable[..., jax.Array], image_shape: tuple[int, ...],
                 key: jax.Array, chunk_plan: Plan, *, start: int = 0,
-                x_T: np.ndarray | None = None) -> Iterator[np.ndarray]:
+                x_T: np.ndarray | None = None,
+                labels: np.ndarray | None = None) -> Iterator[np.ndarray]:
     """uint8 ``[rows(i), H, W, C]`` host arrays of chunks ``start``, ``start + 1``, ...
 
-    ``sample_batch(key, batch, x_T=...)`` is the compiled batch sampler (``DDPM.sample_batch``
-    for one ``SamplerSpec``); ``x_T``, when given, holds the starting noise of all N images.
+    ``sample_batch(key, batch, x_T=..., labels=...)`` is the compiled batch sampler
+    (``DDPM.sample_batch`` for one ``SamplerSpec``); ``x_T``, when given, holds the starting
+    noise of all N images, and ``labels`` (int32 ``[N]``, checked) the class of each; padding
+    rows take the first label of their chunk (and are dropped).
     """
     for i in range(start, chunk_plan.num_chunks):
         chunk_key = jax.random.fold_in(key, i)
-        x0 = None
+        rows = slice(i * chunk_plan.batch, (i + 1) * chunk_plan.batch)
+        x0 = y = None
         if x_T is not None:
-            x0 = np.asarray(x_T[i * chunk_plan.batch:(i + 1) * chunk_plan.batch], np.float32)
+            x0 = np.asarray(x_T[rows], np.float32)
             fill = initial_noise(chunk_key, (chunk_plan.padded,) + tuple(image_shape))
             x0 = np.concatenate([x0, np.asarray(fill)[x0.shape[0]:]])
-        out = sample_batch(chunk_key, chunk_plan.padded, x_T=x0)
+        if labels is not None:
+            y = np.asarray(labels[rows], np.int32)
+            y = np.concatenate([y, np.full(chunk_plan.padded - len(y), y[0], np.int32)])
+        out = sample_batch(chunk_key, chunk_plan.padded, x_T=x0, labels=y)
         yield sharding.to_host(out)[:chunk_plan.rows(i)]

@@ -154,10 +154,23 @@ def create_train_state(config, tx, mesh: jax.sharding.Mesh) -> TrainState:
 # ---------------------------------------------------------------------------------------------
 
 
+LABEL_DROP_STREAM = 0x6E756C6C  # "null": the label drops' key, fold_in(key of the step, this)
+
+
+def drop_labels(labels: jax.Array, num_classes: int, prob: float, key: jax.Array) -> jax.Array:
+    """Each label replaced by the null class ``num_classes`` with probability ``prob``
+    (classifier-free guidance's training, Ho and Salimans 2021)."""
+    drop = jax.random.bernoulli(key, prob, labels.shape)
+    return jnp.where(drop, jnp.int32(num_classes), labels.astype(jnp.int32))
+
+
 def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     """Returns the pure ``train_step(state, batch, base_key) -> (state, metrics)``.
 
-    batch: uint8 ``[B, H, W, C]``, scaled to [-1, 1] here (on the devices). The loss is the batch
+    batch: uint8 ``[B, H, W, C]``, scaled to [-1, 1] here (on the devices); for a
+    class-conditional model the tuple (images, int32 labels ``[B]``), each label dropped to the
+    null class with probability ``model.cond_drop_prob`` from ``fold_in(key of the step,
+    LABEL_DROP_STREAM)``, so a resumed run drops the same labels. The loss is the batch
     mean of ``diffusion.training_losses``. An update whose loss, gradient or update is not finite
     is not applied (the state keeps its values and counts the step), so the state never holds
     non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``). The logged
@@ -167,15 +180,24 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     lr_fn = learning_rate_fn(config)
     image = (config.data.image_size, config.data.image_size, config.data.channels)
 
-    def train_step(state: TrainState, batch: jax.Array, base_key: jax.Array):
-        chex.assert_shape(batch, (None, *image))  # at trace time: before the U-Net sees it
-        chex.assert_type(batch, jnp.uint8)
+    num_classes = config_lib.num_classes(config)
+    drop_prob = float(config.model.cond_drop_prob) if num_classes else 0.0
+
+    def train_step(state: TrainState, batch, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
         loss_key, dropout_key = jax.random.split(key)
+        labels = None
+        if num_classes:
+            batch, labels = batch
+            labels = drop_labels(labels, num_classes, drop_prob,
+                                 jax.random.fold_in(key, LABEL_DROP_STREAM))
+        chex.assert_shape(batch, (None, *image))  # at trace time: before the U-Net sees it
+        chex.assert_type(batch, jnp.uint8)
         x0 = images.to_model_space(batch)
 
         def loss_fn(params):
-            model_fn = lambda x, t: unet.apply(graphdef, params, x, t, dropout_key=dropout_key)
+            model_fn = lambda x, t: unet.apply(graphdef, params, x, t, labels=labels,
+                                               dropout_key=dropout_key)
             return jnp.mean(diffusion.training_losses(d, model_fn, x0, loss_key))
 
         loss, grads = jax.value_and_grad(loss_fn)(state.params)
@@ -222,13 +244,15 @@ def make_multi_step(train_step):
     """
 
     def multi_step(state, batches, base_key):
-        trips = jax.lax.optimization_barrier(jnp.int32(batches.shape[0]))  # opaque to XLA
+        count = jax.tree.leaves(batches)[0].shape[0]
+        trips = jax.lax.optimization_barrier(jnp.int32(count))  # opaque to XLA
 
         def body(i, carry):
-            return train_step(carry[0], jax.lax.dynamic_index_in_dim(batches, i, 0, False),
-                              base_key)
+            batch = jax.tree.map(lambda b: jax.lax.dynamic_index_in_dim(b, i, 0, False), batches)
+            return train_step(carry[0], batch, base_key)
 
-        metrics = jax.eval_shape(train_step, state, batches[0], base_key)[1]
+        first = jax.tree.map(lambda b: b[0], batches)
+        metrics = jax.eval_shape(train_step, state, first, base_key)[1]
         zeros = jax.tree.map(lambda m: jnp.zeros(m.shape, m.dtype), metrics)
         return jax.lax.fori_loop(0, trips, body, (state, zeros))
 
@@ -357,14 +381,16 @@ class Batches:
     def __init__(self, reader: input_pipeline.Reader, mesh, rows: np.ndarray, k: int):
         self.reader, self.mesh, self.rows, self.k = reader, mesh, rows, k
 
-    def next(self) -> jax.Array:
+    def next(self):
+        """The images (and, with labels, the tuple of images and labels) of the next step(s)."""
         global_batch = self.reader.spec.global_batch
+        place = lambda a: sharding.make_global_batch(a, self.mesh, self.rows, global_batch)
         if self.k == 1:
-            return sharding.make_global_batch(next(self.reader), self.mesh, self.rows,
-                                              global_batch)
-        stacked = np.stack([next(self.reader) for _ in range(self.k)], axis=1)  # [b, k, ...]
-        batch = sharding.make_global_batch(stacked, self.mesh, self.rows, global_batch)
-        return jnp.swapaxes(batch, 0, 1)  # [k, B, ...], B still split over `data`
+            return jax.tree.map(place, next(self.reader))
+        read = [next(self.reader) for _ in range(self.k)]
+        stacked = jax.tree.map(lambda *a: np.stack(a, axis=1), *read)  # [b, k, ...]
+        # [k, B, ...], B still split over `data`
+        return jax.tree.map(lambda a: jnp.swapaxes(place(a), 0, 1), stacked)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -500,16 +526,25 @@ def _check_steps(latest: int | None, total: int, path: epath.Path) -> None:
 
 def make_grid_writer(config, graphdef, d, mesh, workdir: epath.Path):
     """``write(state, step)``: a grid of EMA samples (the same noise each time) as
-    ``samples/step_<N>.png``, returning its path on process 0."""
+    ``samples/step_<N>.png``, returning its path on process 0. A class-conditional model's grid
+    cycles through the classes, guided with w = ``sampling.guidance``."""
     spec = sampling.spec_from_config(config)
     n = config.training.num_sample_images
     shape = (sharding.padded_size(n, mesh), config.data.image_size, config.data.image_size,
              config.data.channels)
-    sample_fn = sampling.get_sampling_fn(graphdef, spec, shape, mesh)
+    num_classes = config_lib.num_classes(config)
+    model_args = None
+    if num_classes:  # row i shows class i % K, guided by sampling.guidance
+        labels = np.arange(shape[0], dtype=np.int32) % num_classes
+        model_args = sampling.guidance_args(sharding.put(labels, sharding.data_sharding(mesh)),
+                                            config.sampling.guidance)
+    sample_fn = sampling.get_sampling_fn(
+        graphdef, spec, shape, mesh,
+        *(() if model_args is None else (sampling.guided_network_fn,)))
 
     def write(state: TrainState, step: int) -> str | None:
         grid = sharding.to_host(sample_fn(state.ema_params, d, jax.random.key(config.seed + 1),
-                                             None, spec.eta))
+                                          None, spec.eta, model_args))
         if jax.process_index() != 0:
             return None
         return images.save_grid(str(workdir / "samples" / f"step_{step:07d}.png"), grid[:n])

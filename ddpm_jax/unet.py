@@ -172,6 +172,23 @@ class TimeEmbedding(nnx.Module):
         return self.dense1(nnx.swish(self.dense0(emb)))
 
 
+class LabelEmbedding(nnx.Module):
+    """A learned vector per class, added to the timestep embedding (after its two dense layers,
+    where improved-diffusion's ``label_emb`` and diffusers' ``class_embedding`` add theirs).
+
+    ``num_classes + 1`` rows: row ``num_classes`` (the last) is the learned null class, the
+    "no label" of classifier-free guidance. N(0, 1) initialisation, as ``torch.nn.Embedding``.
+    """
+
+    def __init__(self, num_classes, temb_ch, *, rngs, dtype):
+        self.embedding = nnx.Param(jax.random.normal(rngs.params(), (num_classes + 1, temb_ch),
+                                                     jnp.float32))
+        self.dtype = dtype
+
+    def __call__(self, labels):
+        return jnp.take(self.embedding[...], labels, axis=0).astype(self.dtype)
+
+
 class Mid(nnx.Module):
     def __init__(self, c, temb_ch, *, dropout, rngs, dtype):
         self.block_1 = ResnetBlock(c, c, temb_ch, dropout=dropout, rngs=rngs, dtype=dtype)
@@ -195,10 +212,12 @@ class UNet(nnx.Module):
         in_ch: int = 3,
         out_ch: int = 3,
         block_size: int = 1,
+        num_classes: int = 0,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
         self.ch, self.ch_mult, self.num_res_blocks = ch, tuple(ch_mult), num_res_blocks
+        self.num_classes = num_classes
         self.attn_resolutions = tuple(attn_resolutions)
         self.block_size, self.out_ch, self.dtype = block_size, out_ch, dtype
         kw = dict(rngs=rngs, dtype=dtype)
@@ -240,9 +259,15 @@ class UNet(nnx.Module):
             setattr(self, f"up_{i}", Level(blocks, attns, up))
         self.norm_out = _norm(cur, **kw)
         self.conv_out = _conv(cur, out_ch * block_size**2, **kw, scale=NEAR_ZERO_SCALE)
+        if num_classes:
+            # Created last, so every other parameter draws what the unconditional model draws.
+            self.label_emb = LabelEmbedding(num_classes, temb_ch, **kw)
 
-    def __call__(self, x: jax.Array, t: jax.Array, *, dropout_key: jax.Array | None = None):
-        """Args: x ``[B, H, W, C]``, t ``int [B]`` (0-based), dropout_key (None = eval)."""
+    def __call__(self, x: jax.Array, t: jax.Array, *, labels: jax.Array | None = None,
+                 dropout_key: jax.Array | None = None):
+        """Args: x ``[B, H, W, C]``, t ``int [B]`` (0-based), labels ``int [B]`` in
+        [0, num_classes] (a class-conditional model only; ``num_classes`` is the null class,
+        and None means the null class for every row), dropout_key (None = eval)."""
         B, H, W, _ = x.shape
         nlev = len(self.ch_mult)
         keys = iter(
@@ -256,6 +281,12 @@ class UNet(nnx.Module):
             x = x.reshape(B, H // bs, bs, W // bs, bs, -1).transpose(0, 1, 3, 2, 4, 5)
             x = x.reshape(B, H // bs, W // bs, -1)
         temb = self.temb(get_timestep_embedding(t, self.ch).astype(self.dtype))
+        if self.num_classes:
+            if labels is None:
+                labels = jnp.full((B,), self.num_classes, jnp.int32)
+            temb = temb + self.label_emb(labels)
+        elif labels is not None:
+            raise ValueError("labels given to an unconditional U-Net (model.num_classes = 0)")
         hs = [self.conv_in(x.astype(self.dtype))]
         for i in range(nlev):
             level = getattr(self, f"down_{i}")
@@ -307,6 +338,7 @@ def create_model(config, *, seed: int = 0) -> UNet:
         in_ch=config.data.channels,
         out_ch=output_channels(config),
         block_size=m.block_size,
+        num_classes=int(config.get("model", {}).get("num_classes", 0) or 0),  # 0: older configs
         dtype=jnp.dtype(m.dtype),
         rngs=nnx.Rngs(params=seed),
     )
@@ -318,9 +350,17 @@ def split(model: UNet):
     return graphdef, nnx.to_pure_dict(state)
 
 
-def apply(graphdef, params, x, t, *, dropout_key=None) -> jax.Array:
-    """The pure forward pass ``eps_theta(x, t)`` of split parameters (jittable)."""
-    return nnx.merge(graphdef, params)(x, t, dropout_key=dropout_key)
+def apply(graphdef, params, x, t, *, labels=None, dropout_key=None) -> jax.Array:
+    """The pure forward pass ``eps_theta(x, t[, labels])`` of split parameters (jittable)."""
+    return nnx.merge(graphdef, params)(x, t, labels=labels, dropout_key=dropout_key)
+
+
+def conditioning(graphdef, params) -> tuple[int, int | None]:
+    """(num_classes, the eps channels of a learned-variance output, else None) of a split
+    U-Net: what classifier-free guidance needs to know about it."""
+    model = nnx.merge(graphdef, params)
+    out_ch, in_ch = model.out_ch, model.conv_in.in_features // model.block_size**2
+    return model.num_classes, (in_ch if out_ch == 2 * in_ch else None)
 
 
 def abstract_model(config):

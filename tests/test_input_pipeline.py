@@ -198,8 +198,10 @@ def test_same_seed_same_batches_other_seed_other_batches(digits_config):
     assert np.min(first) == 0 and np.max(first) == 255  # digits hold 0 and 255
 
 
-def test_restored_reader_continues_like_the_uninterrupted_one_across_epochs():
+@pytest.mark.parametrize("num_classes", [0, 10])
+def test_restored_reader_continues_like_the_uninterrupted_one_across_epochs(num_classes):
     config = make_config(batch=4, random_flip=True, seed=5)  # 10 records: an epoch is 2.5 batches
+    config.model.num_classes = num_classes  # 10: (images, labels) batches
     with tfds.testing.mock_data(num_examples=10):
         with ip.create_train_reader(config, all_rows(config)) as reader:
             uninterrupted = take(reader, 8)
@@ -208,9 +210,33 @@ def test_restored_reader_continues_like_the_uninterrupted_one_across_epochs():
             assert reader.position == 3  # the whole state: one integer
         for position in (3, 1, 6):  # resuming, rewinding and jumping ahead
             with ip.create_train_reader(config, all_rows(config), position=position) as reader:
-                np.testing.assert_array_equal(take(reader, 2),
-                                              uninterrupted[position:position + 2])
+                for got, want in zip(take(reader, 2), uninterrupted[position:position + 2],
+                                     strict=True):
+                    for a, b in zip(*(x if num_classes else (x,) for x in (got, want)),
+                                    strict=True):
+                        np.testing.assert_array_equal(a, b)
                 assert reader.position == position + 2
+        if num_classes:  # each label is its image's record's label
+            source = ds.make_builder(config).as_data_source("train")
+            labels = np.array([int(source[i]["label"]) for i in range(10)])
+            for images, batch_labels in uninterrupted:
+                ids, _ = identify(images, mock_images(config, 10))
+                assert batch_labels.dtype == np.int32
+                np.testing.assert_array_equal(batch_labels, labels[ids])
+            assert len(set(labels)) > 1  # the check can fail
+
+
+def test_labels_need_a_dataset_with_as_many_classes():
+    config = make_config(dataset="celeb_a_hq/256", image_size=256)
+    config.model.num_classes = 10
+    with pytest.raises(ds.DataError, match=r"model.num_classes=10 does not match "
+                       r"celeb_a_hq/256, which has no labels; set --config.model.num_classes=0"):
+        ds.dataset_spec(config)
+    config = make_config()
+    config.model.num_classes = 100
+    with pytest.raises(ds.DataError, match=r"which has 10 classes; set "
+                       r"--config.model.num_classes=10"):
+        ds.dataset_spec(config)
 
 
 def test_two_processes_read_disjoint_halves_of_the_single_process_batch():

@@ -15,10 +15,11 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import diffusion, errors, unet
+from ddpm_jax import config_lib, diffusion, errors, unet
 from ddpm_jax.weights.layout import (
     CONV,
     CONV1X1,
+    EMBED,
     LINEAR,
     NORM,
     Transform,
@@ -68,6 +69,7 @@ DIFFUSERS_SCOPES = (
     ("up_{i}/upsample/conv", "up_blocks.{k}.upsamplers.0.conv", CONV),
     ("norm_out", "conv_norm_out", NORM),
     ("conv_out", "conv_out", CONV),
+    ("label_emb", "class_embedding", EMBED),
 )
 BLOCKS = (RESNET, ATTENTION)
 
@@ -193,7 +195,9 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         time_embedding_dim=None,
         attn_norm_num_groups=None,
         class_embed_type=None,
-        num_class_embeds=None,
+        # A class-conditional U-Net: its K classes and the null class (the last row).
+        num_class_embeds=config_lib.num_classes(config) + 1 if config_lib.num_classes(config)
+        else None,
     )
 
 
@@ -355,6 +359,13 @@ def differences(config: ml_collections.ConfigDict) -> list[str]:
         lines.append(
             f"model.dtype is {config.model.dtype}: the weights are float32 and diffusers runs them "
             "in float32 unless loaded with torch_dtype")
+    k = config_lib.num_classes(config)
+    if k:
+        lines.append(
+            f"class-conditional: the UNet2DModel has num_class_embeds={k + 1} (classes 0-{k - 1}"
+            f" and the null class {k}, the last row); DDPMPipeline passes no labels, so call "
+            f"pipe.unet(x, t, class_labels=y) and, for guidance w, combine (1 + w) eps(x, y) - "
+            f"w eps(x, {k}) (diffusers' guidance_scale = 1 + w)")
     if d.num_timesteps != 1000:
         lines.append(
             f"T = {d.num_timesteps}: DDPMPipeline defaults to 1000 inference steps; call it "

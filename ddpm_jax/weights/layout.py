@@ -53,6 +53,8 @@ CONV = {"kernel": ("weight", TORCH_CONV), "bias": ("bias", SAME)}
 LINEAR = {"kernel": ("weight", TORCH_LINEAR), "bias": ("bias", SAME)}
 CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
 NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
+# torch.nn.Embedding stores [num_embeddings, dim], as ours (the null class is the last row).
+EMBED = {"embedding": ("weight", SAME)}
 
 
 # -- the converter -----------------------------------------------------------------------
