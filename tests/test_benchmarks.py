@@ -321,8 +321,18 @@ def _benchmark_modules():
                   if m.name != "common")
 
 
+# Benchmarks whose command a test of their own runs (on a trained run it makes).
+RUN_ELSEWHERE = {
+    "quality_vs_nfe": "test_benchmarks.py::test_quality_vs_nfe_runs_on_the_test_config",
+    "guidance": "test_conditioning.py::test_the_guidance_benchmark_and_the_class_share",
+}
+
+
 def test_every_benchmark_module_is_run():
-    assert _benchmark_modules() == sorted(COMMANDS)
+    assert _benchmark_modules() == sorted([*COMMANDS, *RUN_ELSEWHERE])
+    for test in RUN_ELSEWHERE.values():
+        file, name = test.split("::")
+        assert f"def {name}(" in open(os.path.join(ROOT, "tests", file)).read(), test
 
 
 def test_importing_a_benchmark_defines_no_flag():

@@ -40,23 +40,27 @@ from ddpm_jax import config_lib, diffusion, sampling, sharding
 from ddpm_jax.benchmarks import common
 
 FLAGS = flags.FLAGS
-flags.DEFINE_string("workdir", "runs/digits", "Workdir of a trained (or imported) run.")
-flags.DEFINE_string("config", None, "Instead of --workdir: a config name in configs/ with "
-                    "random weights (a smoke test of the program).")
-flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plot (default: workdir).")
-flags.DEFINE_integer("num_samples", 500, "Samples per setting.", lower_bound=2)
-flags.DEFINE_list("nfe", ["10", "20", "50", "100", "1000"], "Network evaluations per image.")
-flags.DEFINE_list("samplers", list(config_lib.SAMPLERS) + ["ancestral:fixedsmall"],
-                  "Samplers; ancestral:fixedsmall respaces with sigma^2 = beta~.")
-flags.DEFINE_list("spacings", ["own"] + list(config_lib.SPACINGS),
-                  "Spacings (own = the sampler's default).")
-flags.DEFINE_list("thresholding", ["false"], "dpm_solver++ with and/or without thresholding.")
-flags.DEFINE_enum("metric", "digits", ["digits", "fid"], "Quality metric.")
-flags.DEFINE_string("ref_stats", None, "--metric=fid: reference statistics file (.npz).")
-flags.DEFINE_string("inception_weights", None, "--metric=fid: the converted Inception file.")
-flags.DEFINE_integer("seed", 0, "Sampling seed (the same noise for every setting).")
-flags.DEFINE_string("data_dir", None, "--metric=digits: where the digits are prepared "
-                    "(default: tfds' default).")
+
+
+def define_flags() -> None:
+    """The program's flags (defined only when it runs: importing the module defines none)."""
+    flags.DEFINE_string("workdir", "runs/digits", "Workdir of a trained (or imported) run.")
+    flags.DEFINE_string("config", None, "Instead of --workdir: a config name in configs/ with "
+                        "random weights (a smoke test of the program).")
+    flags.DEFINE_string("out_dir", None, "Where to write the JSON and the plot (default: workdir).")
+    flags.DEFINE_integer("num_samples", 500, "Samples per setting.", lower_bound=2)
+    flags.DEFINE_list("nfe", ["10", "20", "50", "100", "1000"], "Network evaluations per image.")
+    flags.DEFINE_list("samplers", list(config_lib.SAMPLERS) + ["ancestral:fixedsmall"],
+                      "Samplers; ancestral:fixedsmall respaces with sigma^2 = beta~.")
+    flags.DEFINE_list("spacings", ["own"] + list(config_lib.SPACINGS),
+                      "Spacings (own = the sampler's default).")
+    flags.DEFINE_list("thresholding", ["false"], "dpm_solver++ with and/or without thresholding.")
+    flags.DEFINE_enum("metric", "digits", ["digits", "fid"], "Quality metric.")
+    flags.DEFINE_string("ref_stats", None, "--metric=fid: reference statistics file (.npz).")
+    flags.DEFINE_string("inception_weights", None, "--metric=fid: the converted Inception file.")
+    flags.DEFINE_integer("seed", 0, "Sampling seed (the same noise for every setting).")
+    flags.DEFINE_string("data_dir", None, "--metric=digits: where the digits are prepared "
+                        "(default: tfds' default).")
 
 
 # -- metrics: score(uint8 images) -> dict; floor() -> the same for real data --------------------
@@ -264,4 +268,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
+    define_flags()
     app.run(main)
