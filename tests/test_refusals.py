@@ -179,12 +179,12 @@ def fake_model(monkeypatch):
     from ddpm_jax import diffusion, generate, sharding
 
     config = test_config.get_config()
-    model = types.SimpleNamespace(config=config, source="ck", step=2, ema=True,
+    model = types.SimpleNamespace(config=config, source="ck", step=2, ema=True, num_classes=0,
                                   mesh=sharding.create_mesh(), image_shape=(8, 8, 1),
                                   diffusion=diffusion.Diffusion.from_config(config))
     calls = []
 
-    def chunks(model, key, plan, spec, *, start=0, x_T=None):
+    def chunks(model, key, plan, spec, *, start=0, x_T=None, labels=None, guidance=0.0):
         for i in range(start, plan.num_chunks):
             if calls and calls[-1] == "interrupt" and i == start + 1:
                 raise KeyboardInterrupt

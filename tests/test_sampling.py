@@ -305,7 +305,7 @@ def test_generate_writes_files_and_resumes_a_killed_run(model, tmp_path, monkeyp
 
     monkeypatch.setattr(generate, "iter_chunks", dies_after_two)
     out = str(tmp_path / "resumed")
-    with pytest.raises(KeyboardInterrupt):
+    with pytest.raises(generate.Interrupted):  # Ctrl-C: one line, finished batches kept
         generate.generate(model, out, num_samples=5, batch_size=2, spec=DDIM5,
                           progress=False)
     assert sorted(os.listdir(os.path.join(out, generate.SHARDS))) == [
