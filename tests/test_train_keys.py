@@ -34,7 +34,7 @@ def test_the_unet_applies_dropout_only_with_a_key():
 def test_t_noise_and_dropout_change_with_the_step(monkeypatch):
     seen = []
 
-    def spy(graphdef, params, x, t, *, dropout_key=None):
+    def spy(graphdef, params, x, t, *, labels=None, dropout_key=None):
         jax.debug.callback(lambda *v: seen.append(v), x, t, jax.random.key_data(dropout_key))
         return params["w"] * x
 
