@@ -24,6 +24,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import socket
+import sys
 import time
 
 import jax
@@ -92,6 +93,26 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             f"{address or 'detected'}, process {index}, {count} processes): {first}; check "
             "that every process was started with the same coordinator address and count"
         ) from None
+    _symmetric_compiles()
+
+
+def _symmetric_compiles() -> None:
+    """Turns JAX's persistent compilation cache off for several processes on CPU (one line).
+
+    Only process 0 writes the cache, and the others' entries have other keys, so with a warm
+    cache process 0 reads every program in a moment while the others compile it; gloo waits 30 s
+    (not configurable) for a peer to join a collective, and a compile that takes longer than that
+    (a train step on a small machine) aborts the run. Without the cache every process compiles,
+    and they reach each collective together."""
+    if jax.process_count() == 1 or jax.default_backend() != "cpu":
+        return
+    if not jax.config.jax_enable_compilation_cache or not jax.config.jax_compilation_cache_dir:
+        return
+    jax.config.update("jax_enable_compilation_cache", False)
+    if jax.process_index() == 0:
+        print("warning: the persistent compilation cache is off for this run: with several "
+              "processes on CPU, gloo cannot wait for peers that compile what process 0 reads "
+              "from the cache", file=sys.stderr, flush=True)
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:

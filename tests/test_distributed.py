@@ -60,6 +60,17 @@ def _wait_for_rows(path, count, procs, timeout=300):
     return False
 
 
+def _wait_for_file(path, procs, timeout=300):
+    end = time.time() + timeout
+    while time.time() < end:
+        if os.path.exists(path):
+            return True
+        if any(p.poll() is not None for p in procs):
+            return False
+        time.sleep(0.05)
+    return False
+
+
 @pytest.fixture(scope="module")
 def preempted(digits_dir, tmp_path_factory):
     """Two processes stopped by SIGTERM, resumed to 2 steps past the step they committed, and
@@ -85,6 +96,12 @@ def preempted(digits_dir, tmp_path_factory):
     return results, steps, workdir, straight
 
 
+# Five two-process runs of train.py (each process compiles every program: about two minutes
+# apiece on two cores). The faster tests covering their parts: the single-process SIGTERM,
+# resume and restore tests (test_fault_tolerance.py), the sharded step on 8 devices against 1
+# (test_training.py), the rows each process reads and two processes sampling the same bytes as
+# one (above).
+@pytest.mark.slow
 def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(preempted):
     results, steps, workdir, straight = preempted
     assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:]
@@ -95,6 +112,7 @@ def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(preempted
     assert _dump(workdir, k + 2) == _dump(straight, k + 2)  # bit for bit, losses included
 
 
+@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(preempted, digits_dir,
                                                                    tmp_path):
     two, num_steps = preempted[3], preempted[1][0] + 2  # the uninterrupted two-process run
@@ -118,7 +136,8 @@ def test_a_process_that_dies_stops_the_others(digits_dir, tmp_path):
                   "--distributed_timeout=10")
     procs = start_processes(args, num_processes=2, devices=2)
     try:
-        assert _wait_for_rows(os.path.join(workdir, "metrics.jsonl"), 2, procs)
+        # config.json is written once every process has joined (before anything compiles).
+        assert _wait_for_file(os.path.join(workdir, "config.json"), procs)
         procs[1].kill()
         start = time.time()
         procs[0].wait(timeout=120)  # JAX's heartbeat notices the dead process

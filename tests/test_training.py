@@ -52,6 +52,10 @@ def _tensorboard_events(logdir):
     return out
 
 
+# Compiles the 32x32x3 model's train step and sampler (about a minute on two cores): slow. The
+# faster tests covering it: the mock CIFAR10 stream (test_input_pipeline.py), the CIFAR10
+# network's shapes and parameters (test_unet.py), and the digits run end to end above.
+@pytest.mark.slow
 def test_one_step_on_mock_cifar10(tmp_path):
     config = test_config.get_config()
     config.data.dataset = "cifar10"
@@ -71,12 +75,19 @@ def test_one_step_on_mock_cifar10(tmp_path):
     assert state.params["conv_in"]["kernel"].shape == (3, 3, 3, 32)
 
 
+_STEPS = {}  # config JSON -> its jitted train step: traced and compiled once for this file
+
+
 def _setup(config, seed=0):
+    from ddpm_jax import config_lib
+
     graphdef, params = unet.split(unet.create_model(config, seed=seed))
     tx = training.create_optimizer(config)
-    d = diffusion.Diffusion.from_config(config)
-    step = jax.jit(training.make_train_step(config, graphdef, d, tx))
-    return step, training.init_train_state(params, tx)
+    key = config_lib.to_json(config)
+    if key not in _STEPS:
+        d = diffusion.Diffusion.from_config(config)
+        _STEPS[key] = jax.jit(training.make_train_step(config, graphdef, d, tx))
+    return _STEPS[key], training.init_train_state(params, tx)
 
 
 def _fixed_batch(config, n=8):
@@ -84,8 +95,6 @@ def _fixed_batch(config, n=8):
 
 
 def test_loss_decreases_on_a_fixed_batch(test_cfg):
-    test_cfg.optim.warmup = 0
-    test_cfg.model.dropout = 0.0
     step, state = _setup(test_cfg)
     batch, key = _fixed_batch(test_cfg), jax.random.key(0)
     losses = []
@@ -138,9 +147,9 @@ def test_non_finite_update_is_not_applied(test_cfg):
     jax.tree.map(np.testing.assert_array_equal, new.params, state.params)
     jax.tree.map(np.testing.assert_array_equal, new.opt_state, state.opt_state)
     assert int(new.step) == 1
-    # The logged lr is the one Adam applied: the schedule at the count of applied updates.
-    test_cfg.optim.warmup = 4
-    step, state = _setup(test_cfg)
+    # The logged lr is the one Adam applied: the schedule at the count of applied updates (the
+    # test config warms up over 2 steps: lr(0) = 0, lr(1) = 5e-4).
+    _, state = _setup(test_cfg)
     batch, key = _fixed_batch(test_cfg), jax.random.key(0)
     state, m1 = step(state, batch, key)
     state, m2 = step(state.replace(nonfinite_steps=state.nonfinite_steps + 1), batch, key)
