@@ -365,14 +365,7 @@ def random_digits_run(tmp_path_factory):
     return workdir
 
 
-# The accelerator rehearsal compiles five train steps and two models (about three minutes on two
-# cores): slow. Its parts are the train, sampling and inception benchmarks run here, and its own
-# logic (plan, NFE counts, state comparison) is tested above.
-SLOW_COMMANDS = {"accelerator"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n in SLOW_COMMANDS
-                                  else n for n in sorted(COMMANDS)])
+@pytest.mark.parametrize("name", sorted(COMMANDS))
 def test_every_benchmark_module_runs_on_the_test_config(name, tmp_path, request):
     args, check = COMMANDS[name]
     fill = dict(out=str(tmp_path / "out"))

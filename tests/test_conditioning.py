@@ -126,6 +126,11 @@ def cond_run(digits_dir, tmp_path_factory):
     return workdir
 
 
+# Two more conditional runs (about a minute and a half on two cores): slow. The faster tests
+# covering it: the unconditional resume, bit for bit (test_fault_tolerance.py), the labels read
+# with their images at every reader position (test_input_pipeline.py), and the conditional run
+# and its checkpoint (cond_run, used above and below).
+@pytest.mark.slow
 def test_a_conditional_run_resumes_bit_exactly(cond_run, digits_dir, tmp_path):
     resumed = str(tmp_path / "resumed")
     training.train_and_evaluate(cond_config(data__data_dir=digits_dir,

@@ -96,12 +96,6 @@ def preempted(digits_dir, tmp_path_factory):
     return results, steps, workdir, straight
 
 
-# Five two-process runs of train.py (each process compiles every program: about two minutes
-# apiece on two cores). The faster tests covering their parts: the single-process SIGTERM,
-# resume and restore tests (test_fault_tolerance.py), the sharded step on 8 devices against 1
-# (test_training.py), the rows each process reads and two processes sampling the same bytes as
-# one (above).
-@pytest.mark.slow
 def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(preempted):
     results, steps, workdir, straight = preempted
     assert [code for code, _, _ in results] == [143, 143], results[0][2][-2000:]
@@ -112,7 +106,6 @@ def test_sigterm_to_every_process_commits_one_step_and_resumes_exactly(preempted
     assert _dump(workdir, k + 2) == _dump(straight, k + 2)  # bit for bit, losses included
 
 
-@pytest.mark.slow
 def test_two_processes_train_like_one_process_with_the_same_devices(preempted, digits_dir,
                                                                    tmp_path):
     two, num_steps = preempted[3], preempted[1][0] + 2  # the uninterrupted two-process run
