@@ -85,6 +85,21 @@ def run_script(name: str, *args, devices: int = 1, timeout: int = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def wait_until(predicate, procs, timeout: float = 300.0, poll: float = 0.05) -> bool:
+    """Polls ``predicate()`` until it holds (True), a process in ``procs`` exits or ``timeout``
+    seconds pass (False)."""
+    import time
+
+    end = time.time() + timeout
+    while time.time() < end:
+        if predicate():
+            return True
+        if any(p.poll() is not None for p in procs):
+            return False
+        time.sleep(poll)
+    return False
+
+
 def free_port() -> int:
     import socket
 

@@ -15,6 +15,7 @@ from conftest import (
     run_script,
     start_processes,
     train_here,
+    wait_until,
 )
 
 
@@ -49,26 +50,9 @@ def test_sampling_on_two_processes_writes_the_same_file(digits_dir, tmp_path):
     assert not os.path.exists(tmp_path / "two" / "sample_shards")
 
 
-def _wait_for_rows(path, count, procs, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        if os.path.exists(path) and len(open(path).readlines()) >= count:
-            return True
-        if any(p.poll() is not None for p in procs):
-            return False
-        time.sleep(0.05)
-    return False
-
-
-def _wait_for_file(path, procs, timeout=300):
-    end = time.time() + timeout
-    while time.time() < end:
-        if os.path.exists(path):
-            return True
-        if any(p.poll() is not None for p in procs):
-            return False
-        time.sleep(0.05)
-    return False
+def _wait_for_rows(path, count, procs):
+    return wait_until(lambda: os.path.exists(path) and len(open(path).readlines()) >= count,
+                      procs)
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +114,8 @@ def test_a_process_that_dies_stops_the_others(digits_dir, tmp_path):
     procs = start_processes(args, num_processes=2, devices=2)
     try:
         # config.json is written once every process has joined (before anything compiles).
-        assert _wait_for_file(os.path.join(workdir, "config.json"), procs)
+        config_json = os.path.join(workdir, "config.json")
+        assert wait_until(lambda: os.path.exists(config_json), procs)
         procs[1].kill()
         start = time.time()
         procs[0].wait(timeout=120)  # JAX's heartbeat notices the dead process

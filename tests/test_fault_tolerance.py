@@ -7,13 +7,12 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, run_script, train_here
+from conftest import ROOT, run_python, run_script, train_here, wait_until
 
 from configs import test as test_config
 from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
@@ -68,17 +67,6 @@ def test_resume_is_bit_exact_and_resuming_at_the_end_is_a_no_op(digits_dir, tmp_
     _assert_same_run(straight, resumed, 6)
 
 
-def _wait_for(predicate, proc, timeout=240.0, poll=0.01):
-    end = time.time() + timeout
-    while time.time() < end:
-        if predicate():
-            return True
-        if proc.poll() is not None:
-            return False
-        time.sleep(poll)
-    return False
-
-
 def _popen(args, **kwargs):
     env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
                JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
@@ -95,7 +83,8 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(digits_dir, tmp_path
     workdir = tmp_path / "preempted"
     proc = _popen(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
                              "--config.training.checkpoint_every=100000"))
-    assert _wait_for(lambda: _logged_steps(workdir) >= 3, proc), proc.communicate()[1][-3000:]
+    assert wait_until(lambda: _logged_steps(workdir) >= 3, [proc], 240, 0.01), \
+        proc.communicate()[1][-3000:]
     seen = _logged_steps(workdir)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)
@@ -124,7 +113,7 @@ def test_sigkill_during_a_save_resumes_from_the_last_committed_step(digits_dir, 
         names = os.listdir(ckpt_dir) if ckpt_dir.exists() else []
         return any("tmp" in n for n in names) and any(n.isdigit() for n in names)
 
-    caught = _wait_for(saving, proc, poll=0.002)
+    caught = wait_until(saving, [proc], 240, 0.002)
     os.kill(proc.pid, signal.SIGKILL)
     proc.communicate(timeout=60)
     assert caught, "no save in flight was observed"
