@@ -101,7 +101,7 @@ def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_pa
     in_bucket, on_disk = json.loads(out[-2]), run_script("dump_run.py", local, 8)
     assert len(in_bucket["leaves"]) > 50
     assert in_bucket == on_disk  # every array bit for bit, the meta and every logged loss
-    assert out[-1].split() == ["8", "701345", "gs://bkt/run/checkpoints"]
+    assert out[-1].split() == ["8", "643841", "gs://bkt/run/checkpoints"]
     assert _object(bucket_env, "run/samples/step_0000008.png").startswith(b"\x89PNG")
     assert any(n for n in ("run/config.json",) if _object(bucket_env, n))
     # sample.py reads the bucket and writes samples into it.

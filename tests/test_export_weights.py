@@ -94,7 +94,7 @@ def test_trained_run_exports_to_the_same_network_and_process(trained_run, tmp_pa
     proc = run_python(["-m", "ddpm_jax.export_weights", f"--workdir={trained_run}",
                        f"--out={out}"], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "exported 701,345 parameters (EMA weights of step 4)" in proc.stdout
+    assert "exported 643,841 parameters (EMA weights of step 4)" in proc.stdout
     assert "fixedlarge -> fixed_large: sigma^2 at t = 0" in proc.stdout
     assert "call it with num_inference_steps=50" in proc.stdout
     assert sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out)
@@ -121,7 +121,7 @@ def test_import_of_the_export_restores_every_parameter(trained_run, tmp_path):
     for weights, want in (("ema", ema), ("raw", raw)):
         info = export_weights.export_checkpoint(trained_run, str(tmp_path / weights),
                                                 ema=weights == "ema")
-        assert info["step"] == 4 and info["num_params"] == 701_345
+        assert info["step"] == 4 and info["num_params"] == 643_841
         workdir = str(tmp_path / f"{weights}_imported")
         import_weights.import_checkpoint(str(tmp_path / weights), model.config, workdir)
         # diffusers weights go to params and ema_params alike
@@ -135,8 +135,8 @@ def test_the_mapping_is_one_to_one_in_both_directions():
     state_dict = import_weights.diffusers_state_dict(params, config)
     assert len(state_dict) == len(import_weights._flat(params))  # every parameter exactly once
     assert "mid_block.attentions.0.to_out.0.weight" in state_dict  # current diffusers names
-    assert state_dict["down_blocks.1.resnets.0.conv_shortcut.weight"].shape == (64, 32, 1, 1)
-    assert state_dict["conv_in.weight"].shape == (32, 1, 3, 3)
+    assert state_dict["up_blocks.0.resnets.1.conv_shortcut.weight"].shape == (64, 128, 1, 1)
+    assert state_dict["conv_in.weight"].shape == (64, 1, 3, 3)
     assert_same_tree(import_weights.convert_diffusers(state_dict, config), params)
     for layout, ours, theirs in ((import_weights.TORCH_CONV, (2, 3, 4, 5), (5, 4, 2, 3)),
                                  (import_weights.TORCH_LINEAR, (4, 5), (5, 4)),
@@ -144,9 +144,9 @@ def test_the_mapping_is_one_to_one_in_both_directions():
         a = np.arange(np.prod(ours), dtype=np.float32).reshape(ours)
         assert layout.source_shape(ours) == theirs == layout.from_ours(a).shape
         np.testing.assert_array_equal(layout.to_ours(layout.from_ours(a)), a)
-    params["conv_in"]["kernel"] = np.zeros((3, 3, 1, 31), np.float32)
+    params["conv_in"]["kernel"] = np.zeros((3, 3, 1, 63), np.float32)
     with pytest.raises(import_weights.WeightsError, match=r"conv_in/kernel has shape "
-                       r"\(3, 3, 1, 31\) but the config needs \(3, 3, 1, 32\)"):
+                       r"\(3, 3, 1, 63\) but the config needs \(3, 3, 1, 64\)"):
         import_weights.diffusers_state_dict(params, config)
 
 
@@ -356,6 +356,12 @@ def test_export_refuses_bad_inputs_before_writing(trained_run, tmp_path):
     with pytest.raises(export_weights.ExportError) as e:
         export_weights.check_exportable(config)
     assert "model.block_size is 2" in str(e.value) and "resamp_with_conv is False" in str(e.value)
+    # diffusers sizes conv_in and the time embedding by the first level's width.
+    config.model.block_size, config.model.resamp_with_conv, config.model.ch_mult = 1, True, (2, 4)
+    with pytest.raises(export_weights.ExportError, match="model.ch_mult starts at 2"):
+        export_weights.check_exportable(config)
+    config.model.ch_mult = (1, 2)
+    export_weights.check_exportable(config)
 
 
 # -- the Hugging Face Hub ------------------------------------------------------------------------

@@ -166,8 +166,8 @@ def test_resume_with_a_different_model_config_is_refused(trained, tmp_path):
     config, workdir = trained
     config = test_config.get_config()
     config.data.data_dir = trained[0].data.data_dir
-    config.model.ch = 64
-    with pytest.raises(checkpoints.CheckpointError, match=r"model\.ch: checkpoint 32, config 64"):
+    config.model.ch = 32
+    with pytest.raises(checkpoints.CheckpointError, match=r"model\.ch: checkpoint 64, config 32"):
         _setup(config, workdir)
 
 
@@ -183,12 +183,12 @@ def test_shape_mismatch_names_the_path_and_both_shapes(trained):
     from ddpm_jax import unet
 
     other = test_config.get_config()
-    other.model.ch = 64
+    other.model.ch = 32
     _, abstract = unet.abstract_model(other)
     with checkpoints.Checkpointer.open(workdir) as ckpt, pytest.raises(
             checkpoints.CheckpointError,
-            match=r"ema_params/conv_in/bias has shape \(32,\) in the checkpoint but "
-                  r"\(64,\) in the config"):
+            match=r"ema_params/conv_in/bias has shape \(64,\) in the checkpoint but "
+                  r"\(32,\) in the config"):
         ckpt.restore(2, {"ema_params": abstract})
 
 

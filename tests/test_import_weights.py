@@ -60,7 +60,11 @@ def small_256_config():
 
 
 def tiny_config():
-    return test_config.get_config()  # 8x8x1, ch 32, ch_mult (1, 2): a shortcut and attention
+    """8x8x1, ch 32, ch_mult (1, 2), attention at 4x4: a shortcut, down- and upsampling and
+    attention inside a level (the test config has one level)."""
+    config = test_config.get_config()
+    config.model.ch, config.model.ch_mult, config.model.attn_resolutions = 32, (1, 2), (4,)
+    return config
 
 
 def _print_error(name, err):
@@ -294,7 +298,7 @@ def test_equivalent_config_spellings_are_accepted():
 def test_cli_imports_a_safetensors_directory(tmp_path):
     from safetensors.numpy import save_file
 
-    config = tiny_config()
+    config = test_config.get_config()  # what --config=configs/test.py gives
     src = tmp_path / "hub"
     src.mkdir()
     sd = fake_state_dict(config)

@@ -36,7 +36,7 @@ def test_train_end_to_end_writes_everything(test_cfg, tmp_path):
     (png,) = [v for t, s, v in events if t == "samples" and s == 4]  # the final grid, at its step
     assert Image.open(io.BytesIO(png)).size == grid.size
     saved = json.load(open(os.path.join(workdir, "config.json")))
-    assert saved["model"]["ch"] == 32 and saved["data"]["dataset"] == "digits"
+    assert saved["model"]["ch"] == 64 and saved["data"]["dataset"] == "digits"
 
 
 def _tensorboard_events(logdir):

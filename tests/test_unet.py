@@ -173,7 +173,8 @@ def test_initialisation_follows_the_original(small_model):
     config, (_, params) = small_model
     # fan_avg uniform, scale 1: |w| <= sqrt(3 / fan_avg), fan_avg = 9 * (in + out) / 2.
     w = np.asarray(params["down_0"]["block_0"]["conv1"]["kernel"])
-    limit = math.sqrt(3.0 / (9 * (32 + 32) / 2))
+    ch = config.model.ch
+    limit = math.sqrt(3.0 / (9 * (ch + ch) / 2))
     assert np.abs(w).max() <= limit and np.abs(w).max() > 0.9 * limit
     assert np.all(np.asarray(params["down_0"]["block_0"]["conv1"]["bias"]) == 0)
     # The "zero" layers (scale 1e-10): conv2, attention proj_out, conv_out.
@@ -237,9 +238,10 @@ def test_bfloat16_activations_keep_float32_params_and_track_float32(small_model)
 def test_space_to_depth_block_size():
     config = test_config.get_config()
     config.model.block_size = 2
-    config.model.attn_resolutions = (2,)
+    config.model.attn_resolutions = (4,)  # the 4x4 of the 8x8 input after space-to-depth
     graphdef, params = unet.split(unet.create_model(config))
-    assert params["conv_in"]["kernel"].shape == (3, 3, 4, 32)  # 1 channel * 2 * 2
-    assert params["conv_out"]["kernel"].shape == (3, 3, 32, 4)
+    assert params["conv_in"]["kernel"].shape == (3, 3, 4, 64)  # 1 channel * 2 * 2
+    assert params["conv_out"]["kernel"].shape == (3, 3, 64, 4)
+    assert "attn_0" in params["down_0"]  # attention at the level's resolution, 4x4
     out = unet.apply(graphdef, params, jnp.ones((1, 8, 8, 1)), jnp.array([0]))
     assert out.shape == (1, 8, 8, 1)

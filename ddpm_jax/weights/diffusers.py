@@ -204,6 +204,11 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
 def unet2d_cannot_express(config: ml_collections.ConfigDict) -> list[str]:
     """The settings of ``config``'s U-Net that diffusers' ``UNet2DModel`` has no equivalent for."""
     problems = []
+    if config.model.ch_mult[0] != 1:
+        problems.append(
+            f"model.ch_mult starts at {config.model.ch_mult[0]} (UNet2DModel's conv_in and time "
+            "embedding are as wide as its first level: use ch * ch_mult[0] as ch and divide "
+            "ch_mult by ch_mult[0])")
     if config.model.block_size != 1:
         problems.append(f"model.block_size is {config.model.block_size} (diffusers has no "
                         "space-to-depth: use 1)")
