@@ -60,7 +60,8 @@ def test_num_classes_0_is_the_unconditional_unet_and_k_adds_only_the_embedding()
     g1, p1 = unet.split(unet.create_model(cond_config()))
     flat0, flat1 = import_weights._flat(p0), import_weights._flat(p1)
     assert flat1.keys() - flat0.keys() == {"label_emb/embedding"}  # and nothing else changes
-    assert flat1["label_emb/embedding"].shape == (K + 1, 4 * test_config.get_config().model.ch)  # K classes + the null class
+    # K classes + the null class, each a vector of the time embedding's width (4 ch)
+    assert flat1["label_emb/embedding"].shape == (K + 1, 4 * 64)
     for path, leaf in flat0.items():  # the same draws for every other parameter
         np.testing.assert_array_equal(leaf, flat1[path], err_msg=path)
     assert unet.count_params(p1) == unet.count_params(p0) + (K + 1) * 4 * 64
