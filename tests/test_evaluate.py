@@ -34,20 +34,20 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path):
 
 
 # -- FID, IS and KID end to end --------------------------------------------------------------------
-SAMPLE_FLAGS = ["--num_samples=24", "--sample_batch_size=12", "--inception_batch_size=16",
+SAMPLE_FLAGS = ["--num_samples=12", "--sample_batch_size=12", "--inception_batch_size=16",
                 "--is_splits=2", "--kid_subsets=4", "--kid_subset_size=10"]
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory):
-    """(workdir of a random test-config model, tfds data_dir, converted random Inception
-    weights, the same weights under another provenance hash)."""
+def tiny_run(tmp_path_factory, digits_dir):
+    """(workdir of a random test-config model, the session's prepared digits, converted random
+    Inception weights, the same weights under another provenance hash)."""
     from ddpm_jax.benchmarks import inception as bench
     from ddpm_jax.metrics import weights
 
     root = tmp_path_factory.mktemp("eval")
     config = test_config.get_config()
-    config.data.data_dir = str(root / "tfds")
+    config.data.data_dir = digits_dir
     workdir = str(root / "run")
     checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
     tensors = bench.random_tensors(seed=0)
@@ -69,7 +69,7 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
     out = os.path.join(workdir, "eval1.json")
     proc = _evaluate(f"--workdir={workdir}", "--metrics=fid,is,kid,bpd,sfid,precision,recall",
                      *SAMPLE_FLAGS,
-                     "--ref=digits:train", "--ref_num_examples=40", "--num_examples=4",
+                     "--ref=digits:train", "--ref_num_examples=20", "--num_examples=4",
                      "--batch_size=4", f"--out={out}", weights=weights)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
@@ -78,19 +78,20 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
         assert np.isfinite(result[key]), key
     assert result["fid"] > 0 and result["is_mean"] >= 1.0 and result["bpd"] > 0
     p = result["provenance"]
-    assert p["checkpoint_step"] == 0 and p["ema"] is True and p["num_samples"] == 24
+    assert p["checkpoint_step"] == 0 and p["ema"] is True and p["num_samples"] == 12
     assert p["sampler"] == "ancestral" and p["num_steps"] == 50 and p["sample_seed"] == 0
     assert p["mode"] == "tf1" and p["inception_weights_sha256"] == "0" * 64
     assert p["is_splits"] == 2 and p["kid_subsets"] == 4 and p["kid_subset_size"] == 10
-    assert p["reference"]["n"] == 40 and p["reference"]["reused_cache"] is False
+    assert p["reference"]["n"] == 20 and p["reference"]["reused_cache"] is False
     assert "not comparable with published" in proc.stdout
     # The samples are sample.py's file, and the scores are those of the library on them.
     samples = np.load(os.path.join(workdir, "samples.npz"))["images"]
-    assert samples.shape == (24, 8, 8, 1)
+    assert samples.shape == (12, 8, 8, 1)
     cache = p["reference"]["stats_file"]
     ref = metrics.load_reference_stats(cache, mode="tf1", weights_sha256="0" * 64)
-    assert ref.n == 40
-    feats = metrics.inception_features(samples, weights=weights)
+    assert ref.n == 20
+    # The command's batch of 16: the programs it compiled (the persistent cache).
+    feats = metrics.inception_features(samples, weights=weights, batch_size=16)
     mu, sigma = metrics.feature_statistics(feats["pool3"])
     np.testing.assert_allclose(result["fid"],
                                metrics.frechet_distance(mu, sigma, ref.mu, ref.sigma), rtol=1e-5)
@@ -102,26 +103,26 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
     assert p["precision_recall_features"] == "inception_pool3" and p["precision_recall_k"] == 3
     spatial = metrics.load_reference_stats(p["sfid_stats_file"], dim=2023, mode="tf1",
                                            weights_sha256="0" * 64)
-    assert spatial.n == 40
+    assert spatial.n == 20
     s = feats["spatial"].astype(np.float64)
     np.testing.assert_allclose(result["sfid"], metrics.frechet_distance(
         s.mean(0), np.cov(s, rowvar=False), spatial.mu, spatial.sigma), rtol=1e-5)
     ref_config = test_config.get_config()
     ref_config.data.data_dir = data_dir
-    ref_images = datasets.load_split(ref_config, "train", 40)
-    ref_feats = metrics.inception_features(ref_images, weights=weights)
+    ref_images = datasets.load_split(ref_config, "train", 20)
+    ref_feats = metrics.inception_features(ref_images, weights=weights, batch_size=16)
     s_ref = ref_feats["spatial"].astype(np.float64)
     np.testing.assert_allclose(spatial.mu, s_ref.mean(0), rtol=1e-4, atol=1e-6)
     assert (result["precision"], result["recall"]) == pytest.approx(
         metrics.precision_recall(ref_feats["pool3"], feats["pool3"], k=3), abs=1e-9)
 
-    # Again: the samples and the reference statistics are reused, and the numbers are the same.
+    # Again (the command in this process this time): the samples and the reference statistics
+    # are reused, and the numbers are the same.
     out2 = os.path.join(workdir, "eval2.json")
-    proc = _evaluate(f"--workdir={workdir}", "--metrics=fid,is", *SAMPLE_FLAGS,
-                     "--ref=digits:train", "--ref_num_examples=40", f"--out={out2}",
-                     f"--inception_weights={weights}")
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    assert "reusing" in proc.stdout and "reference digits:train" not in proc.stderr
+    stdout, stderr = _evaluate_here(f"--workdir={workdir}", "--metrics=fid,is", *SAMPLE_FLAGS,
+                                    "--ref=digits:train", "--ref_num_examples=20",
+                                    f"--out={out2}", f"--inception_weights={weights}")
+    assert "reusing" in stdout and "reference digits:train" not in stderr
     again = json.load(open(out2))
     assert again["provenance"]["reference"]["reused_cache"] is True
     assert again["fid"] == result["fid"] and again["is_mean"] == result["is_mean"]
@@ -137,6 +138,26 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
                          f"--out={workdir}/refused.json"])
         assert message in text and "\n" not in text, text
     assert not os.path.exists(f"{workdir}/refused.json")
+
+
+def _evaluate_here(*args) -> tuple[str, str]:
+    """``python -m ddpm_jax.evaluate ARGS`` run in this process: (stdout, stderr)."""
+    import contextlib
+    import io
+
+    from absl import flags
+
+    from ddpm_jax import evaluate
+
+    out, err = io.StringIO(), io.StringIO()
+    flags.FLAGS.unparse_flags()
+    flags.FLAGS(["evaluate", *map(str, args)])
+    try:
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            evaluate.main()
+    finally:
+        flags.FLAGS.unparse_flags()
+    return out.getvalue(), err.getvalue()
 
 
 def _refusal(args) -> str:
