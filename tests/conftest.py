@@ -191,18 +191,14 @@ def sample_here(workdir, output_dir, *, num_samples: int, batch_size: int, sampl
     """What ``sample.py --workdir=W --output_dir=O --num_samples --batch_size --sampler
     --num_steps`` writes, made in this process (one device, the programs the other tests
     compiled): ``sample.py``'s own steps, minus its printing. Returns the path of samples.npz."""
+    import jax
+
     import ddpm_jax
     from ddpm_jax import generate, sampling
 
-    assert _device_count() == 1, "sample_here stands for a one-device sample.py"
+    assert jax.device_count() == 1, "sample_here stands for a one-device sample.py"
     model = ddpm_jax.load(str(workdir))
     spec = sampling.spec_from_config(model.config, sampler=sampler, num_steps=num_steps,
                                      spacing=None, eta=None, thresholding=None)
     return generate.generate(model, str(output_dir), num_samples=num_samples, seed=seed,
                              spec=spec, batch_size=batch_size, progress=False)
-
-
-def _device_count() -> int:
-    import jax
-
-    return jax.device_count()

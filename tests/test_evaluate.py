@@ -39,15 +39,16 @@ SAMPLE_FLAGS = ["--num_samples=12", "--sample_batch_size=12", "--inception_batch
 
 
 @pytest.fixture(scope="module")
-def tiny_run(tmp_path_factory, digits_dir):
-    """(workdir of a random test-config model, the session's prepared digits, converted random
-    Inception weights, the same weights under another provenance hash)."""
+def tiny_run(tmp_path_factory):
+    """(workdir of a random test-config model, its own tfds data_dir (the reference statistics
+    are cached there, so no other test's cache is reused), converted random Inception weights,
+    the same weights under another provenance hash)."""
     from ddpm_jax.benchmarks import inception as bench
     from ddpm_jax.metrics import weights
 
     root = tmp_path_factory.mktemp("eval")
     config = test_config.get_config()
-    config.data.data_dir = digits_dir
+    config.data.data_dir = str(root / "tfds")
     workdir = str(root / "run")
     checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
     tensors = bench.random_tensors(seed=0)
