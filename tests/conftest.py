@@ -1,6 +1,7 @@
 """Shared fixtures: the embedded digits prepared once per session, small configs; and the one
 harness that runs a program with simulated devices (``run_python``, ``run_script``)."""
 
+import contextlib
 import json
 import os
 import shutil
@@ -202,3 +203,50 @@ def sample_here(workdir, output_dir, *, num_samples: int, batch_size: int, sampl
                                      spacing=None, eta=None, thresholding=None)
     return generate.generate(model, str(output_dir), num_samples=num_samples, seed=seed,
                              spec=spec, batch_size=batch_size, progress=False)
+
+
+@contextlib.contextmanager
+def _own_flags():
+    """absl's global flags without the project's commands' flags while the block runs (the
+    libraries' own, absl's and grain's, stay): a command defines and parses its flags as in a
+    fresh interpreter; every flag defined before (another command's, with its value) is back
+    afterwards."""
+    from absl import flags
+
+    state = flags.FLAGS.__dict__  # absl keeps its registry in these dicts, sets and bools
+
+    def copied(v):
+        if isinstance(v, dict):
+            return {k: list(x) if isinstance(x, list) else x for k, x in v.items()}
+        return set(v) if isinstance(v, set) else v
+
+    saved = {k: copied(v) for k, v in state.items()}
+    ours = {id(f) for m, fs in flags.FLAGS.flags_by_module_dict().items()
+            if m.split(".")[0] in ("ddpm_jax", "__main__", "sample", "train") for f in fs}
+    for name in [n for n, f in state["__flags"].items() if id(f) in ours]:
+        if name in state["__flags"]:  # a short name goes with its long one
+            delattr(flags.FLAGS, name)
+    flags.FLAGS.unparse_flags()
+    try:
+        yield flags.FLAGS
+    finally:
+        state.update(saved)
+
+
+def run_command_here(module_name: str, *args) -> tuple[str, str]:
+    """``python -m MODULE ARGS`` run in this process, for a command whose ``__main__`` is
+    ``define_flags()`` then ``main`` (every benchmark module): (stdout, stderr). Its compiled
+    programs and imports are shared with the other tests; an exception in ``main`` fails the
+    test with its traceback."""
+    import importlib
+    import inspect
+    import io
+
+    module = importlib.import_module(module_name)
+    out, err = io.StringIO(), io.StringIO()
+    with _own_flags() as flag_values:
+        module.define_flags()
+        rest = flag_values([module_name, *map(str, args)])
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            module.main(rest) if inspect.signature(module.main).parameters else module.main()
+    return out.getvalue(), err.getvalue()

@@ -10,6 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import run_command_here
 
 from configs import test as test_config
 from ddpm_jax import diffusion, unet, xla_cpu
@@ -332,6 +333,10 @@ RUN_ELSEWHERE = {
 
 def test_every_benchmark_module_is_run():
     assert _benchmark_modules() == sorted([*COMMANDS, *RUN_ELSEWHERE])
+    for name in _benchmark_modules():  # what the tests run in-process is what the command runs
+        with open(os.path.join(ROOT, "ddpm_jax", "benchmarks", f"{name}.py")) as f:
+            tail = f.read().split('if __name__ == "__main__":\n')[-1].split()
+        assert tail[0] == "define_flags()" and tail[1] in ("app.run(main)", "cli.run(main)"), name
     for test in RUN_ELSEWHERE.values():
         file, name = test.split("::")
         assert f"def {name}(" in open(os.path.join(ROOT, "tests", file)).read(), test
@@ -375,12 +380,8 @@ def test_every_benchmark_module_runs_on_the_test_config(name, tmp_path, request)
         fill["digits_dir"] = request.getfixturevalue("digits_dir")
     if any("{workdir}" in a for a in args):
         fill["workdir"] = request.getfixturevalue("random_digits_run")
-    env = dict(os.environ, PYTHONPATH=ROOT, JAX_PLATFORMS="cpu", TF_CPP_MIN_LOG_LEVEL="3")
-    proc = subprocess.run([sys.executable, "-m", f"ddpm_jax.benchmarks.{name}",
-                           *[a.format(**fill) for a in args]], cwd=ROOT, env=env,
-                          capture_output=True, text=True, timeout=900)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(ln) for ln in proc.stdout.splitlines() if ln.startswith("{")]
+    stdout, _ = run_command_here(f"ddpm_jax.benchmarks.{name}", *[a.format(**fill) for a in args])
+    rows = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
     assert rows or name == "accelerator"
     check(rows, fill["out"])
 
@@ -407,13 +408,11 @@ def test_run_once_options_give_the_same_initial_state_bit_for_bit():
 
 def test_quality_vs_nfe_runs_on_the_test_config(tmp_path, digits_dir):
     pytest.importorskip("sklearn")
-    out = subprocess.run(
-        [sys.executable, "-m", "ddpm_jax.benchmarks.quality_vs_nfe", "--config=test",
-         f"--out_dir={tmp_path}", f"--data_dir={digits_dir}", "--num_samples=8", "--nfe=3,4",
-         "--spacings=own,karras",
-         "--samplers=dpm_solver++,heun"],
-        cwd=ROOT, capture_output=True, text=True, timeout=900, check=True)
-    rows = [json.loads(ln) for ln in out.stdout.splitlines() if ln.startswith("{")]
+    stdout, _ = run_command_here(
+        "ddpm_jax.benchmarks.quality_vs_nfe", "--config=test", f"--out_dir={tmp_path}",
+        f"--data_dir={digits_dir}", "--num_samples=8", "--nfe=3,4", "--spacings=own,karras",
+        "--samplers=dpm_solver++,heun")
+    rows = [json.loads(ln) for ln in stdout.splitlines() if ln.startswith("{")]
     assert rows[0]["sampler"] == "real test digits"
     got = {(r["sampler"], r["spacing"], r["nfe"]) for r in rows[1:]}
     # heun takes (NFE + 1) // 2 = 2 steps at NFE 3 and 4, on its own spacing, karras: one chain
@@ -424,6 +423,6 @@ def test_quality_vs_nfe_runs_on_the_test_config(tmp_path, digits_dir):
     assert all(r["digits_fd"] > 0 and r["fd_pca"] > 0 and 0 <= r["precision"] <= 1
                and 0 < r["svm_confidence"] <= 1 and r["s_per_1000"] > 0 for r in rows[1:])
     assert (tmp_path / "quality_vs_nfe.png").stat().st_size > 1000
-    assert "| dpm_solver++ | linspace |" in out.stdout
+    assert "| dpm_solver++ | linspace |" in stdout
     saved = json.loads((tmp_path / "quality_vs_nfe.json").read_text())
     assert len(saved["rows"]) == 5

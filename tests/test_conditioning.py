@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import run_command_here, run_python
 from test_export_weights import assert_same_tree, random_params
 
 import ddpm_jax
@@ -165,15 +165,15 @@ def test_the_guidance_benchmark_and_the_class_share(cond_run, tmp_path):
     from ddpm_jax.benchmarks import guidance
 
     out = str(tmp_path / "g.png")
-    proc = run_python(["-m", "ddpm_jax.benchmarks.guidance", f"--workdir={cond_run}",
-                       "--num_per_class=1", "--guidance=0,2", "--num_steps=2", f"--out={out}"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    stdout, _ = run_command_here("ddpm_jax.benchmarks.guidance", f"--workdir={cond_run}",
+                                 "--num_per_class=1", "--guidance=0,2", "--num_steps=2",
+                                 f"--out={out}")
+    rows = [json.loads(line) for line in stdout.splitlines() if line.startswith("{")]
     assert [r["guidance"] for r in rows] == [0.0, 2.0] and os.path.getsize(out) > 1000
     for r in rows:
         assert 0.0 <= r["min_class_share"] <= r["class_share"] <= 1.0 and r["pixel_fd"] > 0
     assert rows[0]["pixel_fd"] != rows[1]["pixel_fd"]  # w changes the samples
-    assert guidance.table(rows) in proc.stdout
+    assert guidance.table(rows) in stdout
     # The pixel FD of the real digits against themselves is 0; of noise, large.
     real = np.round(guidance.real_pixels() * 255).astype(np.uint8).reshape(-1, 8, 8, 1)
     assert abs(guidance.pixel_fd(real, guidance.real_pixels())) < 1e-6

@@ -1,10 +1,11 @@
 """What every benchmark module needs, once: a config by name or path, XLA's FLOPs and memory of a
 compiled program, one interleaved timer, the machine's load, and the accelerators' peaks.
 
-A benchmark module is a thin command over the library's own functions: it defines its flags
-under ``if __name__ == "__main__":`` (importing it registers nothing), and prints one JSON
-object per measurement to stdout (``emit``) with a readable table to stderr. Every module runs
-in the test suite on ``configs/test.py`` (``tests/test_benchmarks.py``).
+A benchmark module is a thin command over the library's own functions: its flags are defined by
+its ``define_flags()``, which only ``if __name__ == "__main__":`` calls before ``main`` (importing
+it registers nothing), and it prints one JSON object per measurement to stdout (``emit``) with a
+readable table to stderr. Every module's ``main`` runs in the test suite on ``configs/test.py``
+(``tests/test_benchmarks.py``).
 
 The timer (``interleaved``): after ``warmup`` untimed calls of every contender, the timed calls
 run in turns (ours, theirs, ours, theirs, ...) so that a machine shared with other work slows

@@ -42,7 +42,7 @@ FLAGS = flags.FLAGS
 
 
 
-def _define_flags() -> None:
+def define_flags() -> None:
     """The command's flags (defined only when run as a program, so importing this module for
     its helpers registers nothing)."""
     flags.DEFINE_integer("batch", 64, "Images per call.", lower_bound=1)
@@ -202,5 +202,5 @@ def main(argv) -> None:
 
 
 if __name__ == "__main__":
-    _define_flags()
+    define_flags()
     app.run(main)

@@ -162,7 +162,8 @@ def main(argv: Sequence[str]) -> None:
         common.emit(r)
 
 
-if __name__ == "__main__":
+def define_flags() -> None:
+    """The command's flags (defined only when this module is the program)."""
     flags.DEFINE_string("config", "cifar10", "Config name in configs/ (or its .py path).")
     flags.DEFINE_integer("batch", None, "Global batch (default: training.batch_size).")
     flags.DEFINE_list("measure", ["train"], "train and/or forward.")
@@ -171,4 +172,8 @@ if __name__ == "__main__":
     flags.DEFINE_integer("warmup", 2, "Untimed calls after compiling.")
     flags.DEFINE_integer("num_runs", 3, "Profiled calls.")
     flags.DEFINE_integer("top", 20, "Instructions listed.")
+
+
+if __name__ == "__main__":
+    define_flags()
     app.run(main)
