@@ -205,32 +205,43 @@ def sample_here(workdir, output_dir, *, num_samples: int, batch_size: int, sampl
                              spec=spec, batch_size=batch_size, progress=False)
 
 
+_COMMAND_MODULES = ("ddpm_jax", "__main__", "sample", "train")  # where command flags come from
+
+
+def _command_flags(flag_values) -> list:
+    """(module name, flag) of every flag a command of the project defined."""
+    return [(m, f) for m, fs in flag_values.flags_by_module_dict().items()
+            if m.split(".")[0] in _COMMAND_MODULES for f in fs]
+
+
+def _unregister(flag_values, flag) -> None:
+    for name in (flag.name, flag.short_name):
+        if name and name in flag_values:
+            delattr(flag_values, name)
+
+
 @contextlib.contextmanager
 def _own_flags():
-    """absl's global flags without the project's commands' flags while the block runs (the
-    libraries' own, absl's and grain's, stay): a command defines and parses its flags as in a
-    fresh interpreter; every flag defined before (another command's, with its value) is back
-    afterwards."""
+    """absl's global flags without any command's flags while the block runs (the libraries'
+    own, absl's and grain's, stay, and so do those a library defines meanwhile): a command
+    defines and parses its flags as in a fresh interpreter; the flags set aside (another
+    command's, with their values) are back afterwards."""
     from absl import flags
 
-    state = flags.FLAGS.__dict__  # absl keeps its registry in these dicts, sets and bools
-
-    def copied(v):
-        if isinstance(v, dict):
-            return {k: list(x) if isinstance(x, list) else x for k, x in v.items()}
-        return set(v) if isinstance(v, set) else v
-
-    saved = {k: copied(v) for k, v in state.items()}
-    ours = {id(f) for m, fs in flags.FLAGS.flags_by_module_dict().items()
-            if m.split(".")[0] in ("ddpm_jax", "__main__", "sample", "train") for f in fs}
-    for name in [n for n, f in state["__flags"].items() if id(f) in ours]:
-        if name in state["__flags"]:  # a short name goes with its long one
-            delattr(flags.FLAGS, name)
-    flags.FLAGS.unparse_flags()
+    flag_values = flags.FLAGS
+    parsed, aside = flag_values.is_parsed(), _command_flags(flags.FLAGS)
+    for _, flag in aside:
+        _unregister(flag_values, flag)
+    flag_values.unparse_flags()
     try:
-        yield flags.FLAGS
+        yield flag_values
     finally:
-        state.update(saved)
+        for _, flag in _command_flags(flag_values):
+            _unregister(flag_values, flag)
+        for module, flag in aside:
+            flag_values[flag.name] = flag
+            flag_values.register_flag_by_module(module, flag)
+        flag_values.mark_as_parsed() if parsed else flag_values.unparse_flags()
 
 
 def run_command_here(module_name: str, *args) -> tuple[str, str]:
