@@ -208,10 +208,12 @@ def sample_here(workdir, output_dir, *, num_samples: int, batch_size: int, sampl
 _COMMAND_MODULES = ("ddpm_jax", "__main__", "sample", "train")  # where command flags come from
 
 
-def _command_flags(flag_values) -> list:
-    """(module name, flag) of every flag a command of the project defined."""
+def _command_flags(flag_values, also_absl: bool = False) -> list:
+    """(module name, flag) of every flag a command of the project defined (``also_absl``: and
+    every flag absl defined, such as ml_collections' ``--config.a.b`` overrides)."""
     return [(m, f) for m, fs in flag_values.flags_by_module_dict().items()
-            if m.split(".")[0] in _COMMAND_MODULES for f in fs]
+            if m.split(".")[0] in _COMMAND_MODULES or (also_absl and m.startswith("absl.flags"))
+            for f in fs]
 
 
 def _unregister(flag_values, flag) -> None:
@@ -233,11 +235,13 @@ def _own_flags():
     for _, flag in aside:
         _unregister(flag_values, flag)
     flag_values.unparse_flags()
+    before = {id(f) for _, f in _command_flags(flag_values, also_absl=True)}
     try:
         yield flag_values
     finally:
-        for _, flag in _command_flags(flag_values):
-            _unregister(flag_values, flag)
+        for _, flag in _command_flags(flag_values, also_absl=True):
+            if id(flag) not in before:
+                _unregister(flag_values, flag)
         for module, flag in aside:
             flag_values[flag.name] = flag
             flag_values.register_flag_by_module(module, flag)
@@ -261,3 +265,28 @@ def run_command_here(module_name: str, *args) -> tuple[str, str]:
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             module.main(rest) if inspect.signature(module.main).parameters else module.main()
     return out.getvalue(), err.getvalue()
+
+
+def run_script_here(script: str, *args) -> tuple[int, str, str]:
+    """``python SCRIPT ARGS`` (``train.py``, ``sample.py``: flags at the top, ``cli.run(main)``
+    under ``__main__``) run in this process: (exit code, stdout, stderr). One device, the
+    programs the other tests compiled; an exception other than the exit fails the test with its
+    traceback."""
+    import io
+    import runpy
+
+    from ddpm_jax import cli
+
+    out, err = io.StringIO(), io.StringIO()
+    path = os.path.join(ROOT, script)
+    code = 0
+    with _own_flags(), pytest.MonkeyPatch.context() as patch:
+        main = runpy.run_path(path, run_name=os.path.splitext(script)[0])["main"]
+        patch.setattr(sys, "argv", [path, *map(str, args)])
+        patch.chdir(ROOT)  # where the command's relative paths (configs/...) point
+        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+            try:
+                cli.run(main)
+            except SystemExit as e:
+                code = 0 if e.code is None else e.code
+    return code, out.getvalue(), err.getvalue()

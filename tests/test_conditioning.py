@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_command_here, run_python
+from conftest import run_command_here, run_python, run_script_here
 from test_export_weights import assert_same_tree, random_params
 
 import ddpm_jax
@@ -145,19 +145,19 @@ def test_a_conditional_run_resumes_bit_exactly(cond_run, digits_dir, tmp_path):
 
 def test_sample_py_writes_the_labels_and_refuses_bad_ones(cond_run, tmp_path):
     out = str(tmp_path / "samples")
-    proc = run_python(["sample.py", f"--workdir={cond_run}", f"--output_dir={out}",
-                       "--num_samples=10", "--labels=all", "--guidance=2", "--sampler=ddim",
-                       "--num_steps=2"])
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    code, _, err = run_script_here("sample.py", f"--workdir={cond_run}", f"--output_dir={out}",
+                                   "--num_samples=10", "--labels=all", "--guidance=2",
+                                   "--sampler=ddim", "--num_steps=2")
+    assert code == 0, err[-3000:]
     with np.load(os.path.join(out, "samples.npz"), allow_pickle=False) as f:
         assert f["images"].shape == (10, 8, 8, 1) and f["labels"].dtype == np.int32
         np.testing.assert_array_equal(f["labels"], np.arange(10))
     made = json.load(open(os.path.join(out, "samples.json")))
     assert made["guidance"] == 2.0 and made["labels"] == "all" and made["num_classes"] == K
-    proc = run_python(["sample.py", f"--workdir={cond_run}", f"--output_dir={out}",
-                       "--num_samples=10", "--labels=10"])
-    assert proc.returncode == 2
-    assert proc.stderr.strip().splitlines()[-1] == (
+    code, _, err = run_script_here("sample.py", f"--workdir={cond_run}", f"--output_dir={out}",
+                                   "--num_samples=10", "--labels=10")
+    assert code == 2
+    assert err.strip().splitlines()[-1] == (
         "error: --labels must lie in [0, 10) (this model's classes), got values in [10, 10]")
 
 

@@ -14,6 +14,7 @@ from conftest import (
     run_processes,
     run_python,
     run_script,
+    run_script_here,
     sample_here,
     start_processes,
     train_here,
@@ -145,7 +146,7 @@ def test_a_coordinator_that_never_answers_is_one_line_and_exit_code_2(tmp_path):
 
 
 def test_incomplete_process_flags_are_refused():
-    proc = run_python(["train.py", "--config=configs/test.py", "--workdir=/nonexistent/w",
-                       "--num_processes=2"], timeout=120)
-    assert proc.returncode == 2
-    assert "missing --coordinator_address, --process_id" in proc.stderr
+    code, _, err = run_script_here("train.py", "--config=configs/test.py",
+                                   "--workdir=/nonexistent/w", "--num_processes=2")
+    assert code == 2
+    assert "missing --coordinator_address, --process_id" in err

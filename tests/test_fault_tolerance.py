@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, run_script, train_here, wait_until
+from conftest import ROOT, run_python, run_script, run_script_here, train_here, wait_until
 
 from configs import test as test_config
 from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
@@ -348,10 +348,10 @@ def test_skip_nonfinite_keeps_training(test_cfg, tmp_path, monkeypatch):
 
 
 def test_exploding_run_exits_with_code_3(digits_dir, tmp_path):
-    proc = run_python(_train_cmd(tmp_path, digits_dir, "--config.optim.lr=1e30",
-                                 "--config.training.num_train_steps=20"))
-    assert proc.returncode == 3, proc.stderr[-3000:]
-    assert re.search(r"error: non-finite loss or gradient at step \d+", proc.stderr)
+    code, _, err = run_script_here(*_train_cmd(tmp_path, digits_dir, "--config.optim.lr=1e30",
+                                               "--config.training.num_train_steps=20"))
+    assert code == 3, err[-3000:]
+    assert re.search(r"error: non-finite loss or gradient at step \d+", err)
 
 
 @pytest.mark.parametrize(
@@ -363,11 +363,10 @@ def test_exploding_run_exits_with_code_3(digits_dir, tmp_path):
     ],
 )
 def test_bad_config_fails_at_start_with_one_line(digits_dir, tmp_path, override, message):
-    proc = run_python(_train_cmd(tmp_path / "w", digits_dir, override), timeout=120)
-    assert proc.returncode == 2
-    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("error:")]
-    assert len(errors) == 1 and message in errors[0], proc.stderr[-2000:]
-    assert "Traceback" not in proc.stderr
+    code, _, err = run_script_here(*_train_cmd(tmp_path / "w", digits_dir, override))
+    assert code == 2  # and no traceback: any exception but the exit would fail the test
+    errors = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(errors) == 1 and message in errors[0], err[-2000:]
     assert not (tmp_path / "w" / "checkpoints").exists() or not os.listdir(
         tmp_path / "w" / "checkpoints")
 
