@@ -290,3 +290,16 @@ def run_script_here(script: str, *args) -> tuple[int, str, str]:
             except SystemExit as e:
                 code = 0 if e.code is None else e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def snapshot(root) -> dict:
+    """Every file under ``root`` (relative path -> bytes) and every folder (``path/`` -> None):
+    equal before and after a command that must change nothing."""
+    out = {}
+    for d, dirs, names in os.walk(root):
+        for n in names:
+            with open(os.path.join(d, n), "rb") as f:
+                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
+        for n in dirs:
+            out[os.path.relpath(os.path.join(d, n), root) + "/"] = None
+    return out

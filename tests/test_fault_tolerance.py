@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, run_script, run_script_here, train_here, wait_until
+from conftest import ROOT, run_python, run_script, run_script_here, snapshot, train_here, wait_until
 
 from configs import test as test_config
 from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
@@ -251,24 +251,15 @@ def _config(trained, steps):
     return config
 
 
-def _tree(root) -> dict:
-    out = {}
-    for d, _, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as fh:
-                out[os.path.relpath(os.path.join(d, n), root)] = fh.read()
-    return out
-
-
 def test_finished_or_overtrained_workdir_is_left_as_it_is(trained, tmp_path, capsys):
     workdir = _copy(trained[1], tmp_path)
-    before = _tree(workdir)
+    before = snapshot(workdir)
     assert int(training.train_and_evaluate(_config(trained, 2), workdir).step) == 2
     assert "trained to training.num_train_steps=2 already" in capsys.readouterr().err
     with pytest.raises(checkpoints.CheckpointError) as e:
         training.train_and_evaluate(_config(trained, 1), workdir)
     assert "at step 2, past training.num_train_steps=1" in str(e.value)
-    assert _tree(workdir) == before  # config.json, metrics, grids untouched
+    assert snapshot(workdir) == before  # config.json, metrics, grids untouched
 
 
 def test_replace_params_checks_shapes_and_finiteness(trained):

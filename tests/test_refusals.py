@@ -10,20 +10,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import snapshot
 
 from configs import test as test_config
 from ddpm_jax import config_lib, datasets, files, training
-
-
-def snapshot(root) -> dict:
-    out = {}
-    for d, dirs, names in os.walk(root):
-        for n in names:
-            with open(os.path.join(d, n), "rb") as f:
-                out[os.path.relpath(os.path.join(d, n), root)] = f.read()
-        for n in dirs:
-            out[os.path.relpath(os.path.join(d, n), root) + "/"] = None
-    return out
 
 
 def _setup(config, workdir, **kwargs):
