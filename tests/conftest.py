@@ -228,10 +228,17 @@ def _own_flags():
     own, absl's and grain's, stay, and so do those a library defines meanwhile): a command
     defines and parses its flags as in a fresh interpreter; the flags set aside (another
     command's, with their values) are back afterwards."""
+    import logging
+
     from absl import flags
+    from absl import logging as absl_logging
 
     flag_values = flags.FLAGS
     parsed, aside = flag_values.is_parsed(), _command_flags(flags.FLAGS)
+    # A command's absl.app installs absl's log handler and a verbosity: the process's logging
+    # is put back as it was (another test counts the lines on stderr).
+    handlers, level = list(logging.root.handlers), logging.root.level
+    verbosity = absl_logging.get_verbosity()
     for _, flag in aside:
         _unregister(flag_values, flag)
     flag_values.unparse_flags()
@@ -246,6 +253,9 @@ def _own_flags():
             flag_values[flag.name] = flag
             flag_values.register_flag_by_module(module, flag)
         flag_values.mark_as_parsed() if parsed else flag_values.unparse_flags()
+        logging.root.handlers[:] = handlers
+        logging.root.setLevel(level)
+        absl_logging.set_verbosity(verbosity)
 
 
 def run_command_here(module_name: str, *args) -> tuple[str, str]:
