@@ -19,7 +19,16 @@ from conftest import run_python
 import ddpm_jax
 from configs import cifar10
 from configs import test as test_config
-from ddpm_jax import checkpoints, diffusion, export_weights, sampling, training, trees
+from ddpm_jax import (
+    api,
+    checkpoints,
+    diffusion,
+    export_weights,
+    sampling,
+    sharding,
+    training,
+    trees,
+)
 from ddpm_jax.weights import checkpoint as weights_io
 from ddpm_jax.weights import diffusers as diffusers_format
 from ddpm_jax.weights import hub as hub_format
@@ -132,6 +141,39 @@ def test_import_of_the_export_restores_every_parameter(trained_run, tmp_path):
         # diffusers weights go to params and ema_params alike
         assert_same_tree(jax.device_get(ddpm_jax.load(workdir, ema=weights == "raw").params),
                          want)
+
+
+def test_export_reads_only_the_weights_it_writes_onto_the_host(trained_run, tmp_path,
+                                                               monkeypatch):
+    """One open of the checkpoint, one array item restored as host numpy arrays: no mesh, no
+    model, no device transfer, no optimizer state."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("export built a mesh, a model or moved arrays to a device")
+
+    for module, name in ((sharding, "create_mesh"), (api, "load"), (jax, "device_put")):
+        monkeypatch.setattr(module, name, refuse)
+    opens, restores = [], []
+    open_, restore = checkpoints.Checkpointer.open.__func__, checkpoints.Checkpointer.restore
+
+    def recording_open(cls, path, **kwargs):
+        opens.append(path)
+        return open_(cls, path, **kwargs)
+
+    def recording_restore(self, step, abstract):
+        out = restore(self, step, abstract)
+        restores.append({item: {type(a) for a in jax.tree.leaves(tree)}
+                         for item, tree in out[0].items()})
+        return out
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "open", classmethod(recording_open))
+    monkeypatch.setattr(checkpoints.Checkpointer, "restore", recording_restore)
+    for ema, item in ((True, "ema_params"), (False, "params")):
+        opens.clear(), restores.clear()
+        weights_io.export_checkpoint(trained_run, str(tmp_path / item), ema=ema)
+        assert opens == [trained_run] and restores == [{item: {np.ndarray}}]
+    monkeypatch.undo()
+    with checkpoints.Checkpointer.open(trained_run) as ckpt:  # it holds an optimizer state
+        assert jax.tree.leaves(ckpt.read_arrays(4, "opt_state"))
 
 
 def test_the_mapping_is_one_to_one_in_both_directions():
