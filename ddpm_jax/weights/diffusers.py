@@ -1,7 +1,8 @@
 """The diffusers format, both ways: ``UNet2DModel`` (its config and state dict, through the
 ``weights.layout`` engine) and ``DDPMScheduler`` (its config from our process and how a given
-one differs from it), the files of a ``DDPMPipeline`` directory, and reading a diffusers
-directory (safetensors; a PyTorch pickle only with ``torch.load(weights_only=True)``).
+one differs from it, the betas through ``schedules``), the files of a ``DDPMPipeline`` directory
+and writing them, and reading a diffusers directory (safetensors; a PyTorch pickle only through
+``weights.pytorch``).
 """
 
 from __future__ import annotations
@@ -255,7 +256,7 @@ def read_diffusers(path: str) -> tuple[dict[str, np.ndarray], dict | None, str]:
 
     A directory holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (a pipeline
     directory with a ``unet/`` folder works too). ``diffusion_pytorch_model.bin`` is read only
-    when torch is installed, with ``torch.load(weights_only=True)``.
+    when torch is installed (``weights.pytorch.read_state_dict``).
     """
     p = epath.Path(path)
     if p.is_dir():
