@@ -42,7 +42,7 @@ FORMAT = "ddpm_jax.metrics/pytorch-fid-inception-v3"
 
 # Our layers, by their last scope name -> {our leaf: (PyTorch leaf, layout)}.
 _LAYERS = {"conv": layout.CONV, "bn": layout.BATCH_NORM, "fc": layout.LINEAR}
-NOT_THE_INCEPTION = "it is not pytorch-fid's FID Inception"
+_NOT_THE_INCEPTION = "it is not pytorch-fid's FID Inception"
 
 
 def how_to_get(path: str) -> str:
@@ -101,14 +101,14 @@ def _fit(tensors: Mapping[str, np.ndarray], what: str) -> layout.Fit:
     if fitted.missing:
         more = f" (and {len(fitted.missing) - 1} more)" if len(fitted.missing) > 1 else ""
         raise MetricsError(f"{what} lacks tensor {fitted.missing[0][0]}{more}: "
-                           f"{NOT_THE_INCEPTION}; convert {SOURCE_FILE}")
+                           f"{_NOT_THE_INCEPTION}; convert {SOURCE_FILE}")
     if fitted.unused:
         raise MetricsError(f"{what} has unexpected tensor {fitted.unused[0]} "
-                           f"({len(fitted.unused)} in all): {NOT_THE_INCEPTION}")
+                           f"({len(fitted.unused)} in all): {_NOT_THE_INCEPTION}")
     if fitted.wrong:
         name, have, want, _, _ = fitted.wrong[0]
         raise MetricsError(f"tensor {name} of {what} has shape {have}, expected {want}: "
-                           f"{NOT_THE_INCEPTION}")
+                           f"{_NOT_THE_INCEPTION}")
     for name in expected_tensors():
         if np.asarray(tensors[name]).dtype != np.float32:
             raise MetricsError(f"tensor {name} of {what} is {np.asarray(tensors[name]).dtype}, "
