@@ -6,6 +6,7 @@ and compare ``ddpm_jax.load(DIR).predict_noise`` with the PyTorch forward pass. 
 torch extra and are skipped without it; the rest needs no torch.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -332,6 +333,36 @@ def test_a_missing_source_is_one_clear_line(tmp_path):
     with pytest.raises(layout.WeightsError, match="holds no diffusion_pytorch_model"):
         weights_io.import_checkpoint(str(tmp_path / "empty"), tiny_config(),
                                          str(tmp_path / "run"))
+
+
+def test_a_pytorch_pickle_is_read_by_the_one_reader(tmp_path, monkeypatch):
+    """diffusion_pytorch_model.bin imports as the .safetensors does (bfloat16 read exactly);
+    without torch, one line names the extra, as for every PyTorch file."""
+    config = tiny_config()
+    sd = fake_state_dict(config)
+    src = tmp_path / "bin"
+    src.mkdir()
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        state = {k: torch.from_numpy(v) for k, v in sd.items()}
+        state["conv_in.bias"] = state["conv_in.bias"].bfloat16()
+        torch.save(state, str(src / diffusers_format.DIFFUSERS_PICKLE))
+        got, _, weights = diffusers_format.read_diffusers(str(src))
+        assert weights.endswith(diffusers_format.DIFFUSERS_PICKLE)
+        assert got["conv_in.bias"].dtype == np.float32
+        np.testing.assert_array_equal(got["conv_in.bias"],
+                                      state["conv_in.bias"].float().numpy())
+        sd["conv_in.bias"] = got["conv_in.bias"]
+        jax.tree.map(np.testing.assert_array_equal, diffusers_format.convert_diffusers(got, config),
+                     diffusers_format.convert_diffusers(sd, config))
+    else:
+        (src / diffusers_format.DIFFUSERS_PICKLE).write_bytes(b"a pickle")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import fails as if absent
+    with pytest.raises(layout.WeightsError) as e:
+        diffusers_format.read_diffusers(str(src))
+    assert "pip install 'ddpm_jax[torch]'" in str(e.value) and "\n" not in str(e.value)
+    assert "torch.load(weights_only=True)" in str(e.value)
 
 
 # -- original TF checkpoints ---------------------------------------------------------------------
