@@ -29,6 +29,7 @@ from ddpm_jax import (
     images,
     sampling,
     sharding,
+    trees,
     unet,
     xla_cpu,
 )
@@ -324,9 +325,7 @@ def _interpolation_fn(graphdef, t: int, clip_denoised: bool, shared_noise: bool)
 def check_params(reference, params) -> None:
     """Raises ValueError unless ``params`` match ``reference``'s paths, shapes and dtypes and
     are all finite; the message names the first path that differs."""
-    name = lambda path: jax.tree_util.keystr(path, simple=True, separator="/")
-    want = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(reference)[0]}
-    got = {name(p): v for p, v in jax.tree_util.tree_flatten_with_path(params)[0]}
+    want, got = trees.flatten(reference), trees.flatten(params)
     for path in [*want, *(p for p in got if p not in want)]:
         if path not in got:
             raise ValueError(f"params lack {path} (shape {tuple(want[path].shape)}); give the "

@@ -29,7 +29,7 @@ import numpy as np
 import orbax.checkpoint as ocp
 from etils import epath
 
-from ddpm_jax import config_lib, errors
+from ddpm_jax import config_lib, errors, trees
 
 ARRAY_ITEMS = ("params", "ema_params", "opt_state")
 JSON_ITEMS = ("meta", "config")
@@ -181,8 +181,8 @@ class Checkpointer:
         """(the array items named in ``abstract``, meta) of a committed step, in one call.
 
         ``abstract`` maps item names to trees of ShapeDtypeStructs with shardings (the target
-        mesh, whatever mesh wrote the checkpoint). Shapes are checked first, so a mismatch is
-        reported by path before anything is read.
+        mesh, whatever mesh wrote the checkpoint), or of numpy arrays (read onto the host).
+        Shapes are checked first, so a mismatch is reported by path before anything is read.
         """
         path = self.step_dir(step)
         stored = self._item_metadata(step)
@@ -202,16 +202,21 @@ class Checkpointer:
             raise _damaged(path, "arrays or meta", e) from None
         return {item: restored[item] for item in abstract}, restored["meta"]
 
-    def read_arrays(self, step: int, item: str) -> Any:
-        """One array item of a step as stored (whatever mesh wrote it), as host numpy arrays."""
+    def read_arrays(self, step: int, item: str, like=None) -> Any:
+        """One array item of a step as numpy arrays on the host (whatever mesh wrote it).
+
+        Nothing is placed on a device and no mesh is needed. ``like`` (arrays or
+        ShapeDtypeStructs, e.g. the config's parameter tree) is the tree the item must match,
+        checked as ``restore`` checks; by default the item is read as stored.
+        """
         stored = self._item_metadata(step).get(item)
         if stored is None:
             raise CheckpointError(f"checkpoint {self.step_dir(step)} has no {item!r}")
-        device = jax.sharding.SingleDeviceSharding(jax.local_devices()[0])
-        target = jax.tree.map(lambda m: jax.ShapeDtypeStruct(m.shape, m.dtype, sharding=device),
-                              stored)
-        restored, _ = self.restore(step, {item: target})
-        return jax.tree.map(np.asarray, restored[item])
+        # numpy leaves make Orbax restore numpy arrays (stride-0 views: nothing allocated here).
+        host = jax.tree.map(lambda m: np.broadcast_to(np.zeros((), m.dtype), tuple(m.shape)),
+                            stored if like is None else like)
+        restored, _ = self.restore(step, {item: host})
+        return restored[item]
 
     def _item_metadata(self, step: int) -> dict[str, Any]:
         try:
@@ -275,9 +280,8 @@ def check_tree(expected, stored_tree, path: str, item: str) -> None:
 
     Raises CheckpointError naming the first path whose presence, shape or dtype differs.
     """
-    flat_stored = {_keystr(k): v for k, v in _flatten(stored_tree)}
-    flat_expected = {_keystr(k): v for k, v in _flatten(expected)}
-    mismatch = f"checkpoint {path} does not match the config: {item}"
+    flat_stored, flat_expected = trees.flatten(stored_tree), trees.flatten(expected)
+    mismatch = f"checkpoint {path} does not match the config: {item}/"
     for key in sorted(flat_expected.keys() | flat_stored.keys()):
         want, have = flat_expected.get(key), flat_stored.get(key)
         if have is None:
@@ -292,15 +296,6 @@ def check_tree(expected, stored_tree, path: str, item: str) -> None:
         if np.dtype(want.dtype) != np.dtype(have.dtype):
             raise CheckpointError(f"{mismatch}{key} has dtype {np.dtype(have.dtype)} in the "
                                   f"checkpoint but {np.dtype(want.dtype)} expected")
-
-
-def _flatten(tree):
-    return jax.tree_util.tree_flatten_with_path(tree)[0]
-
-
-def _keystr(path) -> str:
-    return "".join(f"/{getattr(k, 'key', getattr(k, 'name', getattr(k, 'idx', k)))}"
-                   for k in path)
 
 
 def save_weights(workdir: str, config: ml_collections.ConfigDict, params, *, ema_params=None,

@@ -98,14 +98,8 @@ class Diffusion:
     def from_config(cls, config: Any) -> Diffusion:
         """Builds the process of ``config.diffusion``."""
         c = config.diffusion
-        betas = schedules.get_beta_schedule(
-            c.beta_schedule,
-            beta_start=c.beta_start,
-            beta_end=c.beta_end,
-            num_timesteps=c.num_timesteps,
-        )
         return cls.create(
-            betas,
+            schedules.config_betas(c),
             model_mean_type=c.model_mean_type,
             model_var_type=c.model_var_type,
             loss_type=c.loss_type,

@@ -54,102 +54,7 @@ space-to-depth and always resamples with convolutions).
 
 from __future__ import annotations
 
-import time
-from collections.abc import Mapping
-from typing import Any
-
-import jax
-from etils import epath
-
-from ddpm_jax import checkpoints, unet
-from ddpm_jax import files as atomic_files
-
-# The diffusers format, re-exported under its former names here.
-from ddpm_jax.weights.diffusers import (  # noqa: F401
-    DDPM_SCHEDULER_DEFAULTS,
-    DIFFUSERS_VERSION,
-    MODEL_INDEX,
-    PREDICTION_TYPES,
-    SCHEDULER_CONFIG,
-    UNET_CONFIG,
-    UNET_WEIGHTS,
-    VARIANCE_TYPES,
-    ExportError,
-    check_exportable,
-    differences,
-    pipeline_files,
-    scheduler_betas,
-    scheduler_config,
-    scheduler_differences,
-    unet_config,
-)
-
-
-def check_out(out: str) -> epath.Path:
-    """OUT as a path, refused unless it is missing or an empty directory."""
-    path = checkpoints.absolute(out)
-    if path.exists() and not path.is_dir():
-        raise ExportError(f"--out={out} is a file; give a new or empty directory")
-    if path.exists():
-        names = sorted(p.name for p in path.iterdir())
-        if names:
-            raise ExportError(f"--out={out} is not empty (it holds {', '.join(names[:4])}"
-                              f"{', ...' if len(names) > 4 else ''}); give a new or empty "
-                              "directory, nothing is overwritten")
-    return path
-
-
-def write_pipeline(out: epath.Path, files: Mapping[str, bytes]) -> list[str]:
-    """Writes ``files`` under ``out``, model_index.json last (a partial export never loads)."""
-    written = []
-    try:
-        for name in sorted(files, key=lambda n: n == MODEL_INDEX):
-            path = out / name
-            path.parent.mkdir(parents=True, exist_ok=True)
-            atomic_files.write_bytes(path, files[name])
-            written.append(str(path))
-    except OSError as e:
-        raise ExportError(f"cannot write {out}: {e.__class__.__name__}: {e}; check the path "
-                          "and its permissions") from None
-    return written
-
-
-# -- the program ---------------------------------------------------------------------------------
-def export_checkpoint(workdir: str, out: str, *, ema: bool = True,
-                      step: int | None = None) -> dict[str, Any]:
-    """Exports a checkpoint of ``workdir`` (the latest unless ``step``) to the directory ``out``.
-
-    What the CLI does. Everything is checked before anything is written: OUT empty, the
-    checkpoint and step present, the config exportable.
-
-    Args:
-      workdir: a workdir, its checkpoints directory or one step directory.
-      out: a new or empty directory (local or ``gs://``).
-      ema: export the EMA weights (default) or the raw ones.
-      step: the checkpoint step (default: the latest, or the step directory given).
-
-    Returns:
-      info: ``out``, ``files``, ``step``, ``ema``, ``num_params``, ``source`` (the checkpoints
-      directory), ``differences`` (see ``differences``), ``seconds``.
-
-    Raises:
-      ExportError, checkpoints.CheckpointError: one line naming the problem and the fix.
-    """
-    from ddpm_jax import api  # noqa: PLC0415 - keeps `--help` light
-
-    start = time.perf_counter()
-    out_path = check_out(out)
-    with checkpoints.Checkpointer.open(workdir, read_only=True) as ckpt:
-        step = ckpt.resolve_step(step)
-        config = ckpt.read_config(step)
-        source = ckpt.directory
-    check_exportable(config)  # before any weights are read
-    params = jax.device_get(api.load(workdir, ema=ema, step=step).params)
-    metadata = {"ddpm_jax_step": str(step), "ddpm_jax_weights": "ema" if ema else "raw"}
-    files = write_pipeline(out_path, pipeline_files(params, config, metadata=metadata))
-    return dict(out=str(out_path), files=files, step=step, ema=ema, source=source,
-                num_params=unet.count_params(params), differences=differences(config),
-                seconds=time.perf_counter() - start)
+from ddpm_jax.weights import checkpoint
 
 
 def _flags():
@@ -164,13 +69,14 @@ def _flags():
 
 
 def main() -> None:
-    """The command: flags -> ``export_checkpoint`` -> a summary (errors: one line, exit 2)."""
+    """The command: flags -> ``weights.checkpoint.export_checkpoint`` -> a summary (errors: one
+    line, exit 2)."""
     from absl import flags, logging  # noqa: PLC0415
 
     f = flags.FLAGS
     if not f["verbosity"].present:
         logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only restore is read-only
-    info = export_checkpoint(f.workdir, f.out, ema=not f.raw, step=f.step)
+    info = checkpoint.export_checkpoint(f.workdir, f.out, ema=not f.raw, step=f.step)
     lines = [f"exported {info['num_params']:,} parameters ({'EMA' if info['ema'] else 'raw'} "
              f"weights of step {info['step']}) from {info['source']} to {info['out']} "
              f"({info['seconds']:.1f} s)",

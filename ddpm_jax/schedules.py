@@ -8,6 +8,7 @@ well and cast to float32 once, exactly as the original implementation does.
 from __future__ import annotations
 
 import math
+from typing import Any
 
 import numpy as np
 
@@ -96,6 +97,13 @@ def get_beta_schedule(
         )
     validate_betas(betas, name)
     return betas
+
+
+def config_betas(diffusion_config: Any) -> np.ndarray:
+    """The float64 betas of a config's ``diffusion`` section."""
+    c = diffusion_config
+    return get_beta_schedule(c.beta_schedule, beta_start=c.beta_start, beta_end=c.beta_end,
+                             num_timesteps=c.num_timesteps)
 
 
 def validate_betas(betas: np.ndarray, name: str = "custom") -> None:

@@ -18,13 +18,13 @@ from ddpm_jax import (
     checkpoints,
     config_lib,
     diffusion,
-    export_weights,
     generate,
-    import_weights,
     sampling,
     training,
+    trees,
     unet,
 )
+from ddpm_jax.weights import checkpoint as weights_io
 
 K = 10
 
@@ -58,7 +58,7 @@ def _inputs(n=4, seed=0):
 def test_num_classes_0_is_the_unconditional_unet_and_k_adds_only_the_embedding():
     g0, p0 = unet.split(unet.create_model(test_config.get_config()))
     g1, p1 = unet.split(unet.create_model(cond_config()))
-    flat0, flat1 = import_weights._flat(p0), import_weights._flat(p1)
+    flat0, flat1 = trees.flatten(p0), trees.flatten(p1)
     assert flat1.keys() - flat0.keys() == {"label_emb/embedding"}  # and nothing else changes
     # K classes + the null class, each a vector of the time embedding's width (4 ch)
     assert flat1["label_emb/embedding"].shape == (K + 1, 4 * 64)
@@ -299,9 +299,9 @@ def test_a_conditional_model_round_trips_through_diffusers(cond_model, tmp_path)
     workdir, out = str(tmp_path / "run"), str(tmp_path / "out")
     params = jax.device_get(cond_model.params)
     checkpoints.save_weights(workdir, config, params, ema_params=params, step=1)
-    export_weights.export_checkpoint(workdir, out)
+    weights_io.export_checkpoint(workdir, out)
     back = str(tmp_path / "back")
-    import_weights.import_checkpoint(out, config, back)
+    weights_io.import_checkpoint(out, config, back)
     assert_same_tree(jax.device_get(ddpm_jax.load(back).params), params)  # bit for bit
     theirs_unet = diffusers.UNet2DModel.from_pretrained(os.path.join(out, "unet")).eval()
     assert theirs_unet.config.num_class_embeds == K + 1

@@ -19,7 +19,20 @@ from conftest import run_python
 import ddpm_jax
 from configs import cifar10
 from configs import test as test_config
-from ddpm_jax import checkpoints, diffusion, export_weights, import_weights, sampling, training
+from ddpm_jax import (
+    api,
+    checkpoints,
+    diffusion,
+    export_weights,
+    sampling,
+    sharding,
+    training,
+    trees,
+)
+from ddpm_jax.weights import checkpoint as weights_io
+from ddpm_jax.weights import diffusers as diffusers_format
+from ddpm_jax.weights import hub as hub_format
+from ddpm_jax.weights import layout
 
 OFFLINE_CACHE = {"HF_HUB_OFFLINE": "1", "HF_HUB_DISABLE_TELEMETRY": "1"}
 
@@ -40,11 +53,11 @@ def random_params(config, seed):
         base = 1.0 if path[-1].key == "scale" else 0.0
         return (base + 0.1 * rng.standard_normal(a.shape)).astype(np.float32)
 
-    return jax.tree_util.tree_map_with_path(fill, import_weights.expected_params(config))
+    return jax.tree_util.tree_map_with_path(fill, layout.expected_params(config))
 
 
 def assert_same_tree(a, b):
-    flat_a, flat_b = import_weights._flat(a), import_weights._flat(b)
+    flat_a, flat_b = trees.flatten(a), trees.flatten(b)
     assert flat_a.keys() == flat_b.keys()
     for path in flat_a:
         np.testing.assert_array_equal(np.asarray(flat_a[path]), np.asarray(flat_b[path]),
@@ -98,9 +111,10 @@ def test_trained_run_exports_to_the_same_network_and_process(trained_run, tmp_pa
     assert "fixedlarge -> fixed_large: sigma^2 at t = 0" in proc.stdout
     assert "call it with num_inference_steps=50" in proc.stdout
     assert sorted(os.path.relpath(os.path.join(d, f), out) for d, _, fs in os.walk(out)
-                  for f in fs) == sorted([export_weights.MODEL_INDEX, export_weights.UNET_CONFIG,
-                                          export_weights.UNET_WEIGHTS,
-                                          export_weights.SCHEDULER_CONFIG])
+                  for f in fs) == sorted([diffusers_format.MODEL_INDEX,
+                                          diffusers_format.UNET_CONFIG,
+                                          diffusers_format.UNET_WEIGHTS,
+                                          diffusers_format.SCHEDULER_CONFIG])
 
     err, std = eps_error(trained_run, out, [[0, 1, 25, 49], [49, 10, 2, 0]])
     _print("trained test-config run, max abs eps error", err)
@@ -119,35 +133,68 @@ def test_import_of_the_export_restores_every_parameter(trained_run, tmp_path):
     raw = jax.device_get(ddpm_jax.load(trained_run, ema=False).params)
     assert not np.array_equal(ema["conv_in"]["kernel"], raw["conv_in"]["kernel"])
     for weights, want in (("ema", ema), ("raw", raw)):
-        info = export_weights.export_checkpoint(trained_run, str(tmp_path / weights),
+        info = weights_io.export_checkpoint(trained_run, str(tmp_path / weights),
                                                 ema=weights == "ema")
         assert info["step"] == 4 and info["num_params"] == 643_841
         workdir = str(tmp_path / f"{weights}_imported")
-        import_weights.import_checkpoint(str(tmp_path / weights), model.config, workdir)
+        weights_io.import_checkpoint(str(tmp_path / weights), model.config, workdir)
         # diffusers weights go to params and ema_params alike
         assert_same_tree(jax.device_get(ddpm_jax.load(workdir, ema=weights == "raw").params),
                          want)
 
 
+def test_export_reads_only_the_weights_it_writes_onto_the_host(trained_run, tmp_path,
+                                                               monkeypatch):
+    """One open of the checkpoint, one array item restored as host numpy arrays: no mesh, no
+    model, no device transfer, no optimizer state."""
+    def refuse(*args, **kwargs):
+        raise AssertionError("export built a mesh, a model or moved arrays to a device")
+
+    for module, name in ((sharding, "create_mesh"), (api, "load"), (jax, "device_put")):
+        monkeypatch.setattr(module, name, refuse)
+    opens, restores = [], []
+    open_, restore = checkpoints.Checkpointer.open.__func__, checkpoints.Checkpointer.restore
+
+    def recording_open(cls, path, **kwargs):
+        opens.append(path)
+        return open_(cls, path, **kwargs)
+
+    def recording_restore(self, step, abstract):
+        out = restore(self, step, abstract)
+        restores.append({item: {type(a) for a in jax.tree.leaves(tree)}
+                         for item, tree in out[0].items()})
+        return out
+
+    monkeypatch.setattr(checkpoints.Checkpointer, "open", classmethod(recording_open))
+    monkeypatch.setattr(checkpoints.Checkpointer, "restore", recording_restore)
+    for ema, item in ((True, "ema_params"), (False, "params")):
+        opens.clear(), restores.clear()
+        weights_io.export_checkpoint(trained_run, str(tmp_path / item), ema=ema)
+        assert opens == [trained_run] and restores == [{item: {np.ndarray}}]
+    monkeypatch.undo()
+    with checkpoints.Checkpointer.open(trained_run) as ckpt:  # it holds an optimizer state
+        assert jax.tree.leaves(ckpt.read_arrays(4, "opt_state"))
+
+
 def test_the_mapping_is_one_to_one_in_both_directions():
     config = test_config.get_config()
     params = random_params(config, seed=0)
-    state_dict = import_weights.diffusers_state_dict(params, config)
-    assert len(state_dict) == len(import_weights._flat(params))  # every parameter exactly once
+    state_dict = diffusers_format.diffusers_state_dict(params, config)
+    assert len(state_dict) == len(trees.flatten(params))  # every parameter exactly once
     assert "mid_block.attentions.0.to_out.0.weight" in state_dict  # current diffusers names
     assert state_dict["up_blocks.0.resnets.1.conv_shortcut.weight"].shape == (64, 128, 1, 1)
     assert state_dict["conv_in.weight"].shape == (64, 1, 3, 3)
-    assert_same_tree(import_weights.convert_diffusers(state_dict, config), params)
-    for layout, ours, theirs in ((import_weights.TORCH_CONV, (2, 3, 4, 5), (5, 4, 2, 3)),
-                                 (import_weights.TORCH_LINEAR, (4, 5), (5, 4)),
-                                 (import_weights.TORCH_CONV1X1, (4, 5), (5, 4, 1, 1))):
+    assert_same_tree(diffusers_format.convert_diffusers(state_dict, config), params)
+    for transform, ours, theirs in ((layout.TORCH_CONV, (2, 3, 4, 5), (5, 4, 2, 3)),
+                                    (layout.TORCH_LINEAR, (4, 5), (5, 4)),
+                                    (layout.TORCH_CONV1X1, (4, 5), (5, 4, 1, 1))):
         a = np.arange(np.prod(ours), dtype=np.float32).reshape(ours)
-        assert layout.source_shape(ours) == theirs == layout.from_ours(a).shape
-        np.testing.assert_array_equal(layout.to_ours(layout.from_ours(a)), a)
+        assert transform.source_shape(ours) == theirs == transform.from_ours(a).shape
+        np.testing.assert_array_equal(transform.to_ours(transform.from_ours(a)), a)
     params["conv_in"]["kernel"] = np.zeros((3, 3, 1, 63), np.float32)
-    with pytest.raises(import_weights.WeightsError, match=r"conv_in/kernel has shape "
+    with pytest.raises(layout.WeightsError, match=r"conv_in/kernel has shape "
                        r"\(3, 3, 1, 63\) but the config needs \(3, 3, 1, 64\)"):
-        import_weights.diffusers_state_dict(params, config)
+        diffusers_format.diffusers_state_dict(params, config)
 
 
 # -- a cifar10-structured model at full size -----------------------------------------------------
@@ -159,12 +206,12 @@ def test_random_cifar10_model_exports_to_the_same_eps(tmp_path):
     workdir = str(tmp_path / "run")
     checkpoints.save_weights(workdir, config, raw, ema_params=ema, step=7)
     out = str(tmp_path / "out")
-    info = export_weights.export_checkpoint(workdir, out)
+    info = weights_io.export_checkpoint(workdir, out)
     assert info["num_params"] == 35_746_307 and info["step"] == 7
     err, std = eps_error(workdir, out, [[0, 999], [1, 500]])
     _print("random cifar10 model (35.7M), max abs eps error", err)
     assert std > 0.1 and err <= 1e-4
-    import_weights.import_checkpoint(out, config, str(tmp_path / "back"))
+    weights_io.import_checkpoint(out, config, str(tmp_path / "back"))
     assert_same_tree(jax.device_get(ddpm_jax.load(str(tmp_path / "back")).params), ema)
 
 
@@ -180,7 +227,7 @@ def _config(schedule="linear", var="fixedlarge", mean="eps", base=cifar10):
 
 def _scheduler(config):
     diffusers = pytest.importorskip("diffusers")
-    return diffusers.DDPMScheduler.from_config(export_weights.scheduler_config(config))
+    return diffusers.DDPMScheduler.from_config(diffusers_format.scheduler_config(config))
 
 
 @pytest.mark.parametrize("schedule, base, diffusers_schedule", [
@@ -189,7 +236,7 @@ def _scheduler(config):
 ])
 def test_scheduler_carries_the_schedule(schedule, base, diffusers_schedule):
     config = _config(schedule, base=base)
-    sched_json = export_weights.scheduler_config(config)
+    sched_json = diffusers_format.scheduler_config(config)
     d = diffusion.Diffusion.from_config(config)
     assert sched_json["num_train_timesteps"] == d.num_timesteps
     if diffusers_schedule is None:  # the float64 betas themselves
@@ -197,7 +244,7 @@ def test_scheduler_carries_the_schedule(schedule, base, diffusers_schedule):
     else:
         assert sched_json["beta_schedule"] == diffusers_schedule
         assert sched_json["trained_betas"] is None
-    assert export_weights.scheduler_differences(sched_json, config) == []
+    assert diffusers_format.scheduler_differences(sched_json, config) == []
     sched = _scheduler(config)
     betas, abar = sched.betas.numpy(), sched.alphas_cumprod.numpy()
     beta_rel = float(np.max(np.abs(betas - d.betas) / d.betas))
@@ -286,7 +333,7 @@ def test_t0_variance_differs_but_adds_no_noise():
 def test_learned_variance_is_read_as_log_here_and_as_variance_in_diffusers():
     config = _config(var="learned")
     assert any(line.startswith("learned -> learned: diffusers reads the variance channels as "
-                               "sigma^2") for line in export_weights.differences(config))
+                               "sigma^2") for line in diffusers_format.differences(config))
     d = diffusion.Diffusion.from_config(config)
     rng = np.random.default_rng(2)
     for t in (500, 1):
@@ -300,12 +347,12 @@ def test_learned_variance_is_read_as_log_here_and_as_variance_in_diffusers():
 
 
 def test_differences_name_what_diffusers_cannot_express():
-    lines = export_weights.differences(_config(var="fixedsmall"))
+    lines = diffusers_format.differences(_config(var="fixedsmall"))
     assert len(lines) == 2 and lines[0].startswith("float32 schedule")
     assert lines[1].startswith("fixedsmall -> fixed_small: at t = 0")
     config = _config(var="learned_range", base=test_config)
     config.model.dtype = "bfloat16"
-    lines = export_weights.differences(config)
+    lines = diffusers_format.differences(config)
     assert [line.split(":")[0] for line in lines] == [
         "float32 schedule", "learned_range -> learned_range", "model.dtype is bfloat16",
         "T = 50"]
@@ -339,29 +386,29 @@ def test_export_refuses_bad_inputs_before_writing(trained_run, tmp_path):
     xprev_run = str(tmp_path / "xprev")
     checkpoints.save_weights(xprev_run, config, random_params(config, seed=0))
     # In-process: the command prints this UserError as one line too (as for the case above).
-    with pytest.raises(export_weights.ExportError) as e:
-        export_weights.export_checkpoint(xprev_run, str(tmp_path / "out"))
+    with pytest.raises(diffusers_format.ExportError) as e:
+        weights_io.export_checkpoint(xprev_run, str(tmp_path / "out"))
     assert "model_mean_type is 'xprev'" in str(e.value) and "only eps and xstart" in str(e.value)
     assert "\n" not in str(e.value)
     with pytest.raises(checkpoints.CheckpointError, match="does not exist"):
-        export_weights.export_checkpoint(str(tmp_path / "missing"), str(tmp_path / "out"))
+        weights_io.export_checkpoint(str(tmp_path / "missing"), str(tmp_path / "out"))
     with pytest.raises(checkpoints.CheckpointError, match="no committed checkpoint step 3"):
-        export_weights.export_checkpoint(trained_run, str(tmp_path / "out"), step=3)
+        weights_io.export_checkpoint(trained_run, str(tmp_path / "out"), step=3)
     assert not (tmp_path / "out").exists()  # nothing written by any refusal
 
     config = test_config.get_config()
     config.unlock()
     config.model.block_size = 2
     config.model.resamp_with_conv = False
-    with pytest.raises(export_weights.ExportError) as e:
-        export_weights.check_exportable(config)
+    with pytest.raises(diffusers_format.ExportError) as e:
+        diffusers_format.check_exportable(config)
     assert "model.block_size is 2" in str(e.value) and "resamp_with_conv is False" in str(e.value)
     # diffusers sizes conv_in and the time embedding by the first level's width.
     config.model.block_size, config.model.resamp_with_conv, config.model.ch_mult = 1, True, (2, 4)
-    with pytest.raises(export_weights.ExportError, match="model.ch_mult starts at 2"):
-        export_weights.check_exportable(config)
+    with pytest.raises(diffusers_format.ExportError, match="model.ch_mult starts at 2"):
+        diffusers_format.check_exportable(config)
     config.model.ch_mult = (1, 2)
-    export_weights.check_exportable(config)
+    diffusers_format.check_exportable(config)
 
 
 # -- the Hugging Face Hub ------------------------------------------------------------------------
@@ -391,13 +438,13 @@ def write_hub_cache(cache, repo_id, files, *, commit=COMMIT, refs=("main",)):
 
 def hub_files(config, *, pipeline_layout=True):
     """The files of a diffusers repository of ``config``'s U-Net with random weights."""
-    files = export_weights.pipeline_files(random_params(config, seed=3), config)
+    files = diffusers_format.pipeline_files(random_params(config, seed=3), config)
     if pipeline_layout:
         return files
-    return {"config.json": files[export_weights.UNET_CONFIG],  # the older, flat layout
-            import_weights.DIFFUSERS_WEIGHTS: files[export_weights.UNET_WEIGHTS],
-            "scheduler_config.json": files[export_weights.SCHEDULER_CONFIG],
-            "model_index.json": files[export_weights.MODEL_INDEX]}
+    return {"config.json": files[diffusers_format.UNET_CONFIG],  # the older, flat layout
+            diffusers_format.DIFFUSERS_WEIGHTS: files[diffusers_format.UNET_WEIGHTS],
+            "scheduler_config.json": files[diffusers_format.SCHEDULER_CONFIG],
+            "model_index.json": files[diffusers_format.MODEL_INDEX]}
 
 
 @pytest.fixture()
@@ -430,7 +477,7 @@ def test_hf_import_reads_the_cache_offline_like_the_directory(hub_cache, tmp_pat
     assert f"from diffusers hf://google/ddpm-cifar10-32@{COMMIT}" in proc.stdout
     assert "note:" not in proc.stdout  # the cached scheduler is the config's process
     config = test_config.get_config()
-    direct, _, _ = import_weights.read_source(os.path.join(snapshot, "unet"), config)
+    direct, _, _ = weights_io.read_source(os.path.join(snapshot, "unet"), config)
     assert_same_tree(jax.device_get(ddpm_jax.load(workdir).params), direct)
 
 
@@ -438,19 +485,19 @@ def test_hf_import_reads_the_cache_offline_like_the_directory(hub_cache, tmp_pat
                                     f"hf://google/ddpm-cifar10-32@{COMMIT}"])
 def test_hf_revisions_and_the_flat_layout_resolve(hub_cache, source):
     snapshot = os.path.join(hub_cache, "models--google--ddpm-cifar10-32", "snapshots", COMMIT)
-    assert import_weights.hub_snapshot(source) == (os.path.join(snapshot, "unet"),
+    assert hub_format.hub_snapshot(source) == (os.path.join(snapshot, "unet"),
                                                    f"google/ddpm-cifar10-32@{COMMIT}")
     config = test_config.get_config()
     write_hub_cache(hub_cache, "google/ddpm-cat-256", hub_files(config, pipeline_layout=False))
-    directory, _ = import_weights.hub_snapshot("hf://google/ddpm-cat-256")
+    directory, _ = hub_format.hub_snapshot("hf://google/ddpm-cat-256")
     assert directory == os.path.join(hub_cache, "models--google--ddpm-cat-256", "snapshots",
                                      COMMIT)
-    params, _, info = import_weights.read_source("hf://google/ddpm-cat-256", config)
+    params, _, info = weights_io.read_source("hf://google/ddpm-cat-256", config)
     assert info["source"] == f"hf://google/ddpm-cat-256@{COMMIT}" and info["notes"] == []
     assert_same_tree(params, random_params(config, seed=3))
     config.unlock()
     config.diffusion.model_var_type = "fixedsmall"  # the cached scheduler says fixed_large
-    _, _, info = import_weights.read_source("hf://google/ddpm-cat-256", config)
+    _, _, info = weights_io.read_source("hf://google/ddpm-cat-256", config)
     assert len(info["notes"]) == 1
     assert "variance_type is 'fixed_large' there, 'fixed_small' here" in info["notes"][0]
 
@@ -462,24 +509,24 @@ def test_hf_name_not_in_the_cache_offline_is_one_line(hub_cache, tmp_path):
     _one_line(proc, "google/ddpm-church-256 is not in the Hugging Face cache",
               "unset HF_HUB_OFFLINE")
     assert not (tmp_path / "run" / "checkpoints").exists()
-    with pytest.raises(import_weights.HubError, match="google/ddpm-cifar10-32@nope is not in"):
-        import_weights.hub_snapshot("hf://google/ddpm-cifar10-32@nope")
+    with pytest.raises(hub_format.HubError, match="google/ddpm-cifar10-32@nope is not in"):
+        hub_format.hub_snapshot("hf://google/ddpm-cifar10-32@nope")
 
 
 def test_hf_names_are_checked_before_the_hub_is_asked():
-    assert import_weights.parse_hub_source("hf://google/ddpm-bedroom-256") == (
+    assert hub_format.parse_hub_source("hf://google/ddpm-bedroom-256") == (
         "google/ddpm-bedroom-256", None)
-    assert import_weights.parse_hub_source("hf://google/ddpm-celebahq-256@main") == (
+    assert hub_format.parse_hub_source("hf://google/ddpm-celebahq-256@main") == (
         "google/ddpm-celebahq-256", "main")
     for bad in ("hf://ddpm-cifar10-32", "hf://google/ddpm-cifar10-32@", "hf://a/b/c"):
-        with pytest.raises(import_weights.HubError, match="is not a Hub model name"):
-            import_weights.parse_hub_source(bad)
+        with pytest.raises(hub_format.HubError, match="is not a Hub model name"):
+            hub_format.parse_hub_source(bad)
 
 
 def test_without_huggingface_hub_one_line_names_the_extra(monkeypatch, tmp_path):
     monkeypatch.setitem(sys.modules, "huggingface_hub", None)  # import fails as if absent
-    with pytest.raises(import_weights.HubError) as e:
-        import_weights.import_checkpoint("hf://google/ddpm-cifar10-32", test_config.get_config(),
+    with pytest.raises(hub_format.HubError) as e:
+        weights_io.import_checkpoint("hf://google/ddpm-cifar10-32", test_config.get_config(),
                                          str(tmp_path / "run"))
     assert str(e.value) == ("hf:// sources need huggingface_hub: pip install 'ddpm_jax[hf]'")
     assert not (tmp_path / "run").exists()

@@ -6,6 +6,7 @@ and compare ``ddpm_jax.load(DIR).predict_noise`` with the PyTorch forward pass. 
 torch extra and are skipped without it; the rest needs no torch.
 """
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -18,7 +19,11 @@ import pytest
 import ddpm_jax
 from configs import celebahq, cifar10
 from configs import test as test_config
-from ddpm_jax import checkpoints, import_weights, unet
+from ddpm_jax import checkpoints, trees, unet
+from ddpm_jax.weights import checkpoint as weights_io
+from ddpm_jax.weights import diffusers as diffusers_format
+from ddpm_jax.weights import layout
+from ddpm_jax.weights import tf as tf_format
 
 # The config.json of google/ddpm-cifar10-32 on the Hugging Face Hub.
 DDPM_CIFAR10_32 = dict(
@@ -75,7 +80,7 @@ def _print_error(name, err):
 def random_params(config, seed):
     """Our parameter tree with every tensor random (kernels ~ 1/sqrt(fan_in), norms ~ 1)."""
     rng = np.random.default_rng(seed)
-    abstract = import_weights.expected_params(config)
+    abstract = layout.expected_params(config)
 
     def fill(path, a):
         leaf = path[-1].key
@@ -91,21 +96,21 @@ def random_params(config, seed):
 def fake_state_dict(config, seed=0):
     """A diffusers state dict (PyTorch layouts) for ``config``, from numpy alone."""
     rng = np.random.default_rng(seed)
-    flat = import_weights._flat(import_weights.expected_params(config))
+    flat = trees.flatten(layout.expected_params(config))
     return {names[0]: rng.standard_normal(layout.source_shape(tuple(flat[path].shape)))
             .astype(np.float32)
-            for path, (names, layout) in import_weights.diffusers_plan(config).items()}
+            for path, (names, layout) in diffusers_format.diffusers_plan(config).items()}
 
 
 def tf_variables(config, raw, ema=None):
     """Original TF variable names -> arrays, as the released checkpoints store them."""
-    flat_raw = import_weights._flat(raw)
+    flat_raw = trees.flatten(raw)
     out = {}
     for ema_on, tree in ((False, raw), (True, ema)):
         if tree is None:
             continue
-        flat = import_weights._flat(tree)
-        for path, (names, _) in import_weights.tf_plan(config, raw, ema=ema_on).items():
+        flat = trees.flatten(tree)
+        for path, (names, _) in tf_format.tf_plan(config, raw, ema=ema_on).items():
             out[names[0]] = np.asarray(flat[path])
     assert len(out) == len(flat_raw) * (1 if ema is None else 2)
     return out
@@ -157,13 +162,13 @@ def test_diffusers_checkpoint_imports_to_the_same_eps(tmp_path, name, make_confi
         assert sum(p.numel() for p in model.parameters()) == num_params
     _randomise(model, torch)
     model.save_pretrained(tmp_path / "hub")
-    assert os.path.exists(tmp_path / "hub" / import_weights.DIFFUSERS_WEIGHTS)
+    assert os.path.exists(tmp_path / "hub" / diffusers_format.DIFFUSERS_WEIGHTS)
 
     config = make_config()
     # Attention sits on the same level in both (level 1 of 4 at 32px, level 2 of 6 at 64px).
-    attn_levels = [i for i, a in enumerate(import_weights.attention_levels(config)) if a]
+    attn_levels = [i for i, a in enumerate(diffusers_format.attention_levels(config)) if a]
     assert attn_levels == [i for i, b in enumerate(kwargs["down_block_types"]) if "Attn" in b]
-    info = import_weights.import_checkpoint(str(tmp_path / "hub"), config, str(tmp_path / "run"))
+    info = weights_io.import_checkpoint(str(tmp_path / "hub"), config, str(tmp_path / "run"))
     assert info["num_params"] == sum(p.numel() for p in model.parameters())
 
     ddpm = ddpm_jax.load(str(tmp_path / "run"))
@@ -189,7 +194,7 @@ def test_diffusers_time_embedding_equals_ours():
         torch.from_numpy(t), 128, flip_sin_to_cos=False, downscale_freq_shift=1).numpy()
     ours = np.asarray(unet.get_timestep_embedding(jax.numpy.asarray(t), 128))
     np.testing.assert_allclose(ours, theirs, atol=2e-4)
-    assert import_weights.diffusers_config(cifar10.get_config())["freq_shift"] == 1
+    assert diffusers_format.diffusers_config(cifar10.get_config())["freq_shift"] == 1
 
 
 # -- diffusers without torch ---------------------------------------------------------------------
@@ -203,8 +208,8 @@ def test_old_attention_names_import_the_same():
             name = name.replace(f".{a}.", f".{b}.")
         old[name] = value
     assert any(".proj_attn." in n for n in old)
-    a = import_weights.convert_diffusers(new, config)
-    b = import_weights.convert_diffusers(old, config)
+    a = diffusers_format.convert_diffusers(new, config)
+    b = diffusers_format.convert_diffusers(old, config)
     jax.tree.map(np.testing.assert_array_equal, a, b)
 
 
@@ -212,7 +217,7 @@ def test_layouts_follow_reference():
     """conv [out, in, kh, kw] -> [kh, kw, in, out]; linear and 1x1 conv -> [in, out]."""
     config = tiny_config()
     sd = fake_state_dict(config)
-    p = import_weights.convert_diffusers(sd, config)
+    p = diffusers_format.convert_diffusers(sd, config)
     np.testing.assert_array_equal(p["conv_in"]["kernel"],
                                   sd["conv_in.weight"].transpose(2, 3, 1, 0))
     np.testing.assert_array_equal(p["temb"]["dense1"]["kernel"],
@@ -229,8 +234,8 @@ def test_wrong_shape_names_the_tensor_and_both_shapes():
     config = tiny_config()
     sd = fake_state_dict(config)
     sd["down_blocks.0.resnets.0.conv1.weight"] = np.zeros((32, 32, 1, 1), np.float32)
-    with pytest.raises(import_weights.WeightsError) as e:
-        import_weights.convert_diffusers(sd, config)
+    with pytest.raises(layout.WeightsError) as e:
+        diffusers_format.convert_diffusers(sd, config)
     msg = str(e.value)
     assert "\n" not in msg
     assert ("down_blocks.0.resnets.0.conv1.weight has shape (32, 32, 1, 1) but the config "
@@ -243,30 +248,30 @@ def test_missing_and_extra_tensors_are_listed():
     sd = fake_state_dict(config)
     del sd["mid_block.attentions.0.to_k.bias"]
     sd["down_blocks.0.resnets.0.extra.weight"] = np.zeros((3,), np.float32)
-    with pytest.raises(import_weights.WeightsError,
+    with pytest.raises(layout.WeightsError,
                        match=r"missing mid_block\.attentions\.0\.to_k\.bias \(64,\); "
                              r"unused down_blocks\.0\.resnets\.0\.extra\.weight \(3,\)"):
-        import_weights.convert_diffusers(sd, config)
+        diffusers_format.convert_diffusers(sd, config)
 
 
 def test_a_checkpoint_of_another_shape_lists_every_difference():
     sd = fake_state_dict(tiny_config())
     config = tiny_config()
     config.model.ch = 64  # 64 / 128 channels instead of 32 / 64
-    with pytest.raises(import_weights.WeightsError, match=r"conv_in\.weight has shape "
+    with pytest.raises(layout.WeightsError, match=r"conv_in\.weight has shape "
                        r"\(32, 1, 3, 3\) but the config needs \(64, 1, 3, 3\)"):
-        import_weights.convert_diffusers(sd, config)
+        diffusers_format.convert_diffusers(sd, config)
 
 
 def test_mismatched_config_json_lists_the_differing_fields():
     config = cifar10.get_config()
-    import_weights.check_diffusers_config(DDPM_CIFAR10_32, config)  # the hub config fits
+    diffusers_format.check_diffusers_config(DDPM_CIFAR10_32, config)  # the hub config fits
     wrong = dict(DDPM_CIFAR10_32, block_out_channels=[128, 256, 256, 512], layers_per_block=3,
                  sample_size=64, norm_eps=1e-5, flip_sin_to_cos=True, freq_shift=0,
                  down_block_types=["AttnDownBlock2D"] + ["DownBlock2D"] * 3)
     del wrong["downsample_padding"]  # the default (1) then applies, as in diffusers
-    with pytest.raises(import_weights.WeightsError) as e:
-        import_weights.check_diffusers_config(wrong, config)
+    with pytest.raises(layout.WeightsError) as e:
+        diffusers_format.check_diffusers_config(wrong, config)
     msg = str(e.value)
     assert msg.startswith("config.json does not match the config: ") and "\n" not in msg
     for field in ("block_out_channels is [128, 256, 256, 512] in config.json but the config "
@@ -281,18 +286,18 @@ def test_mismatched_config_json_lists_the_differing_fields():
 def test_learned_variance_config_needs_six_output_channels():
     config = cifar10.get_config()
     config.diffusion.model_var_type = "learned"
-    with pytest.raises(import_weights.WeightsError, match="out_channels is 3 in config.json "
+    with pytest.raises(layout.WeightsError, match="out_channels is 3 in config.json "
                        "but the config needs 6"):
-        import_weights.check_diffusers_config(DDPM_CIFAR10_32, config)
+        diffusers_format.check_diffusers_config(DDPM_CIFAR10_32, config)
 
 
 def test_equivalent_config_spellings_are_accepted():
     config = cifar10.get_config()
-    import_weights.check_diffusers_config(
+    diffusers_format.check_diffusers_config(
         dict(DDPM_CIFAR10_32, sample_size=[32, 32], attention_head_dim=256,
              _class_name="UNet2DModel"), config)
-    with pytest.raises(import_weights.WeightsError, match="attention_head_dim is 8"):
-        import_weights.check_diffusers_config(dict(DDPM_CIFAR10_32, attention_head_dim=8), config)
+    with pytest.raises(layout.WeightsError, match="attention_head_dim is 8"):
+        diffusers_format.check_diffusers_config(dict(DDPM_CIFAR10_32, attention_head_dim=8), config)
 
 
 def test_cli_imports_a_safetensors_directory(tmp_path):
@@ -302,8 +307,8 @@ def test_cli_imports_a_safetensors_directory(tmp_path):
     src = tmp_path / "hub"
     src.mkdir()
     sd = fake_state_dict(config)
-    save_file(sd, str(src / import_weights.DIFFUSERS_WEIGHTS))
-    (src / "config.json").write_text(json.dumps(import_weights.diffusers_config(config)))
+    save_file(sd, str(src / diffusers_format.DIFFUSERS_WEIGHTS))
+    (src / "config.json").write_text(json.dumps(diffusers_format.diffusers_config(config)))
     cmd = [sys.executable, "-m", "ddpm_jax.import_weights", f"--source={src}",
            "--config=configs/test.py", f"--workdir={tmp_path / 'run'}"]
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -312,22 +317,52 @@ def test_cli_imports_a_safetensors_directory(tmp_path):
     assert "imported" in out.stdout and "checkpoints/0" in out.stdout
     assert os.path.exists(tmp_path / "run" / "config.json")
     restored = ddpm_jax.load(str(tmp_path / "run"))
-    expected = import_weights.convert_diffusers(sd, config)
+    expected = diffusers_format.convert_diffusers(sd, config)
     jax.tree.map(np.testing.assert_array_equal, jax.device_get(restored.params), expected)
     # Importing again into the same workdir is refused, before anything is read.
     with pytest.raises(checkpoints.CheckpointError, match="already holds checkpoints"):
-        import_weights.import_checkpoint(str(src), config, str(tmp_path / "run"))
+        weights_io.import_checkpoint(str(src), config, str(tmp_path / "run"))
 
 
 def test_a_missing_source_is_one_clear_line(tmp_path):
-    with pytest.raises(import_weights.WeightsError, match=r"no checkpoint at .*nothing: "
+    with pytest.raises(layout.WeightsError, match=r"no checkpoint at .*nothing: "
                        "expected a diffusers directory"):
-        import_weights.import_checkpoint(str(tmp_path / "nothing"), tiny_config(),
+        weights_io.import_checkpoint(str(tmp_path / "nothing"), tiny_config(),
                                          str(tmp_path / "run"))
     (tmp_path / "empty").mkdir()
-    with pytest.raises(import_weights.WeightsError, match="holds no diffusion_pytorch_model"):
-        import_weights.import_checkpoint(str(tmp_path / "empty"), tiny_config(),
+    with pytest.raises(layout.WeightsError, match="holds no diffusion_pytorch_model"):
+        weights_io.import_checkpoint(str(tmp_path / "empty"), tiny_config(),
                                          str(tmp_path / "run"))
+
+
+def test_a_pytorch_pickle_is_read_by_the_one_reader(tmp_path, monkeypatch):
+    """diffusion_pytorch_model.bin imports as the .safetensors does (bfloat16 read exactly);
+    without torch, one line names the extra, as for every PyTorch file."""
+    config = tiny_config()
+    sd = fake_state_dict(config)
+    src = tmp_path / "bin"
+    src.mkdir()
+    if importlib.util.find_spec("torch") is not None:
+        import torch
+
+        state = {k: torch.from_numpy(v) for k, v in sd.items()}
+        state["conv_in.bias"] = state["conv_in.bias"].bfloat16()
+        torch.save(state, str(src / diffusers_format.DIFFUSERS_PICKLE))
+        got, _, weights = diffusers_format.read_diffusers(str(src))
+        assert weights.endswith(diffusers_format.DIFFUSERS_PICKLE)
+        assert got["conv_in.bias"].dtype == np.float32
+        np.testing.assert_array_equal(got["conv_in.bias"],
+                                      state["conv_in.bias"].float().numpy())
+        sd["conv_in.bias"] = got["conv_in.bias"]
+        jax.tree.map(np.testing.assert_array_equal, diffusers_format.convert_diffusers(got, config),
+                     diffusers_format.convert_diffusers(sd, config))
+    else:
+        (src / diffusers_format.DIFFUSERS_PICKLE).write_bytes(b"a pickle")
+    monkeypatch.setitem(sys.modules, "torch", None)  # import fails as if absent
+    with pytest.raises(layout.WeightsError) as e:
+        diffusers_format.read_diffusers(str(src))
+    assert "pip install 'ddpm_jax[torch]'" in str(e.value) and "\n" not in str(e.value)
+    assert "torch.load(weights_only=True)" in str(e.value)
 
 
 # -- original TF checkpoints ---------------------------------------------------------------------
@@ -342,9 +377,9 @@ def test_tf_checkpoint_imports_ema_by_default_and_raw_with_no_ema(tmp_path):
         variables[f"model/conv_in/W/{slot}"] = np.zeros_like(raw["conv_in"]["kernel"])
     prefix = write_tf_checkpoint(str(tmp_path / "release" / "model.ckpt-790000"), variables)
 
-    info = import_weights.import_checkpoint(prefix, config, str(tmp_path / "ema"))
+    info = weights_io.import_checkpoint(prefix, config, str(tmp_path / "ema"))
     assert info["step"] == 790_000 and info["format"] == "tf"
-    import_weights.import_checkpoint(prefix + ".index", config, str(tmp_path / "raw"), ema=False)
+    weights_io.import_checkpoint(prefix + ".index", config, str(tmp_path / "raw"), ema=False)
 
     graphdef, _ = unet.abstract_model(config)
     apply = jax.jit(lambda params, x, t: unet.apply(graphdef, params, x, t))
@@ -368,12 +403,12 @@ def test_tf_checkpoint_imports_ema_by_default_and_raw_with_no_ema(tmp_path):
 
 def test_tf_names_and_layouts_are_the_originals():
     config = tiny_config()
-    plan = import_weights.tf_plan(config)
+    plan = tf_format.tf_plan(config)
     assert plan["down_1/block_0/nin_shortcut/kernel"][0] == (
         "model/down_1/block_0/nin_shortcut/W/ExponentialMovingAverage",)
     assert plan["mid/attn_1/norm/scale"][0] == ("model/mid/attn_1/norm/gamma/"
                                                 "ExponentialMovingAverage",)
-    assert import_weights.tf_plan(config, ema=False)["norm_out/bias"][0] == (
+    assert tf_format.tf_plan(config, ema=False)["norm_out/bias"][0] == (
         "model/norm_out/beta",)
     variables = tf_variables(config, random_params(config, seed=0))
     assert variables["model/down_1/attn_0/q/W"].shape == (64, 64)  # NIN: [in, out]
@@ -385,19 +420,19 @@ def test_tf_errors_are_one_clear_line():
     config = tiny_config()
     raw = random_params(config, seed=0)
     variables = tf_variables(config, raw)
-    with pytest.raises(import_weights.WeightsError, match="no ExponentialMovingAverage shadow "
+    with pytest.raises(layout.WeightsError, match="no ExponentialMovingAverage shadow "
                        "variables under model/.*--no_ema"):
-        import_weights.convert_tf(variables, config)
+        tf_format.convert_tf(variables, config)
     bad = dict(variables)
     bad["model/down_0/block_0/conv1/W"] = np.zeros((3, 3, 32, 31), np.float32)
     del bad["model/up_1/attn_0/k/b"]
     bad["model/up_0/attn_0/extra/W"] = np.zeros((2, 2), np.float32)
-    with pytest.raises(import_weights.WeightsError) as e:
-        import_weights.convert_tf(bad, config, ema=False)
+    with pytest.raises(layout.WeightsError) as e:
+        tf_format.convert_tf(bad, config, ema=False)
     msg = str(e.value)
     assert ("model/down_0/block_0/conv1/W has shape (3, 3, 32, 31) but the config needs "
             "(3, 3, 32, 32)") in msg
     assert "missing model/up_1/attn_0/k/b (64,)" in msg
     assert "unused model/up_0/attn_0/extra/W (2, 2)" in msg
-    with pytest.raises(import_weights.WeightsError, match="holds no variables under model/"):
-        import_weights.convert_tf({"net/conv_in/W": np.zeros(3)}, config, ema=False)
+    with pytest.raises(layout.WeightsError, match="holds no variables under model/"):
+        tf_format.convert_tf({"net/conv_in/W": np.zeros(3)}, config, ema=False)

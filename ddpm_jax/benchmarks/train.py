@@ -31,7 +31,7 @@ TPU or GPU needs (other fusion and scheduling), so leave a margin, or run the sa
 the accelerator.
 
 ``--vs_diffusers`` (needs the torch extra) builds diffusers' ``UNet2DModel`` in the same layout
-(``import_weights.diffusers_config``), float32, channels_last, on the CPU with
+(``weights.diffusers.diffusers_config``), float32, channels_last, on the CPU with
 ``torch.set_num_threads(os.cpu_count())`` (on CUDA when JAX runs on a GPU and torch has CUDA),
 and times in the same process, at the same batch: a training step (random t, q_sample, forward,
 MSE to the noise, backward, global-norm clipping to ``optim.grad_clip``, ``torch.optim.Adam``,
@@ -61,8 +61,9 @@ from absl import app, flags
 from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from ddpm_jax import config_lib, diffusion, import_weights, sharding, training, unet, xla_cpu
+from ddpm_jax import config_lib, diffusion, sharding, training, unet, xla_cpu
 from ddpm_jax.benchmarks import common
+from ddpm_jax.weights import diffusers as weights_diffusers
 
 XLA_OPTIONS = ("default", "project")
 MEASUREMENTS = ("train", "forward")
@@ -198,7 +199,7 @@ class DiffusersPeer:
         self.device = torch.device("cuda" if on_gpu else "cpu")
         self.autocast = (lambda: torch.autocast(self.device.type, dtype=torch.bfloat16)) if (
             dtype == "bfloat16") else contextlib.nullcontext
-        kwargs = dict(import_weights.diffusers_config(config), dropout=config.model.dropout)
+        kwargs = dict(weights_diffusers.diffusers_config(config), dropout=config.model.dropout)
         self.model = diffusers.UNet2DModel(**kwargs).to(self.device,
                                                         memory_format=torch.channels_last)
         self.params = [p for p in self.model.parameters()]

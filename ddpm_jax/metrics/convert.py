@@ -12,9 +12,9 @@ for bit under their PyTorch names, with the source's SHA-256 in the metadata. ``
 fetches the file from pytorch-fid's release first (where there is a network).
 
 The ``.pth`` is a pickle: it is read with ``torch.load(weights_only=True)`` (tensors only, no
-code), here and nowhere else; torch is needed for this step only (``pip install
-'ddpm_jax[torch]'``). Then point ``--inception_weights`` or ``DDPM_JAX_INCEPTION_WEIGHTS`` at
-the output.
+code) by ``weights.pytorch``, the package's one PyTorch reader; torch is needed for this step
+only (``pip install 'ddpm_jax[torch]'``). Then point ``--inception_weights`` or
+``DDPM_JAX_INCEPTION_WEIGHTS`` at the output.
 """
 
 from __future__ import annotations
@@ -23,13 +23,12 @@ import hashlib
 import os
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
 
 import numpy as np
 
-from ddpm_jax import errors
 from ddpm_jax.metrics import weights
 from ddpm_jax.metrics.errors import MetricsError
+from ddpm_jax.weights import pytorch
 
 CHUNK = 1 << 20
 
@@ -44,29 +43,10 @@ def file_sha256(path: str) -> str:
 
 
 def read_pth(path: str) -> dict[str, np.ndarray]:
-    """A PyTorch state dict file -> ``{name: float32 numpy array}`` without the
-    ``num_batches_tracked`` counters, through ``torch.load(weights_only=True)``."""
-    try:
-        import torch  # noqa: PLC0415 - only this step needs torch
-    except ImportError:
-        raise MetricsError("reading a .pth needs torch: pip install 'ddpm_jax[torch]' (the CPU "
-                           "build is enough), or convert on a machine that has it") from None
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - any unreadable file becomes one line
-        reason = errors.first_line(e)
-        raise MetricsError(f"cannot read {path} with torch.load(weights_only=True): "
-                           f"{reason}") from None
-    if not isinstance(state, Mapping):
-        raise MetricsError(f"{path} holds a {type(state).__name__}, not a state dict")
-    out = {}
-    for name, value in state.items():
-        if str(name).endswith("num_batches_tracked"):
-            continue
-        if not torch.is_tensor(value):
-            raise MetricsError(f"entry {name} of {path} is a {type(value).__name__}, not a tensor")
-        out[str(name)] = value.detach().cpu().numpy()
-    return out
+    """A PyTorch state dict file -> ``{name: numpy array}`` without the BatchNorm
+    ``num_batches_tracked`` counters (``weights.pytorch``: ``torch.load(weights_only=True)``)."""
+    return {name: value for name, value in pytorch.read_state_dict(path).items()
+            if not name.endswith("num_batches_tracked")}
 
 
 def convert_file(source: str, out: str, *, allow_other_weights: bool = False) -> dict:
@@ -78,7 +58,8 @@ def convert_file(source: str, out: str, *, allow_other_weights: bool = False) ->
 
     Raises:
       MetricsError: no source, a hash other than pytorch-fid's (without
-        ``allow_other_weights``), no torch, or a missing or misshapen tensor.
+        ``allow_other_weights``), or a missing or misshapen tensor.
+      weights.layout.WeightsError: no torch, or a ``.pth`` torch cannot read.
     """
     if not os.path.isfile(source):
         raise MetricsError(f"no weight file at {source}: download {weights.SOURCE_URL} or use "

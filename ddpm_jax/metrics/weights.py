@@ -3,9 +3,10 @@
 The converted file (``python -m ddpm_jax.metrics.convert``) holds the 472 float32 tensors of
 pytorch-fid's ``pt_inception-2015-12-05-6726825d.pth`` under their PyTorch names and in PyTorch
 layout (conv ``[out, in, kh, kw]``, linear ``[out, in]``), bit for bit, with the SHA-256 of the
-source ``.pth`` in the file's metadata. Only this module's loader maps them onto the Flax tree:
-conv kernel = ``weight`` transposed to ``[kh, kw, in, out]``, BatchNorm ``scale, bias, mean,
-var`` = ``weight, bias, running_mean, running_var``, dense kernel = ``fc.weight`` transposed.
+source ``.pth`` in the file's metadata. Only this module's loader maps them onto the Flax tree,
+through the ``weights.layout`` engine: conv kernel = ``weight`` transposed to
+``[kh, kw, in, out]``, BatchNorm ``scale, bias, mean, var`` = ``weight, bias, running_mean,
+running_var``, dense kernel = ``fc.weight`` transposed.
 
 Provenance: ``weights_sha256(path)`` is the SHA-256 of the **source** ``.pth`` recorded at
 conversion (not of the safetensors file, whose bytes depend on the safetensors version); the
@@ -22,12 +23,12 @@ import functools
 import os
 from collections.abc import Mapping
 
-import jax
 import numpy as np
 
 from ddpm_jax import errors, files
 from ddpm_jax.metrics import network
 from ddpm_jax.metrics.errors import MetricsError
+from ddpm_jax.weights import layout
 
 ENV_VAR = "DDPM_JAX_INCEPTION_WEIGHTS"
 OFFICIAL_SHA256_PREFIX = "6726825d"
@@ -39,12 +40,9 @@ METADATA_SHA256 = "source_sha256"
 METADATA_FORMAT = "format"
 FORMAT = "ddpm_jax.metrics/pytorch-fid-inception-v3"
 
-# Our leaf (module path / leaf) -> PyTorch leaf, and the axis order that turns PyTorch's
-# layout into ours.
-_CONV_LEAVES = {"kernel": ("weight", (2, 3, 1, 0))}
-_BN_LEAVES = {"scale": ("weight", None), "bias": ("bias", None),
-              "mean": ("running_mean", None), "var": ("running_var", None)}
-_FC_LEAVES = {"kernel": ("weight", (1, 0)), "bias": ("bias", None)}
+# Our layers, by their last scope name -> {our leaf: (PyTorch leaf, layout)}.
+_LAYERS = {"conv": layout.CONV, "bn": layout.BATCH_NORM, "fc": layout.LINEAR}
+_NOT_THE_INCEPTION = "it is not pytorch-fid's FID Inception"
 
 
 def how_to_get(path: str) -> str:
@@ -74,36 +72,48 @@ def resolve_path(weights: str | None) -> str:
     return path
 
 
-def _torch_leaf(path: tuple[str, ...]) -> tuple[str, tuple[int, ...] | None]:
-    """Our leaf path (``('Mixed_5b', 'branch1x1', 'bn', 'var')``) -> (PyTorch name, the
-    permutation from PyTorch's layout to ours, or None)."""
-    *module, leaf = path
-    table = {"conv": _CONV_LEAVES, "bn": _BN_LEAVES, "fc": _FC_LEAVES}[module[-1]]
-    name, perm = table[leaf]
-    return ".".join([*module, name]), perm
+def _layer(scope: str) -> tuple[tuple[str, ...], dict]:
+    """Our layer (``Mixed_5b/branch1x1/bn``) -> ((its PyTorch module name,), its table)."""
+    return (scope.replace("/", "."),), _LAYERS[scope.rsplit("/", 1)[-1]]
 
 
-def _leaves(tree, prefix=()):
-    for key, value in tree.items():
-        if isinstance(value, Mapping):
-            yield from _leaves(value, (*prefix, str(key)))
-        else:
-            yield (*prefix, str(key)), value
+@functools.lru_cache(maxsize=1)
+def _plan() -> tuple[dict, dict]:
+    """(our leaf path -> (PyTorch name, layout), our abstract parameter tree)."""
+    _, abstract = network.abstract_model()
+    return layout.plan(abstract, _layer), abstract
 
 
 @functools.lru_cache(maxsize=1)
 def expected_tensors() -> dict[str, tuple[int, ...]]:
     """The 472 PyTorch tensor names of the weight file and their PyTorch shapes, in the
     order of our parameter tree (``num_batches_tracked`` counters excluded)."""
-    _, abstract = network.abstract_model()
-    out = {}
-    for path, leaf in _leaves(abstract):
-        name, perm = _torch_leaf(path)
-        shape = tuple(leaf.shape)
-        out[name] = shape if perm is None else tuple(shape[perm.index(i)]
-                                                     for i in range(len(shape)))
+    out = layout.source_shapes(*_plan())
     assert len(out) == NUM_TENSORS, len(out)
     return out
+
+
+def _fit(tensors: Mapping[str, np.ndarray], what: str) -> layout.Fit:
+    """The tensors accounted for against the plan; refused (one line) unless all 472 are
+    there, float32 and of the right shape, and no other."""
+    plan, abstract = _plan()
+    fitted = layout.fit(plan, {n: tuple(np.shape(a)) for n, a in tensors.items()}, abstract)
+    if fitted.missing:
+        more = f" (and {len(fitted.missing) - 1} more)" if len(fitted.missing) > 1 else ""
+        raise MetricsError(f"{what} lacks tensor {fitted.missing[0][0]}{more}: "
+                           f"{_NOT_THE_INCEPTION}; convert {SOURCE_FILE}")
+    if fitted.unused:
+        raise MetricsError(f"{what} has unexpected tensor {fitted.unused[0]} "
+                           f"({len(fitted.unused)} in all): {_NOT_THE_INCEPTION}")
+    if fitted.wrong:
+        name, have, want, _, _ = fitted.wrong[0]
+        raise MetricsError(f"tensor {name} of {what} has shape {have}, expected {want}: "
+                           f"{_NOT_THE_INCEPTION}")
+    for name in expected_tensors():
+        if np.asarray(tensors[name]).dtype != np.float32:
+            raise MetricsError(f"tensor {name} of {what} is {np.asarray(tensors[name]).dtype}, "
+                               "expected float32")
+    return fitted
 
 
 def check_tensors(tensors: Mapping[str, np.ndarray], what: str) -> None:
@@ -112,40 +122,13 @@ def check_tensors(tensors: Mapping[str, np.ndarray], what: str) -> None:
     Raises:
       MetricsError: naming the first offending tensor of ``what`` (a file name).
     """
-    expected = expected_tensors()
-    missing = [n for n in expected if n not in tensors]
-    if missing:
-        more = f" (and {len(missing) - 1} more)" if len(missing) > 1 else ""
-        raise MetricsError(f"{what} lacks tensor {missing[0]}{more}: it is not pytorch-fid's "
-                           "FID Inception; convert pt_inception-2015-12-05-6726825d.pth")
-    extra = [n for n in tensors if n not in expected]
-    if extra:
-        raise MetricsError(f"{what} has unexpected tensor {extra[0]} ({len(extra)} in all): it "
-                           "is not pytorch-fid's FID Inception")
-    for name, shape in expected.items():
-        got = tuple(np.shape(tensors[name]))
-        if got != shape:
-            raise MetricsError(f"tensor {name} of {what} has shape {got}, expected {shape}: it "
-                               "is not pytorch-fid's FID Inception")
-        if np.asarray(tensors[name]).dtype != np.float32:
-            raise MetricsError(f"tensor {name} of {what} is {np.asarray(tensors[name]).dtype}, "
-                               "expected float32")
+    _fit(tensors, what)
 
 
 def params_from_tensors(tensors: Mapping[str, np.ndarray], what: str = "the tensors") -> dict:
     """PyTorch-named, PyTorch-layout tensors -> the network's parameters (a pure dict of
     float32 numpy arrays, Flax layout). Checks names, shapes and dtypes first."""
-    check_tensors(tensors, what)
-    _, abstract = network.abstract_model()
-
-    def fill(path, leaf):
-        name, perm = _torch_leaf(tuple(str(k.key) for k in path))
-        value = np.asarray(tensors[name])
-        value = value if perm is None else np.ascontiguousarray(value.transpose(perm))
-        assert value.shape == leaf.shape, (name, value.shape, leaf.shape)
-        return value
-
-    return jax.tree_util.tree_map_with_path(fill, abstract)
+    return layout.read(_fit(tensors, what), tensors.__getitem__, _plan()[1])
 
 
 def read_metadata(path: str) -> dict[str, str]:

@@ -1,7 +1,8 @@
 """The diffusers format, both ways: ``UNet2DModel`` (its config and state dict, through the
 ``weights.layout`` engine) and ``DDPMScheduler`` (its config from our process and how a given
-one differs from it), the files of a ``DDPMPipeline`` directory, and reading a diffusers
-directory (safetensors; a PyTorch pickle only with ``torch.load(weights_only=True)``).
+one differs from it, the betas through ``schedules``), the files of a ``DDPMPipeline`` directory
+and writing them, and reading a diffusers directory (safetensors; a PyTorch pickle only through
+``weights.pytorch``).
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import config_lib, diffusion, errors, unet
+from ddpm_jax import config_lib, errors, files, schedules, unet
+from ddpm_jax.weights import layout, pytorch
 from ddpm_jax.weights.layout import (
     CONV,
     CONV1X1,
@@ -26,7 +28,6 @@ from ddpm_jax.weights.layout import (
     WeightsError,
     convert,
     expected_params,
-    flatten,
     unconvert,
 )
 
@@ -107,13 +108,7 @@ def diffusers_plan(config: ml_collections.ConfigDict, expected=None,
     """Our leaf path -> (diffusers tensor names, layout) for the config's U-Net."""
     expected = expected_params(config) if expected is None else expected
     num_levels = len(config.model.ch_mult)
-    plan = {}
-    for path in flatten(expected):
-        scope, leaf = path.rsplit("/", 1)
-        modules, layout = diffusers_layer(scope, num_levels)
-        torch_leaf, transform = layout[leaf]
-        plan[path] = (tuple(f"{m}.{torch_leaf}" for m in modules), transform)
-    return plan
+    return layout.plan(expected, lambda scope: diffusers_layer(scope, num_levels))
 
 
 def convert_diffusers(state_dict: Mapping[str, np.ndarray], config: ml_collections.ConfigDict,
@@ -261,7 +256,7 @@ def read_diffusers(path: str) -> tuple[dict[str, np.ndarray], dict | None, str]:
 
     A directory holds ``config.json`` and ``diffusion_pytorch_model.safetensors`` (a pipeline
     directory with a ``unet/`` folder works too). ``diffusion_pytorch_model.bin`` is read only
-    when torch is installed, with ``torch.load(weights_only=True)``.
+    when torch is installed (``weights.pytorch.read_state_dict``).
     """
     p = epath.Path(path)
     if p.is_dir():
@@ -290,16 +285,7 @@ def _read_tensors(weights: epath.Path) -> dict[str, np.ndarray]:
             raise WeightsError(f"{weights} is not a readable .safetensors file ("
                                f"{errors.first_line(e, 120)}): a truncated download or "
                                "another format; download it again") from None
-    try:
-        import torch  # noqa: PLC0415
-    except ImportError:
-        raise WeightsError(
-            f"{weights} is a PyTorch pickle; install the torch extra (pip install "
-            "'ddpm_jax[torch]') to read it safely, or download the .safetensors file"
-        ) from None
-    with weights.open("rb") as f:
-        state = torch.load(f, map_location="cpu", weights_only=True)
-    return {k: v.float().numpy() for k, v in state.items()}
+    return pytorch.read_state_dict(weights)
 
 
 # -- DDPMScheduler and the pipeline ----------------------------------------------------------------
@@ -311,6 +297,8 @@ UNET_WEIGHTS = f"unet/{DIFFUSERS_WEIGHTS}"
 SCHEDULER_CONFIG = "scheduler/scheduler_config.json"
 
 PREDICTION_TYPES = {"eps": "epsilon", "xstart": "sample"}
+# Our schedules that DDPMScheduler computes by name (quad: linspace of sqrt(beta), squared).
+SCHEDULES = {"linear": "linear", "quad": "scaled_linear"}
 VARIANCE_TYPES = {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small",
                   "learned": "learned", "learned_range": "learned_range"}
 # DDPMScheduler's defaults: what a scheduler_config.json that omits a field means.
@@ -393,27 +381,47 @@ def scheduler_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         thresholding=False, dynamic_thresholding_ratio=0.995, sample_max_value=1.0,
         timestep_spacing="leading", steps_offset=0, rescale_betas_zero_snr=False,
     )
-    if d.beta_schedule == "quad":  # linspace of sqrt(beta), squared
-        sched["beta_schedule"] = "scaled_linear"
-    elif d.beta_schedule != "linear":
+    if d.beta_schedule in SCHEDULES:
+        sched["beta_schedule"] = SCHEDULES[d.beta_schedule]
+    else:
         sched["trained_betas"] = [float(b) for b in _betas(config)]
     return sched
 
 
 def _betas(config: ml_collections.ConfigDict) -> np.ndarray:
-    return np.asarray(diffusion.Diffusion.from_config(config).betas64, np.float64)
+    return schedules.config_betas(config.diffusion)
 
 
 def scheduler_betas(sched: Mapping[str, Any]) -> np.ndarray | None:
-    """The float64 betas a ``DDPMScheduler`` config describes (None for other schedules)."""
+    """The float64 betas a ``DDPMScheduler`` config describes (None for other schedules).
+
+    Raises:
+      schedules.ScheduleError: betas that are not a diffusion process.
+    """
     s = {**DDPM_SCHEDULER_DEFAULTS, **sched}
     if s["trained_betas"] is not None:
         return np.asarray(s["trained_betas"], np.float64)
-    T, start, end = int(s["num_train_timesteps"]), float(s["beta_start"]), float(s["beta_end"])
-    if s["beta_schedule"] == "linear":
-        return np.linspace(start, end, T, dtype=np.float64)
-    if s["beta_schedule"] == "scaled_linear":
-        return np.linspace(start**0.5, end**0.5, T, dtype=np.float64) ** 2
+    ours = {theirs: name for name, theirs in SCHEDULES.items()}.get(s["beta_schedule"])
+    if ours is None:
+        return None
+    return schedules.get_beta_schedule(ours, beta_start=float(s["beta_start"]),
+                                       beta_end=float(s["beta_end"]),
+                                       num_timesteps=int(s["num_train_timesteps"]))
+
+
+def _betas_difference(s: Mapping[str, Any], config: ml_collections.ConfigDict) -> str | None:
+    """How the betas of a scheduler config (defaults filled in) differ from ours, if they do."""
+    ours = _betas(config)
+    try:
+        theirs = scheduler_betas(s)
+    except schedules.ScheduleError as e:
+        return f"the betas there are not a diffusion process ({e})"
+    if theirs is None:
+        return f"beta_schedule {s['beta_schedule']!r} there is not one ddpm_jax compares"
+    if theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=0):
+        return (f"the betas differ ({len(theirs)} of beta_schedule {s['beta_schedule']!r} "
+                f"there, {len(ours)} of diffusion.beta_schedule "
+                f"{config.diffusion.beta_schedule!r} here)")
     return None
 
 
@@ -425,13 +433,8 @@ def scheduler_differences(sched: Mapping[str, Any],
     if s["num_train_timesteps"] != d.num_timesteps:
         diffs.append(f"num_train_timesteps is {s['num_train_timesteps']} there, "
                      f"diffusion.num_timesteps {d.num_timesteps} here")
-    theirs, ours = scheduler_betas(s), _betas(config)
-    if theirs is None:
-        diffs.append(f"beta_schedule {s['beta_schedule']!r} there is not one ddpm_jax compares")
-    elif theirs.shape != ours.shape or not np.allclose(theirs, ours, rtol=1e-6, atol=0):
-        diffs.append(f"the betas differ ({len(theirs)} of beta_schedule "
-                     f"{s['beta_schedule']!r} there, {len(ours)} of diffusion.beta_schedule "
-                     f"{d.beta_schedule!r} here)")
+    betas = _betas_difference(s, config)
+    diffs += [betas] if betas else []
     wanted = dict(prediction_type=PREDICTION_TYPES.get(d.model_mean_type, d.model_mean_type),
                   variance_type=VARIANCE_TYPES[d.model_var_type],
                   clip_sample=bool(config.sampling.clip_denoised))
@@ -439,6 +442,26 @@ def scheduler_differences(sched: Mapping[str, Any],
         if s[key] != want:
             diffs.append(f"{key} is {s[key]!r} there, {want!r} here")
     return diffs
+
+
+def scheduler_notes(directory: str, config: ml_collections.ConfigDict) -> list[str]:
+    """How the scheduler config beside a diffusers U-Net differs from the config's process.
+
+    Looks for ``scheduler/scheduler_config.json`` (pipeline layout) or ``scheduler_config.json``
+    (older layout); the config's process is the one ddpm_jax samples with either way.
+    """
+    directory = epath.Path(directory)
+    candidates = (directory / "scheduler_config.json",
+                  directory / "scheduler" / "scheduler_config.json",
+                  directory.parent / "scheduler" / "scheduler_config.json")
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        return []
+    diffs = scheduler_differences(json.loads(found.read_text()), config)
+    if not diffs:
+        return []
+    return [f"{found} differs from the config's process, which ddpm_jax samples with: "
+            + "; ".join(diffs)]
 
 
 def unet_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -463,3 +486,19 @@ def pipeline_files(params, config: ml_collections.ConfigDict, *,
         SCHEDULER_CONFIG: as_json(scheduler_config(config)),
         MODEL_INDEX: as_json(index),
     }
+
+
+def write_pipeline(out: epath.Path, pipeline: Mapping[str, bytes]) -> list[str]:
+    """Writes the files of ``pipeline_files`` under ``out``, model_index.json last (a partial
+    export never loads); returns their paths."""
+    written = []
+    try:
+        for name in sorted(pipeline, key=lambda n: n == MODEL_INDEX):
+            path = out / name
+            path.parent.mkdir(parents=True, exist_ok=True)
+            files.write_bytes(path, pipeline[name])
+            written.append(str(path))
+    except OSError as e:
+        raise ExportError(f"cannot write {out}: {e.__class__.__name__}: {e}; check the path "
+                          "and its permissions") from None
+    return written

@@ -1,9 +1,11 @@
 """One layout-mapping engine for weights in other formats.
 
-A plan maps each leaf of our parameter tree to its source tensor names and a ``Transform`` (the
-source array layout). ``convert`` reads a source through a plan, each tensor used exactly once;
-``unconvert`` writes our tree through the same plan, so ``convert(unconvert(p))`` is ``p`` bit for
-bit. The formats (``weights.diffusers``; the original TF checkpoints in ``import_weights``) only
+A plan maps each leaf of our parameter tree (``trees.flatten`` paths) to its source tensor names
+and a ``Transform`` (the source array layout); ``plan`` builds one from a function naming each of
+our layers in the source. ``fit`` accounts for named source tensors against a plan (each used
+exactly once, every shape right), ``convert`` reads a source through it and ``unconvert`` writes
+our tree through the same plan, so ``convert(unconvert(p))`` is ``p`` bit for bit. The formats
+(``weights.diffusers``, ``weights.tf``, and the FID Inception's file in ``metrics.weights``) only
 supply plans and readers.
 """
 
@@ -11,13 +13,12 @@ from __future__ import annotations
 
 import functools
 from collections.abc import Callable, Mapping
-from typing import Any, NamedTuple
+from typing import NamedTuple
 
-import jax
 import ml_collections
 import numpy as np
 
-from ddpm_jax import config_lib, errors, unet
+from ddpm_jax import config_lib, errors, trees, unet
 
 
 class WeightsError(errors.UserError, ValueError):
@@ -40,6 +41,9 @@ class Transform(NamedTuple):
         return tuple(self.from_ours(np.broadcast_to(np.float32(0), tuple(shape))).shape)
 
 
+# A plan: our leaf path -> (source tensor names, in the order to try; layout).
+Plan = Mapping[str, tuple[tuple[str, ...], Transform]]
+
 SAME = Transform(lambda a: a, lambda a: a)
 # PyTorch conv [out, in, kh, kw] <-> Flax [kh, kw, in, out].
 TORCH_CONV = Transform(lambda a: a.transpose(2, 3, 1, 0), lambda a: a.transpose(3, 2, 0, 1))
@@ -55,11 +59,14 @@ CONV1X1 = {"kernel": ("weight", TORCH_CONV1X1), "bias": ("bias", SAME)}
 NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME)}
 # torch.nn.Embedding stores [num_embeddings, dim], as ours (the null class is the last row).
 EMBED = {"embedding": ("weight", SAME)}
+# torch.nn.BatchNorm2d's affine parameters and running statistics.
+BATCH_NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME), "mean": ("running_mean", SAME),
+              "var": ("running_var", SAME)}
 
 
-# -- the converter -----------------------------------------------------------------------
+# -- plans ---------------------------------------------------------------------------------------
 def expected_params(config: ml_collections.ConfigDict):
-    """The config's parameter tree as ShapeDtypeStructs (memoised: tracing takes seconds)."""
+    """The config's U-Net parameter tree as ShapeDtypeStructs (memoised: tracing takes seconds)."""
     return _expected_params(config_lib.to_json(config))
 
 
@@ -68,16 +75,30 @@ def _expected_params(config_json: str):
     return unet.abstract_model(config_lib.from_json(config_json))[1]
 
 
-def flatten(tree) -> dict[str, Any]:
-    """Our parameter tree -> {"scope/leaf": array}."""
-    return {"/".join(str(k.key) for k in path): leaf
-            for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]}
+def plan(expected, layer: Callable[[str], tuple[tuple[str, ...], Mapping]], *,
+         sep: str = ".") -> dict[str, tuple[tuple[str, ...], Transform]]:
+    """Our leaf path -> (source tensor names, layout) for every leaf of ``expected``.
+
+    Args:
+      expected: our parameter tree (arrays or ShapeDtypeStructs).
+      layer: our layer's scope (``down_0/block_0/conv1``) -> (its source module names, in the
+        order to try; its table {our leaf: (source leaf, layout)}, such as ``CONV``).
+      sep: what joins a source module name and its leaf.
+    """
+    out = {}
+    for path in trees.flatten(expected):
+        scope, leaf = path.rsplit("/", 1)
+        modules, table = layer(scope)
+        source_leaf, layout = table[leaf]
+        out[path] = (tuple(f"{m}{sep}{source_leaf}" for m in modules), layout)
+    return out
 
 
-def unflatten(like, flat: Mapping[str, np.ndarray]):
-    paths = list(flatten(like))
-    return jax.tree_util.tree_unflatten(jax.tree_util.tree_structure(like),
-                                        [flat[p] for p in paths])
+def source_shapes(plan: Plan, expected) -> dict[str, tuple[int, ...]]:
+    """The source tensors a plan reads: first name -> source shape, in our leaf order."""
+    flat = trees.flatten(expected)
+    return {names[0]: layout.source_shape(tuple(flat[path].shape))
+            for path, (names, layout) in plan.items()}
 
 
 def listing(items: list[str], limit: int = 6) -> str:
@@ -85,8 +106,49 @@ def listing(items: list[str], limit: int = 6) -> str:
     return ", ".join(items[:limit]) + more
 
 
+# -- the converter -------------------------------------------------------------------------------
+class Fit(NamedTuple):
+    """How named source tensors fit a plan (``fit``); they fit when every list is empty.
+
+    ``chosen``: our path -> (source name, layout); ``wrong``: (source name, its shape, the
+    shape the plan needs, our path, our shape); ``missing``: (first source name, the shape it
+    needs); ``unused``: source names no leaf reads, sorted.
+    """
+
+    chosen: dict[str, tuple[str, Transform]]
+    wrong: list[tuple[str, tuple, tuple, str, tuple]]
+    missing: list[tuple[str, tuple]]
+    unused: list[str]
+
+
+def fit(plan: Plan, shapes: Mapping[str, tuple[int, ...]], expected) -> Fit:
+    """Accounts for the source tensors ``shapes`` (name -> shape) against ``plan``: each of our
+    leaves takes the first of its names that the source holds."""
+    chosen, seen, wrong, missing = {}, set(), [], []
+    for path, want in trees.flatten(expected).items():
+        names, layout = plan[path]
+        name = next((n for n in names if n in shapes), None)
+        want_src = tuple(layout.source_shape(tuple(want.shape)))
+        if name is None:
+            missing.append((names[0], want_src))
+            continue
+        seen.add(name)
+        if tuple(shapes[name]) != want_src:
+            wrong.append((name, tuple(shapes[name]), want_src, path, tuple(want.shape)))
+        else:
+            chosen[path] = (name, layout)
+    return Fit(chosen, wrong, missing, sorted(set(shapes) - seen))
+
+
+def read(fitted: Fit, get: Callable[[str], np.ndarray], expected) -> dict:
+    """Our tree (float32 numpy, our layouts) of the source tensors a complete ``Fit`` chose."""
+    flat = {path: np.ascontiguousarray(layout.to_ours(np.asarray(get(name), np.float32)))
+            for path, (name, layout) in fitted.chosen.items()}
+    return trees.unflatten(expected, flat)
+
+
 def convert(
-    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
+    plan: Plan,
     shapes: Mapping[str, tuple[int, ...]],
     get: Callable[[str], np.ndarray],
     expected,
@@ -108,35 +170,21 @@ def convert(
     Raises:
       WeightsError: one line naming wrong shapes, missing and unused tensors.
     """
-    chosen, seen, wrong, missing = {}, set(), [], []
-    for path, want in flatten(expected).items():
-        names, layout = plan[path]
-        name = next((n for n in names if n in shapes), None)
-        want_src = tuple(layout.source_shape(tuple(want.shape)))
-        if name is None:
-            missing.append(f"{names[0]} {want_src}")
-            continue
-        seen.add(name)
-        if tuple(shapes[name]) != want_src:
-            wrong.append(f"{name} has shape {tuple(shapes[name])} but the config needs "
-                         f"{want_src} (our {path} {tuple(want.shape)})")
-        else:
-            chosen[path] = (name, layout)
-    unused = [f"{n} {tuple(shapes[n])}" for n in sorted(set(shapes) - seen)]
+    fitted = fit(plan, shapes, expected)
+    wrong = [f"{name} has shape {have} but the config needs {want} (our {path} {ours})"
+             for name, have, want, path, ours in fitted.wrong]
     problems = wrong[:6] + ([f"... ({len(wrong)} wrong shapes in all)"] if len(wrong) > 6 else [])
-    if missing:
-        problems.append(f"missing {listing(missing)}")
-    if unused:
-        problems.append(f"unused {listing(unused)}")
+    if fitted.missing:
+        problems.append(f"missing {listing([f'{n} {s}' for n, s in fitted.missing])}")
+    if fitted.unused:
+        problems.append(f"unused {listing([f'{n} {tuple(shapes[n])}' for n in fitted.unused])}")
     if problems:
         raise WeightsError(f"{what} does not fit the config: {'; '.join(problems)}")
-    flat = {path: np.ascontiguousarray(layout.to_ours(np.asarray(get(name), np.float32)))
-            for path, (name, layout) in chosen.items()}
-    return unflatten(expected, flat)
+    return read(fitted, get, expected)
 
 
 def unconvert(
-    plan: Mapping[str, tuple[tuple[str, ...], Transform]],
+    plan: Plan,
     params,
     expected,
     *,
@@ -157,7 +205,7 @@ def unconvert(
     Raises:
       WeightsError: a parameter missing from ``params``, an extra one, or a wrong shape.
     """
-    flat, want = flatten(params), flatten(expected)
+    flat, want = trees.flatten(params), trees.flatten(expected)
     problems = [f"{path} has shape {tuple(np.shape(flat[path]))} but the config needs "
                 f"{tuple(want[path].shape)}" for path in sorted(flat.keys() & want.keys())
                 if tuple(np.shape(flat[path])) != tuple(want[path].shape)]
