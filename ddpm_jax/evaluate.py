@@ -48,6 +48,16 @@ or raw, sampler, variant, spacing, steps, NFE, eta, N, seed, the Inception mode 
 hash, the reference, IS splits and KID subsets. Every flag, file and shape is
 checked before anything compiles; on several processes every process takes part (process flags
 as for ``train.py``) and process 0 writes.
+
+The command is ``spec_from_flags`` and four calls, each usable from Python without flags::
+
+  spec = evaluate.EvalSpec(metrics=("fid", "is"), num_samples=1000, ref="cifar10:train")
+  model = ddpm_jax.load("runs/cifar10")
+  plan = evaluate.plan(model, spec)  # every check, before anything compiles
+  result = evaluate.evaluate(model, spec, samples_dir="runs/cifar10", checked=plan)
+  evaluate.write_results(model, result, "runs/cifar10/evaluation.json")
+
+The features, reference statistics, scores and the bound themselves are ``ddpm_jax.evaluation``'s.
 """
 
 from __future__ import annotations
@@ -419,10 +429,10 @@ def sample_rows(samples: epath.Path, n: int, image_shape, chunk: int):
 
 
 # -- the metrics -----------------------------------------------------------------------------------
-def evaluate(model: api.DDPM, spec: EvalSpec, *, samples_dir, plan_: Plan | None = None) -> dict:
+def evaluate(model: api.DDPM, spec: EvalSpec, *, samples_dir, checked: Plan | None = None) -> dict:
     """The metrics of ``spec`` for ``model`` (samples reused or made in ``samples_dir``):
-    ``{metric: value, ..., "provenance": {...}}``; ``plan_`` is ``plan(model, spec)``."""
-    p = plan(model, spec) if plan_ is None else plan_
+    ``{metric: value, ..., "provenance": {...}}``; ``checked``: ``plan(model, spec)``, if made."""
+    p = plan(model, spec) if checked is None else checked
     provenance = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
                       metrics=list(spec.metrics))
     result = {}
@@ -596,7 +606,7 @@ def main():
     model = with_data_dir(api.load(FLAGS.workdir, ema=not FLAGS.raw), FLAGS.data_dir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json")
     p = plan(model, spec)  # everything is checked and opened before anything compiles
-    result = evaluate(model, spec, samples_dir=FLAGS.samples_dir or FLAGS.workdir, plan_=p)
+    result = evaluate(model, spec, samples_dir=FLAGS.samples_dir or FLAGS.workdir, checked=p)
     write_results(model, result, out)
 
 

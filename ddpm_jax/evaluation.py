@@ -24,6 +24,11 @@ Metrics: ``digits_fd`` (with ``digits_fd_ratio`` and ``digits_confidence``; ``pr
 evaluate command caches them) and ``is`` (``is_mean``, 10 splits). The samples' key is
 ``fold_in(key(config.seed + 2), chunk)``, fixed for the run, so a resumed run logs exactly what an
 uninterrupted run logs.
+
+For ``python -m ddpm_jax.evaluate`` it also holds the computations from image batches: the
+Inception's features streamed (``Inception.features``), a reference's statistics cached through
+``metrics.cached_reference_stats`` (``reference_features``), ``inception_scores`` and the bound
+(``bits_per_dim``).
 """
 
 from __future__ import annotations
