@@ -203,16 +203,11 @@ class EvalSpec:
 
 
 def spec_from_flags() -> EvalSpec:
-    """The command's flags as an ``EvalSpec`` (--metrics checked: one line)."""
-    f = FLAGS
-    return EvalSpec(
-        metrics=tuple(f.metrics), seed=f.seed, num_samples=f.num_samples,
-        sample_batch_size=f.sample_batch_size, sampler=tuple(cli.sampler_overrides().items()),
-        labels=f.labels, guidance=f.guidance, inception_weights=f.inception_weights,
-        mode=f.mode, inception_batch_size=f.inception_batch_size, ref=f.ref,
-        ref_stats=f.ref_stats, ref_num_examples=f.ref_num_examples, is_splits=f.is_splits,
-        kid_subsets=f.kid_subsets, kid_subset_size=f.kid_subset_size, split=f.split,
-        num_examples=f.num_examples, batch_size=f.batch_size)
+    """The command's flags as an ``EvalSpec`` (each field is the flag of its name, ``sampler``
+    the sampler flags); --metrics is checked (one line)."""
+    named = {f.name: FLAGS[f.name].value for f in dataclasses.fields(EvalSpec)
+             if f.name != "sampler"}
+    return EvalSpec(**named, sampler=tuple(cli.sampler_overrides().items()))
 
 
 def with_data_dir(model: api.DDPM, data_dir: str | None) -> api.DDPM:

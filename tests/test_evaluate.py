@@ -301,3 +301,15 @@ def test_reference_features_read_the_reference_once_then_the_cache(tmp_path):
     np.testing.assert_array_equal(again.spatial.sigma, first.spatial.sigma)
     kept = evaluation.reference_features(Net(), lambda: [], 6, path, what="ref", keep_pool3=True)
     assert Net.passes == 2 and kept.pool3.shape == (6, 2048) and kept.spatial is None
+
+
+def test_the_spec_defaults_are_the_flag_defaults():
+    from absl import flags
+
+    from ddpm_jax import evaluate
+
+    fields = [f for f in dataclasses.fields(evaluate.EvalSpec) if f.name != "sampler"]
+    assert len(fields) == 18
+    for f in fields:
+        default = flags.FLAGS[f.name].default
+        assert (tuple(default) if f.name == "metrics" else default) == f.default, f.name
