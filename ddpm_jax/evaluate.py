@@ -48,12 +48,21 @@ or raw, sampler, variant, spacing, steps, NFE, eta, N, seed, the Inception mode 
 hash, the reference, IS splits and KID subsets. Every flag, file and shape is
 checked before anything compiles; on several processes every process takes part (process flags
 as for ``train.py``) and process 0 writes.
+
+The command is ``spec_from_flags`` and four calls, each usable from Python without flags::
+
+  spec = evaluate.EvalSpec(metrics=("fid", "is"), num_samples=1000, ref="cifar10:train")
+  model = ddpm_jax.load("runs/cifar10")
+  plan = evaluate.plan(model, spec)  # every check, before anything compiles
+  result = evaluate.evaluate(model, spec, samples_dir="runs/cifar10", checked=plan)
+  evaluate.write_results(model, result, "runs/cifar10/evaluation.json")
+
+The features, reference statistics, scores and the bound themselves are ``ddpm_jax.evaluation``'s.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import math
 import os
 import time
 
@@ -62,7 +71,7 @@ import numpy as np
 from absl import flags, logging
 from etils import epath
 
-from ddpm_jax import api, cli, datasets, errors, files, generate, sampling, sharding
+from ddpm_jax import api, cli, datasets, errors, evaluation, files, generate, sampling, sharding
 
 FLAGS = flags.FLAGS
 METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall", "sfid",
@@ -70,7 +79,6 @@ METRICS = ("fid", "is", "kid", "bpd", "digits_fd", "precision", "recall", "sfid"
 SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall", "sfid",
                   "digits_class_share")
 DIGITS_METRICS = ("digits_fd",)  # precision / recall go with them: see pr_space
-STATS_DIR = "ddpm_jax_fid_stats"
 
 flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
 flags.DEFINE_list("metrics", ["bpd"], f"Comma-separated, from: {', '.join(METRICS)}.")
@@ -118,34 +126,103 @@ class EvaluationError(errors.UserError, ValueError):
     """A metric, reference or sample setting that cannot be evaluated as asked."""
 
 
-# -- the bound -------------------------------------------------------------------------------------
-def evaluate_bpd(model: api.DDPM, images: np.ndarray, *, batch_size: int, seed: int) -> dict:
-    """The bound in bits/dim of uint8 ``[N, H, W, C]`` images: mean, stderr and term means."""
-    totals, terms, priors = [], [], []
-    key = jax.random.key(seed)
-    for i in range(0, len(images), batch_size):
-        chunk = images[i:i + batch_size]
-        n = len(chunk)
-        if n < batch_size:  # pad to the compiled shape
-            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
-        out = {k: sharding.to_host(v) for k, v in
-               model.bound_terms(chunk, jax.random.fold_in(key, i)).items()}
-        totals.append(out["total_bpd"][:n])
-        terms.append(out["terms_bpd"][:n])
-        priors.append(out["prior_bpd"][:n])
-    total = np.concatenate(totals)
-    return dict(
-        bits_per_dim=float(total.mean()),
-        stderr=float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else None,
-        num_examples=int(len(total)),
-        prior_bpd=float(np.concatenate(priors).mean()),
-        decoder_bpd=float(np.concatenate(terms)[:, 0].mean()),
-        terms_bpd_sum=float(np.concatenate(terms)[:, 1:].sum(axis=1).mean()),
-    )
+# -- what to compute ------------------------------------------------------------------------------
+def parse_metrics(names) -> tuple[str, ...]:
+    names = tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
+    unknown = [n for n in names if n not in METRICS]
+    if unknown or not names:
+        raise EvaluationError(f"--metrics={','.join(names)}: unknown or empty "
+                              f"({', '.join(unknown) or 'nothing asked'}); choose from "
+                              f"{','.join(METRICS)}")
+    return names
 
 
-# -- the plan: every setting checked before anything compiles --------------------------------------
-@dataclasses.dataclass
+@dataclasses.dataclass(frozen=True)
+class EvalSpec:
+    """What to compute: the metrics, and the settings of their samples, FID network, reference
+    and bound (the command's flags of the same names; ``sampler`` holds the keywords of
+    ``sampling.spec_from_config``). ``metrics`` is checked and normalised when made."""
+
+    metrics: tuple[str, ...] = ("bpd",)
+    seed: int = 0
+    num_samples: int = 50000
+    sample_batch_size: int | None = None
+    sampler: tuple[tuple[str, object], ...] = ()
+    labels: str | None = None
+    guidance: float | None = None
+    inception_weights: str | None = None
+    mode: str = "tf1"
+    inception_batch_size: int = 64
+    ref: str | None = None
+    ref_stats: str | None = None
+    ref_num_examples: int | None = None
+    is_splits: int = 10
+    kid_subsets: int = 100
+    kid_subset_size: int = 1000
+    split: str | None = None
+    num_examples: int | None = None
+    batch_size: int = 64
+
+    def __post_init__(self):
+        object.__setattr__(self, "metrics", parse_metrics(self.metrics))
+        object.__setattr__(self, "sampler", tuple(dict(self.sampler).items()))
+
+    def wants(self, *names: str) -> bool:
+        return bool(set(names) & set(self.metrics))
+
+    @property
+    def wants_samples(self) -> bool:
+        return self.wants(*SAMPLE_METRICS)
+
+    @property
+    def pr_space(self) -> str | None:
+        """Where precision / recall are measured: the digits network's features when
+        ``digits_fd`` is asked too, else the Inception's pool3; None if neither is asked."""
+        if not self.wants("precision", "recall"):
+            return None
+        return "digits" if self.wants(*DIGITS_METRICS) else "inception"
+
+    @property
+    def inception_metrics(self) -> tuple[str, ...]:
+        """The metrics that need the FID Inception (its weights file)."""
+        pool3 = ("precision", "recall") if self.pr_space == "inception" else ()
+        return tuple(m for m in self.metrics if m in ("fid", "is", "kid", "sfid", *pool3))
+
+    def sampler_spec(self, config) -> sampling.SamplerSpec:
+        return sampling.spec_from_config(config, **dict(self.sampler))
+
+    def sample_labels(self, model: api.DDPM) -> str | None:
+        """``labels``, or "all" (class-balanced samples) for a class-conditional model."""
+        return "all" if self.labels is None and model.num_classes else self.labels
+
+    def sample_guidance(self, model: api.DDPM) -> float | None:
+        """``guidance``, or config.sampling.guidance for a class-conditional model."""
+        if self.guidance is None and model.num_classes:
+            return float(model.config.sampling.guidance)
+        return self.guidance
+
+
+def spec_from_flags() -> EvalSpec:
+    """The command's flags as an ``EvalSpec`` (each field is the flag of its name, ``sampler``
+    the sampler flags); --metrics is checked (one line)."""
+    named = {f.name: FLAGS[f.name].value for f in dataclasses.fields(EvalSpec)
+             if f.name != "sampler"}
+    return EvalSpec(**named, sampler=tuple(cli.sampler_overrides().items()))
+
+
+def with_data_dir(model: api.DDPM, data_dir: str | None) -> api.DDPM:
+    """``model`` reading its data (and caching statistics) under ``data_dir``: a new DDPM
+    (``model`` itself when ``data_dir`` is None)."""
+    if data_dir is None:
+        return model
+    config = model.config.copy_and_resolve_references()
+    with config.ignore_type():
+        config.data.data_dir = data_dir
+    return model.replace(config=config)
+
+
+# -- the plan: every setting checked and opened before anything compiles --------------------------
+@dataclasses.dataclass(frozen=True)
 class Reference:
     """Where the reference statistics come from."""
 
@@ -157,30 +234,89 @@ class Reference:
     stats: object | None = None  # ReferenceStats of a --ref_stats file
 
 
-def parse_metrics(names) -> tuple[str, ...]:
-    names = tuple(dict.fromkeys(n.strip().lower() for n in names if n.strip()))
-    unknown = [n for n in names if n not in METRICS]
-    if unknown or not names:
-        raise EvaluationError(f"--metrics={','.join(names)}: unknown or empty "
-                              f"({', '.join(unknown) or 'nothing asked'}); choose from "
-                              f"{','.join(METRICS)}")
-    return names
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """What ``EvalSpec`` needs, checked and opened: the sampler of the samples, the digits
+    network, the FID Inception and reference, the bound's images of ``split``."""
+
+    sampler: sampling.SamplerSpec | None = None
+    digits_ref: object | None = None  # metrics.digits.DigitsReference
+    inception: evaluation.Inception | None = None
+    ref: Reference | None = None
+    bpd_images: np.ndarray | None = None
+    split: str | None = None
 
 
-def pr_space(metrics) -> str | None:
-    """Where precision / recall are measured: the digits network's features when ``digits_fd``
-    is asked too, else the Inception's pool3; None if neither is asked."""
-    if not {"precision", "recall"} & set(metrics):
-        return None
-    return "digits" if set(DIGITS_METRICS) & set(metrics) else "inception"
+def plan(model: api.DDPM, spec: EvalSpec) -> Plan:
+    """Checks ``spec`` against ``model`` (one line per problem) and opens what it reads."""
+    sampler = check_samples(model, spec) if spec.wants_samples else None
+    digits_ref = digits_reference(model, spec) if spec.wants(*DIGITS_METRICS) else None
+    if spec.wants_samples:
+        check_conditioning(model, spec)
+    net = ref = None
+    if spec.inception_metrics:
+        net = inception_network(spec)
+        ref = plan_reference(model, spec, net.sha256)
+    split = spec.split or model.config.data.eval_split
+    images = None
+    if spec.wants("bpd"):
+        images = datasets.load_split(model.config, split, spec.num_examples)
+    return Plan(sampler, digits_ref, net, ref, images, split)
 
 
-def inception_metrics(metrics) -> tuple[str, ...]:
-    """The metrics that need the FID Inception (its weights file)."""
-    wanted = [m for m in metrics if m in ("fid", "is", "kid", "sfid")]
-    if pr_space(metrics) == "inception":
-        wanted += [m for m in metrics if m in ("precision", "recall")]
-    return tuple(wanted)
+def check_samples(model: api.DDPM, spec: EvalSpec) -> sampling.SamplerSpec:
+    """The sampler of the samples (checked), and enough samples for precision / recall."""
+    sampler = spec.sampler_spec(model.config)
+    if spec.wants("precision", "recall") and spec.num_samples < 4:
+        raise EvaluationError(f"precision / recall need more than k = 3 samples, "
+                              f"--num_samples={spec.num_samples}")
+    return sampler
+
+
+def digits_reference(model: api.DDPM, spec: EvalSpec):
+    """The digits network and its reference statistics (trained once, then cached)."""
+    from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
+
+    if tuple(model.image_shape) != dm.IMAGE_SHAPE:
+        raise EvaluationError(f"digits_fd measures 8x8x1 digits; this model makes "
+                              f"{model.image_shape} images: use fid, kid or is")
+    if spec.num_samples < 2:
+        raise EvaluationError("digits_fd needs at least 2 samples (--num_samples)")
+    return dm.load_reference(model.config.data.data_dir)
+
+
+def check_conditioning(model: api.DDPM, spec: EvalSpec) -> None:
+    """The labels and guidance of the samples, and the class share's needs, before sampling."""
+    n = spec.num_samples
+    labels = generate.parse_labels(spec.sample_labels(model), n, model.num_classes)
+    api.check_labels(labels, spec.sample_guidance(model) or 0.0, n, model.num_classes,
+                     prefix="--")
+    if spec.wants("digits_class_share") and (model.config.data.dataset != "digits"
+                                             or labels is None):
+        raise EvaluationError("--metrics=digits_class_share needs a class-conditional digits "
+                              "model (configs/digits_cond.py)")
+
+
+def inception_network(spec: EvalSpec) -> evaluation.Inception:
+    """The FID Inception of ``spec``: its weights file read and checked, and enough samples for
+    the IS splits and the KID subsets."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    weights = m.weights.resolve_path(spec.inception_weights)
+    sha = m.weights_sha256(weights)
+    m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked
+    if not m.is_official(sha):
+        print(f"note: {weights} was not converted from pytorch-fid's released Inception "
+              "weights; its numbers are not comparable with published ones", flush=True)
+    n = spec.num_samples
+    if "is" in spec.metrics and n < spec.is_splits:
+        raise EvaluationError(f"--num_samples={n} cannot be cut into "
+                              f"--is_splits={spec.is_splits} splits")
+    if "kid" in spec.metrics and n < spec.kid_subset_size:
+        raise EvaluationError(f"KID subsets of --kid_subset_size={spec.kid_subset_size} "
+                              f"images need at least as many samples, --num_samples="
+                              f"{n}: raise it or lower the subset size")
+    return evaluation.Inception(weights, sha, spec.mode, spec.inception_batch_size)
 
 
 def _ref_config(config, ref: str, image_shape):
@@ -202,65 +338,125 @@ def _ref_config(config, ref: str, image_shape):
     return config, split
 
 
-def plan_reference(model: api.DDPM, metrics: tuple[str, ...], sha: str) -> Reference | None:
-    """Checks the reference of FID / KID and opens (but does not read) its images."""
+def plan_reference(model: api.DDPM, spec: EvalSpec, sha: str) -> Reference | None:
+    """Checks the reference of FID / KID / sFID / precision / recall and opens (but does not
+    read) its images; None when no Inception metric needs one."""
+    metrics = spec.inception_metrics
     if not {"fid", "kid", "precision", "recall", "sfid"} & set(metrics):
         return None
+    if spec.ref and spec.ref_stats:
+        raise EvaluationError("give --ref=DATASET:SPLIT or --ref_stats=FILE.npz, not both")
+    if spec.ref_stats:
+        return _reference_file(spec, sha)
+    return _reference_split(model, spec, sha)
+
+
+def _reference_file(spec: EvalSpec, sha: str) -> Reference:
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
-    if FLAGS.ref and FLAGS.ref_stats:
-        raise EvaluationError("give --ref=DATASET:SPLIT or --ref_stats=FILE.npz, not both")
-    if FLAGS.ref_stats:
-        if "sfid" in metrics:
-            raise EvaluationError("sfid needs the reference's spatial statistics, which a "
-                                  "statistics file does not hold: pass --ref=DATASET:SPLIT")
-        needs = [m for m in ("kid", "precision", "recall") if m in metrics]
-        if needs:
-            names = " and ".join("KID" if n == "kid" else n for n in needs)
-            raise EvaluationError(f"{names} need{'s' if len(needs) == 1 else ''} the reference "
-                                  "images' features, which a statistics file does not hold: "
-                                  "pass --ref=DATASET:SPLIT")
-        stats = m.load_reference_stats(FLAGS.ref_stats, mode=FLAGS.mode, weights_sha256=sha)
-        return Reference(FLAGS.ref_stats, stats=stats)
+    if "sfid" in spec.metrics:
+        raise EvaluationError("sfid needs the reference's spatial statistics, which a "
+                              "statistics file does not hold: pass --ref=DATASET:SPLIT")
+    needs = [n for n in ("kid", "precision", "recall") if n in spec.inception_metrics]
+    if needs:
+        names = " and ".join("KID" if n == "kid" else n for n in needs)
+        raise EvaluationError(f"{names} need{'s' if len(needs) == 1 else ''} the reference "
+                              "images' features, which a statistics file does not hold: "
+                              "pass --ref=DATASET:SPLIT")
+    stats = m.load_reference_stats(spec.ref_stats, mode=spec.mode, weights_sha256=sha)
+    return Reference(spec.ref_stats, stats=stats)
+
+
+def _reference_split(model: api.DDPM, spec: EvalSpec, sha: str) -> Reference:
     c = model.config.data
-    ref = FLAGS.ref or f"{c.dataset}:{c.split}"
+    ref = spec.ref or f"{c.dataset}:{c.split}"
     config, split = _ref_config(model.config, ref, model.image_shape)
-    source = datasets.open_source(config, split)  # a split or data that is not there: one line
-    size = config.data.image_size
-    count = len(source) if FLAGS.ref_num_examples is None else FLAGS.ref_num_examples
-    if count > len(source):
-        raise EvaluationError(f"--ref_num_examples={count} but {ref} holds {len(source)} images")
-    if "kid" in metrics and count < FLAGS.kid_subset_size:
-        raise EvaluationError(f"KID subsets of {FLAGS.kid_subset_size} images need at least as "
+    total = len(datasets.open_source(config, split))  # a missing split or data: one line
+    count = total if spec.ref_num_examples is None else spec.ref_num_examples
+    if count > total:
+        raise EvaluationError(f"--ref_num_examples={count} but {ref} holds {total} images")
+    if "kid" in spec.metrics and count < spec.kid_subset_size:
+        raise EvaluationError(f"KID subsets of {spec.kid_subset_size} images need at least as "
                               f"many reference images, {ref} gives {count}: lower "
                               "--kid_subset_size")
-    builder = datasets.make_builder(config)
-    suffix = "" if count == len(source) else f"_first{count}"
-    name = f"{split.replace('/', '_')}{suffix}_{size}px_{FLAGS.mode}_{sha[:12]}.npz"
-    return Reference(ref, config=config, split=split, count=count,
-                     cache=epath.Path(builder.data_dir) / STATS_DIR / name)
+    cache = evaluation.reference_stats_path(config, split, count, total, spec.mode, sha)
+    return Reference(ref, config=config, split=split, count=count, cache=cache)
 
 
-def _samples_record(model: api.DDPM, spec: sampling.SamplerSpec, seed: int) -> dict:
-    out = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
-               seed=seed, **spec.record(model.diffusion), image_shape=list(model.image_shape))
+# -- the samples -----------------------------------------------------------------------------------
+def samples_record(model: api.DDPM, spec: EvalSpec, sampler: sampling.SamplerSpec) -> dict:
+    """The ``generate.samples_record`` of the samples ``spec`` asks for."""
+    return generate.samples_record(
+        model, sampler, num_samples=spec.num_samples,
+        batch_size=spec.sample_batch_size or model.config.sampling.batch_size, seed=spec.seed,
+        labels=spec.sample_labels(model), guidance=spec.sample_guidance(model) or 0.0)
+
+
+def prepare_samples(model: api.DDPM, spec: EvalSpec, sampler: sampling.SamplerSpec,
+                    samples_dir, provenance: dict) -> epath.Path:
+    """``samples.npz`` in ``samples_dir`` of at least ``spec.num_samples`` images, reused
+    (``generate.find_reusable``) or made; its description goes into ``provenance``."""
+    n, samples_dir = spec.num_samples, epath.Path(samples_dir)
+    made = generate.find_reusable(samples_dir, samples_record(model, spec, sampler))
+    if made is None:
+        generate.generate(model, str(samples_dir), num_samples=n, seed=spec.seed, spec=sampler,
+                          batch_size=spec.sample_batch_size, labels=spec.sample_labels(model),
+                          guidance=spec.sample_guidance(model))
+        made = files.read_json(samples_dir / "samples.json")
+    else:
+        print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
+              f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
+    provenance.update(
+        num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
+        sample_batch_size=made["batch_size"], **sampler.record(model.diffusion))
     if model.num_classes:
-        out.update(labels=sample_labels(model), guidance=sample_guidance(model))
-    return out
+        provenance.update(labels=made["labels"], guidance=made["guidance"])
+    return samples_dir / "samples.npz"
 
 
-def sample_labels(model: api.DDPM) -> str | None:
-    """--labels, or "all" (class-balanced samples) for a class-conditional model."""
-    if FLAGS.labels is None and model.num_classes:
-        return "all"
-    return FLAGS.labels
+def sample_rows(samples: epath.Path, n: int, image_shape, chunk: int):
+    """The first ``n`` images of ``samples`` (a samples.npz) in chunks (memory: one chunk)."""
+    shape, rows = files.iter_npz_rows(samples, "images", chunk, n)
+    if shape[0] < n or tuple(shape[1:]) != tuple(image_shape):
+        raise EvaluationError(f"{samples} holds {shape}, not {n} images of {image_shape}: "
+                              "remove it and samples.json to sample again")
+    return rows
 
 
-def sample_guidance(model: api.DDPM) -> float | None:
-    """--guidance, or config.sampling.guidance for a class-conditional model."""
-    if FLAGS.guidance is None and model.num_classes:
-        return float(model.config.sampling.guidance)
-    return FLAGS.guidance
+# -- the metrics -----------------------------------------------------------------------------------
+def evaluate(model: api.DDPM, spec: EvalSpec, *, samples_dir, checked: Plan | None = None) -> dict:
+    """The metrics of ``spec`` for ``model`` (samples reused or made in ``samples_dir``):
+    ``{metric: value, ..., "provenance": {...}}``; ``checked``: ``plan(model, spec)``, if made."""
+    p = plan(model, spec) if checked is None else checked
+    provenance = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
+                      metrics=list(spec.metrics))
+    result = {}
+    if spec.wants_samples:
+        samples = prepare_samples(model, spec, p.sampler, samples_dir, provenance)
+        result.update(sample_metrics(model, spec, p, samples, provenance))
+    if spec.wants("bpd"):
+        bpd = evaluation.bits_per_dim(model.bound_terms, p.bpd_images,
+                                      batch_size=spec.batch_size, seed=spec.seed)
+        bpd.update(split=p.split, checkpoint_step=model.step, ema=model.ema)
+        result["bpd"] = bpd["bits_per_dim"]
+        provenance["bpd"] = bpd
+    result["provenance"] = provenance
+    return result
+
+
+def sample_metrics(model: api.DDPM, spec: EvalSpec, p: Plan, samples: epath.Path,
+                   provenance: dict) -> dict:
+    """The metrics of the samples in ``samples``: the class share, the digits', the Inception's."""
+    result = {}
+    if spec.wants("digits_class_share"):
+        result["digits_class_share"] = digits_class_share(model, samples, spec.num_samples)
+    if p.digits_ref is not None:
+        result.update(digits_sample_metrics(model.image_shape, spec, samples, p.digits_ref,
+                                            provenance))
+    if spec.inception_metrics:
+        result.update(inception_sample_metrics(model.image_shape, spec, p, samples,
+                                               provenance))
+    return result
 
 
 def digits_class_share(model: api.DDPM, samples: epath.Path, n: int) -> float:
@@ -276,124 +472,16 @@ def digits_class_share(model: api.DDPM, samples: epath.Path, n: int) -> float:
     return float((predicted == labels).mean())
 
 
-def find_samples(samples_dir: epath.Path, model: api.DDPM, spec: sampling.SamplerSpec,
-                 n: int, seed: int) -> dict | None:
-    """The description of reusable samples in ``samples_dir``: same checkpoint, weights,
-    sampler and seed, at least ``n`` images; None if there are none (samples there that are not
-    reusable are moved aside by ``generate``, never overwritten)."""
-    try:
-        made = files.read_json(samples_dir / "samples.json")
-    except files.TornFileError:
-        return None
-    if made is None or not (samples_dir / "samples.npz").exists():
-        return None
-    want = _samples_record(model, spec, seed)
-    same = all(made.get(k) == v for k, v in want.items() if k != "checkpoint")
-    same_source = os.path.abspath(str(made.get("checkpoint"))) == os.path.abspath(
-        str(model.source)) if "://" not in str(model.source) else made.get("checkpoint") == str(
-        model.source)
-    return made if same and same_source and made.get("num_samples", 0) >= n else None
-
-
-# -- features and scores ---------------------------------------------------------------------------
-def _bar(total: int, what: str):
-    from tqdm.auto import tqdm  # noqa: PLC0415
-
-    return tqdm(total=total, unit="img", desc=what, dynamic_ncols=True,
-                disable=jax.process_index() != 0)
-
-
-def stream_features(batches, total: int, *, what: str, keep_pool3: bool, keep_logits: bool,
-                    weights: str, spatial_stats=None):
-    """Feature statistics (and, if asked, pool3 / unbiased logits) of uint8 image batches;
-    ``spatial_stats`` (a ``FeatureStats``), if given, takes the sFID features."""
-    from ddpm_jax import metrics as m  # noqa: PLC0415
-
-    stats = m.FeatureStats(2048)
-    pool3, logits = [], []
-    bar = _bar(total, what)
-    start, done = time.time(), 0
-    def progress(k: int) -> None:  # after every compiled batch
-        bar.update(done + k - bar.n)
-        bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
-
-    for images in batches:
-        feats = m.inception_features(images, weights=weights, mode=FLAGS.mode,
-                                     batch_size=FLAGS.inception_batch_size, progress=progress)
-        stats.update(feats["pool3"])
-        if spatial_stats is not None:
-            spatial_stats.update(feats["spatial"])
-        if keep_pool3:
-            pool3.append(feats["pool3"])
-        if keep_logits:
-            logits.append(feats["logits_unbiased"])
-        done += len(images)
-    bar.close()
-    seconds = time.time() - start
-    cat = lambda parts: np.concatenate(parts) if parts else None
-    return stats, cat(pool3), cat(logits), seconds
-
-
-def _reference_batches(ref: Reference, chunk: int):
-    return datasets.iter_split(ref.config, ref.split, batch_size=chunk, num_examples=ref.count)
-
-
-def inception_scores(logits: np.ndarray, splits: int) -> dict:
-    """``is_mean`` / ``is_std`` over ``splits`` splits, and the two conventions side by side:
-    ``is_1split`` (all logits as one split, as the original's 50k evaluation) and
-    ``is_10split_mean`` / ``is_10split_std`` (the improved-GAN convention)."""
-    from ddpm_jax import metrics as m  # noqa: PLC0415
-
-    out = dict(zip(("is_mean", "is_std"), m.inception_score(logits, splits=splits),
-                   strict=True))
-    out["is_1split"] = m.inception_score(logits, splits=1)[0]
-    if len(logits) >= 10:
-        out["is_10split_mean"], out["is_10split_std"] = m.inception_score(logits, splits=10)
-    return out
-
-
-def prepare_samples(model, spec, provenance: dict) -> tuple[epath.Path, dict]:
-    """``samples.npz`` of at least ``--num_samples`` images, reused or made; its description."""
-    n = FLAGS.num_samples
-    samples_dir = epath.Path(FLAGS.samples_dir or FLAGS.workdir)
-    made = find_samples(samples_dir, model, spec, n, FLAGS.seed)
-    if made is None:
-        generate.generate(model, str(samples_dir), num_samples=n, seed=FLAGS.seed, spec=spec,
-                          batch_size=FLAGS.sample_batch_size, labels=sample_labels(model),
-                          guidance=sample_guidance(model))
-        made = files.read_json(samples_dir / "samples.json")
-    else:
-        print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
-              f"{made['seed']}, batch size {made['batch_size']}): its first {n}", flush=True)
-    provenance.update(
-        num_samples=n, samples=str(samples_dir / "samples.npz"), sample_seed=made["seed"],
-        sample_batch_size=made["batch_size"], **spec.record(model.diffusion))
-    if model.num_classes:
-        provenance.update(labels=made["labels"], guidance=made["guidance"])
-    return samples_dir, made
-
-
-def sample_rows(model, samples_dir: epath.Path, chunk: int):
-    """The first ``--num_samples`` images of ``samples.npz`` in chunks (memory: one chunk)."""
-    n = FLAGS.num_samples
-    shape, rows = generate.iter_npz_rows(samples_dir / "samples.npz", "images", chunk, n)
-    if shape[0] < n or tuple(shape[1:]) != model.image_shape:
-        raise EvaluationError(f"{samples_dir / 'samples.npz'} holds {shape}, not {n} images of "
-                              f"{model.image_shape}: remove it and samples.json to sample again")
-    return rows
-
-
-def digits_sample_metrics(model, metrics, samples_dir: epath.Path, digits_ref,
+def digits_sample_metrics(image_shape, spec: EvalSpec, samples: epath.Path, digits_ref,
                           provenance: dict) -> dict:
     """``digits_fd`` (and its ratio, confidence, classes) and, with it, precision / recall in
     the digits network's feature space (``ddpm_jax.metrics.digits``)."""
     from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
 
-    n = FLAGS.num_samples
-    bar = _bar(n, "digits features")
+    bar = evaluation.progress_bar(spec.num_samples, "digits features")
     features, probs = [], []
     start = time.time()
-    for images in sample_rows(model, samples_dir, 4096):
+    for images in sample_rows(samples, spec.num_samples, image_shape, 4096):
         out = dm.digits_features(images, digits_ref.params)
         features.append(out["features"])
         probs.append(out["probs"])
@@ -403,7 +491,7 @@ def digits_sample_metrics(model, metrics, samples_dir: epath.Path, digits_ref,
     scores.pop("num_samples")
     provenance["digits"] = digits_ref.provenance() | dict(
         features_seconds=round(time.time() - start, 2))
-    if pr_space(metrics) == "digits":
+    if spec.pr_space == "digits":
         provenance["precision_recall_features"] = "digits"
     else:
         scores.pop("precision")
@@ -411,192 +499,110 @@ def digits_sample_metrics(model, metrics, samples_dir: epath.Path, digits_ref,
     return scores
 
 
-def sample_metrics(model, metrics, samples_dir: epath.Path, ref: Reference | None,
-                   weights: str, sha: str, provenance: dict) -> dict:
-    """The Inception metrics of the samples: fid, is, kid (and precision / recall in pool3)."""
+def inception_sample_metrics(image_shape, spec: EvalSpec, p: Plan, samples: epath.Path,
+                             provenance: dict) -> dict:
+    """The Inception metrics of the samples: fid, is, kid, sfid (and precision / recall in
+    pool3), the reference's side through ``evaluation.reference_features``."""
     from ddpm_jax import metrics as m  # noqa: PLC0415
 
-    metrics = inception_metrics(metrics)
-    n = FLAGS.num_samples
-    chunk = 1024 * max(1, FLAGS.inception_batch_size // 64)
-    rows = sample_rows(model, samples_dir, chunk)
-    keep = {"kid", "precision", "recall"} & set(metrics)
-    spatial = m.FeatureStats(m.network.SPATIAL_DIM) if "sfid" in metrics else None
-    stats, pool3, logits, secs = stream_features(
-        rows, n, what="samples", keep_pool3=bool(keep), keep_logits="is" in metrics,
-        weights=weights, spatial_stats=spatial)
-    provenance.update(
-        mode=FLAGS.mode, inception_weights_sha256=sha, inception_weights_official=m.is_official(
-            sha), sample_features_seconds=round(secs, 2))
+    metrics, n, net = spec.inception_metrics, spec.num_samples, p.inception
+    chunk = 1024 * max(1, spec.inception_batch_size // 64)
+    keep = bool({"kid", "precision", "recall"} & set(metrics))
+    feats = net.features(sample_rows(samples, n, image_shape, chunk), n, what="samples",
+                         keep_pool3=keep, keep_logits="is" in metrics,
+                         spatial="sfid" in metrics)
+    provenance.update(mode=net.mode, inception_weights_sha256=net.sha256,
+                      inception_weights_official=m.is_official(net.sha256),
+                      sample_features_seconds=round(feats.seconds, 2))
     result = {}
     if "is" in metrics:
-        result.update(inception_scores(logits, FLAGS.is_splits))
-        provenance["is_splits"] = FLAGS.is_splits
-    if ref is None:
-        return result
-    ref_pool3 = None
+        result.update(evaluation.inception_scores(feats.logits, spec.is_splits))
+        provenance["is_splits"] = spec.is_splits
+    if p.ref is not None:
+        ref = reference_side(p.ref, net, chunk, keep, "sfid" in metrics, provenance)
+        result.update(reference_scores(spec, feats, ref, p.ref, provenance))
+    return result
+
+
+def reference_side(ref: Reference, net: evaluation.Inception, chunk: int, keep_pool3: bool,
+                   sfid: bool, provenance: dict) -> evaluation.ReferenceFeatures:
+    """The reference's statistics (and features, if kept): a statistics file's, or those of
+    DATASET:SPLIT, cached."""
     if ref.stats is not None:  # a statistics file
-        ref_stats = ref.stats
-        provenance["reference"] = dict(stats_file=ref.name, n=ref_stats.n, mode=ref_stats.mode,
-                                       weights_sha256=ref_stats.weights_sha256)
-    else:
-        spatial_cache = ref.cache.parent / ref.cache.name.replace(".npz", "_sfid.npz")
-        ref_spatial = m.FeatureStats(m.network.SPATIAL_DIM)
+        s = ref.stats
+        provenance["reference"] = dict(stats_file=ref.name, n=s.n, mode=s.mode,
+                                       weights_sha256=s.weights_sha256)
+        return evaluation.ReferenceFeatures(s, None, None)
+    reused = ref.cache.exists()
+    batches = lambda: datasets.iter_split(ref.config, ref.split, batch_size=chunk,
+                                          num_examples=ref.count)
+    out = evaluation.reference_features(net, batches, ref.count, ref.cache,
+                                        what=f"reference {ref.name}", keep_pool3=keep_pool3,
+                                        sfid=sfid)
+    provenance["reference"] = dict(dataset_split=ref.name, n=out.stats.n,
+                                   stats_file=str(ref.cache), reused_cache=reused)
+    return out
 
-        def compute():
-            nonlocal ref_pool3
-            s, ref_pool3, _, _ = stream_features(
-                _reference_batches(ref, chunk), ref.count, what=f"reference {ref.name}",
-                keep_pool3=bool(keep), keep_logits=False, weights=weights,
-                spatial_stats=ref_spatial if "sfid" in metrics else None)
-            return s.result()
 
-        cached = ref.cache.exists()
-        spatial_cached = spatial_cache.exists()
-        if cached:  # computed before: provenance checked (another mode or weights is refused)
-            ref_stats = m.load_reference_stats(str(ref.cache), mode=FLAGS.mode,
-                                               weights_sha256=sha)
-            if ref_stats.mode is None or ref_stats.weights_sha256 is None:
-                raise EvaluationError(f"{ref.cache} records no mode and weights: delete it to "
-                                      "recompute the statistics")
-        # KID, precision and recall need the features themselves.
-        if not cached or keep or ("sfid" in metrics and not spatial_cached):
-            mu, sigma, count = compute()
-            if not cached:
-                if jax.process_index() == 0:
-                    m.save_reference_stats(str(ref.cache), mu, sigma, count, mode=FLAGS.mode,
-                                           weights_sha256=sha)
-                ref_stats = m.ReferenceStats(mu, sigma, count, FLAGS.mode, sha)
-            if "sfid" in metrics and not spatial_cached and jax.process_index() == 0:
-                m.save_reference_stats(str(spatial_cache), *ref_spatial.result(),
-                                       mode=FLAGS.mode, weights_sha256=sha)
-        if "sfid" in metrics:
-            if spatial_cached:
-                ref_spatial_stats = m.load_reference_stats(
-                    str(spatial_cache), dim=m.network.SPATIAL_DIM, mode=FLAGS.mode,
-                    weights_sha256=sha)
-            else:
-                ref_spatial_stats = m.ReferenceStats(*ref_spatial.result(), FLAGS.mode, sha)
-        provenance["reference"] = dict(dataset_split=ref.name, n=ref_stats.n,
-                                       stats_file=str(ref.cache), reused_cache=cached)
+def reference_scores(spec: EvalSpec, feats: evaluation.Features,
+                     ref: evaluation.ReferenceFeatures, where: Reference,
+                     provenance: dict) -> dict:
+    """FID, sFID, KID and precision / recall of the samples' features against the reference."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    metrics, result = spec.inception_metrics, {}
     if "fid" in metrics:
-        mu, sigma, _ = stats.result()
-        result["fid"] = m.frechet_distance(mu, sigma, ref_stats.mu, ref_stats.sigma)
+        mu, sigma, _ = feats.stats.result()
+        result["fid"] = m.frechet_distance(mu, sigma, ref.stats.mu, ref.stats.sigma)
     if "sfid" in metrics:
-        mu, sigma, _ = spatial.result()
-        result["sfid"] = m.frechet_distance(mu, sigma, ref_spatial_stats.mu,
-                                            ref_spatial_stats.sigma)
+        mu, sigma, _ = feats.spatial.result()
+        result["sfid"] = m.frechet_distance(mu, sigma, ref.spatial.mu, ref.spatial.sigma)
         provenance.update(sfid_features="mixed_6/conv[..., :7] (Mixed_6d.branch1x1), 17x17x7",
-                          sfid_stats_file=str(spatial_cache))
+                          sfid_stats_file=str(evaluation.spatial_stats_path(where.cache)))
     if "kid" in metrics:
         result["kid_mean"], result["kid_std"] = m.kernel_inception_distance(
-            pool3, ref_pool3, subsets=FLAGS.kid_subsets, subset_size=FLAGS.kid_subset_size,
-            seed=FLAGS.seed)
-        provenance.update(kid_subsets=FLAGS.kid_subsets, kid_subset_size=FLAGS.kid_subset_size,
-                          kid_seed=FLAGS.seed)
+            feats.pool3, ref.pool3, subsets=spec.kid_subsets,
+            subset_size=spec.kid_subset_size, seed=spec.seed)
+        provenance.update(kid_subsets=spec.kid_subsets, kid_subset_size=spec.kid_subset_size,
+                          kid_seed=spec.seed)
     if {"precision", "recall"} & set(metrics):
-        result["precision"], result["recall"] = m.precision_recall(ref_pool3, pool3, k=3)
+        result["precision"], result["recall"] = m.precision_recall(ref.pool3, feats.pool3, k=3)
         provenance.update(precision_recall_features="inception_pool3", precision_recall_k=3)
     return result
 
 
-def check_conditioning(model: api.DDPM, metrics) -> None:
-    """The labels and guidance of the samples, and the class share's needs, before sampling."""
-    guidance = sample_guidance(model)
-    labels = generate.parse_labels(sample_labels(model), FLAGS.num_samples, model.num_classes)
-    api.check_labels(labels, guidance or 0.0, FLAGS.num_samples, model.num_classes,
-                     prefix="--")
-    if "digits_class_share" in metrics and (model.config.data.dataset != "digits"
-                                            or labels is None):
-        raise EvaluationError("--metrics=digits_class_share needs a class-conditional digits "
-                              "model (configs/digits_cond.py)")
-
-
-def main():
-    if FLAGS.workdir is None:
-        cli.fail("--workdir is required")
-    metrics = parse_metrics(FLAGS.metrics)
-    logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
-    cli.start_processes()
-    model = api.load(FLAGS.workdir, ema=not FLAGS.raw)
-    config = model.config
-    if FLAGS.data_dir is not None:
-        with config.ignore_type():
-            config.data.data_dir = FLAGS.data_dir
-    out = epath.Path(FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json"))
-
-    # Everything is checked and opened before anything compiles.
-    spec = weights = sha = ref = bpd_images = digits_ref = None
-    wants_samples = bool(set(SAMPLE_METRICS) & set(metrics))
-    if wants_samples:
-        spec = sampling.spec_from_config(config, **cli.sampler_overrides())
-        if {"precision", "recall"} & set(metrics) and FLAGS.num_samples < 4:
-            raise EvaluationError(f"precision / recall need more than k = 3 samples, "
-                                  f"--num_samples={FLAGS.num_samples}")
-    if set(DIGITS_METRICS) & set(metrics):
-        from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
-
-        if tuple(model.image_shape) != dm.IMAGE_SHAPE:
-            raise EvaluationError(f"digits_fd measures 8x8x1 digits; this model makes "
-                                  f"{model.image_shape} images: use fid, kid or is")
-        if FLAGS.num_samples < 2:
-            raise EvaluationError("digits_fd needs at least 2 samples (--num_samples)")
-        digits_ref = dm.load_reference(config.data.data_dir)  # trained once, then cached
-    if wants_samples:
-        check_conditioning(model, metrics)
-    if inception_metrics(metrics):
-        from ddpm_jax import metrics as m  # noqa: PLC0415
-
-        weights = m.weights.resolve_path(FLAGS.inception_weights)
-        sha = m.weights_sha256(weights)
-        m.inception.placed_params(weights, sharding.create_mesh())  # every tensor checked
-        if not m.is_official(sha):
-            print(f"note: {weights} was not converted from pytorch-fid's released Inception "
-                  "weights; its numbers are not comparable with published ones", flush=True)
-        if "is" in metrics and FLAGS.num_samples < FLAGS.is_splits:
-            raise EvaluationError(f"--num_samples={FLAGS.num_samples} cannot be cut into "
-                                  f"--is_splits={FLAGS.is_splits} splits")
-        if "kid" in metrics and FLAGS.num_samples < FLAGS.kid_subset_size:
-            raise EvaluationError(f"KID subsets of --kid_subset_size={FLAGS.kid_subset_size} "
-                                  f"images need at least as many samples, --num_samples="
-                                  f"{FLAGS.num_samples}: raise it or lower the subset size")
-        ref = plan_reference(model, inception_metrics(metrics), sha)
-    split = FLAGS.split or config.data.eval_split
-    if "bpd" in metrics:
-        bpd_images = datasets.load_split(config, split, FLAGS.num_examples)
-
-    provenance = dict(checkpoint=str(model.source), checkpoint_step=model.step,
-                      ema=not FLAGS.raw, metrics=list(metrics))
-    result = {}
-    if wants_samples:
-        samples_dir, _ = prepare_samples(model, spec, provenance)
-        if "digits_class_share" in metrics:
-            result["digits_class_share"] = digits_class_share(
-                model, samples_dir / "samples.npz", FLAGS.num_samples)
-        if digits_ref is not None:
-            result.update(digits_sample_metrics(model, metrics, samples_dir, digits_ref,
-                                                provenance))
-        if inception_metrics(metrics):
-            result.update(sample_metrics(model, metrics, samples_dir, ref, weights, sha,
-                                         provenance))
-    if "bpd" in metrics:
-        bpd = evaluate_bpd(model, bpd_images, batch_size=FLAGS.batch_size, seed=FLAGS.seed)
-        bpd.update(split=split, checkpoint_step=model.step, ema=not FLAGS.raw)
-        result["bpd"] = bpd["bits_per_dim"]
-        provenance["bpd"] = bpd
-        bpd_file = epath.Path(model.source).parent / f"bpd_{split}.json"
-        if jax.process_index() == 0:
+# -- the command -----------------------------------------------------------------------------------
+def write_results(model: api.DDPM, result: dict, out) -> None:
+    """Writes ``result`` to ``out`` and its bound to ``bpd_<split>.json`` beside the checkpoint
+    (process 0), and says so."""
+    out, first = epath.Path(out), jax.process_index() == 0
+    bpd = result["provenance"].get("bpd")
+    if bpd is not None:
+        bpd_file = epath.Path(model.source).parent / f"bpd_{bpd['split']}.json"
+        if first:
             files.write_json(bpd_file, bpd)
         print(f"{bpd['bits_per_dim']:.4f} bits/dim (stderr {bpd['stderr']}) on "
-              f"{bpd['num_examples']} images of {split}, checkpoint step {model.step}; "
+              f"{bpd['num_examples']} images of {bpd['split']}, checkpoint step {model.step}; "
               f"written to {bpd_file}")
-    result["provenance"] = provenance
-    if jax.process_index() == 0:
+    if first:
         out.parent.mkdir(parents=True, exist_ok=True)
         files.write_json(out, result)
     shown = {k: round(v, 4) if isinstance(v, float) else v for k, v in result.items()
              if k != "provenance"}
     print(f"{shown} at checkpoint step {model.step}; written to {out}")
+
+
+def main():
+    if FLAGS.workdir is None:
+        cli.fail("--workdir is required")
+    spec = spec_from_flags()
+    logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
+    cli.start_processes()
+    model = with_data_dir(api.load(FLAGS.workdir, ema=not FLAGS.raw), FLAGS.data_dir)
+    out = FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json")
+    p = plan(model, spec)  # everything is checked and opened before anything compiles
+    result = evaluate(model, spec, samples_dir=FLAGS.samples_dir or FLAGS.workdir, checked=p)
+    write_results(model, result, out)
 
 
 if __name__ == "__main__":

@@ -24,11 +24,18 @@ Metrics: ``digits_fd`` (with ``digits_fd_ratio`` and ``digits_confidence``; ``pr
 evaluate command caches them) and ``is`` (``is_mean``, 10 splits). The samples' key is
 ``fold_in(key(config.seed + 2), chunk)``, fixed for the run, so a resumed run logs exactly what an
 uninterrupted run logs.
+
+For ``python -m ddpm_jax.evaluate`` it also holds the computations from image batches: the
+Inception's features streamed (``Inception.features``), a reference's statistics cached through
+``metrics.cached_reference_stats`` (``reference_features``), ``inception_scores`` and the bound
+(``bits_per_dim``).
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
+import math
 import time
 
 import jax
@@ -98,6 +105,17 @@ def plan(config) -> Plan | None:
     metrics = parse_metrics(ev.metrics)
     if not metrics:
         return None
+    _check_schedule(config)
+    _check_metrics(config, metrics)
+    best = _best_metric(ev.best_metric or None, metrics)
+    spec = sampling.spec_from_config(config, sampler=ev.sampler, num_steps=ev.num_steps)
+    weights = _inception_weights() if set(INCEPTION_METRICS) & set(metrics) else None
+    return Plan(metrics, ev.every_steps, ev.num_samples, spec, best, weights)
+
+
+def _check_schedule(config) -> None:
+    """``every_steps`` and ``num_samples``."""
+    ev = config.eval
     _require(isinstance(ev.every_steps, int) and ev.every_steps >= 0,
              f"config.eval.every_steps must be >= 0 (0 = only at the last step), got "
              f"{ev.every_steps!r}")
@@ -107,6 +125,10 @@ def plan(config) -> Plan | None:
              f"training.steps_per_dispatch={k}")
     _require(isinstance(ev.num_samples, int) and ev.num_samples >= 4,
              f"config.eval.num_samples must be at least 4, got {ev.num_samples!r}")
+
+
+def _check_metrics(config, metrics: tuple[str, ...]) -> None:
+    """What each metric needs: digits_fd with precision / recall, the digits, IS's splits."""
     if {"precision", "recall"} & set(metrics):
         _require("digits_fd" in metrics, "config.eval.metrics: precision / recall are measured "
                  "with digits_fd during training (in the digits network's features); add "
@@ -117,29 +139,35 @@ def plan(config) -> Plan | None:
                  f"config.eval.metrics=digits_fd measures the 8x8x1 digits; this run trains "
                  f"{config.data.dataset} at {shape}: use fid")
     if "is" in metrics:
-        _require(ev.num_samples >= 10, "config.eval.metrics=is needs num_samples >= 10 (10 "
-                 "splits)")
-    best = ev.best_metric or None
-    if best is not None:
-        row_keys = set()
-        for m in metrics:
-            row_keys |= {"digits_fd": {"digits_fd", "digits_fd_ratio", "digits_confidence"},
-                         "is": {"is_mean"}}.get(m, {m})
-        _require(best in BEST_KEYS and best in row_keys,
-                 f"config.eval.best_metric={best!r} is not measured: choose one of "
-                 f"{', '.join(sorted(row_keys & set(BEST_KEYS)))} (or '' for none)")
-    spec = sampling.spec_from_config(config, sampler=ev.sampler, num_steps=ev.num_steps)
-    weights = None
-    if set(INCEPTION_METRICS) & set(metrics):
-        from ddpm_jax.metrics import weights as weights_lib  # noqa: PLC0415
-        from ddpm_jax.metrics.errors import MetricsError  # noqa: PLC0415
+        _require(config.eval.num_samples >= 10, "config.eval.metrics=is needs num_samples >= 10 "
+                 "(10 splits)")
 
-        try:
-            weights = weights_lib.resolve_path(None)
-            weights_lib.weights_sha256(weights)
-        except MetricsError as e:
-            raise config_lib.ConfigError(f"config.eval.metrics asks for fid / is: {e}") from None
-    return Plan(metrics, ev.every_steps, ev.num_samples, spec, best, weights)
+
+def _best_metric(best: str | None, metrics: tuple[str, ...]) -> str | None:
+    """``best_metric``, which must be a row key that ``metrics`` measure (or None)."""
+    if best is None:
+        return None
+    row_keys = set()
+    for m in metrics:
+        row_keys |= {"digits_fd": {"digits_fd", "digits_fd_ratio", "digits_confidence"},
+                     "is": {"is_mean"}}.get(m, {m})
+    _require(best in BEST_KEYS and best in row_keys,
+             f"config.eval.best_metric={best!r} is not measured: choose one of "
+             f"{', '.join(sorted(row_keys & set(BEST_KEYS)))} (or '' for none)")
+    return best
+
+
+def _inception_weights() -> str:
+    """The FID Inception's weights file (``$DDPM_JAX_INCEPTION_WEIGHTS``), checked."""
+    from ddpm_jax.metrics import weights as weights_lib  # noqa: PLC0415
+    from ddpm_jax.metrics.errors import MetricsError  # noqa: PLC0415
+
+    try:
+        weights = weights_lib.resolve_path(None)
+        weights_lib.weights_sha256(weights)
+    except MetricsError as e:
+        raise config_lib.ConfigError(f"config.eval.metrics asks for fid / is: {e}") from None
+    return weights
 
 
 class Evaluator:
@@ -220,12 +248,9 @@ class Evaluator:
                                                       mesh=self.mesh)["pool3"])
                 return stats.result()
 
-            if jax.process_index() == 0 or path.exists():
-                self._fid_ref = m.cached_reference_stats(str(path), compute, mode="tf1",
-                                                         weights_sha256=sha)
-            else:  # other processes compute the same statistics without writing them
-                mu, sigma, n = compute()
-                self._fid_ref = m.ReferenceStats(mu, sigma, n, "tf1", sha)
+            self._fid_ref = m.cached_reference_stats(
+                str(path), compute, mode="tf1", weights_sha256=sha,
+                write=jax.process_index() == 0)  # the others compute without writing
         return self._fid_ref
 
 
@@ -234,3 +259,148 @@ def is_better(metric: str, value: float, best: float | None) -> bool:
     if best is None:
         return True
     return value > best if BEST_KEYS[metric] else value < best
+
+
+# -- the evaluate command's computations: from image batches to features, statistics, scores ----
+def progress_bar(total: int, what: str):
+    """A tqdm bar of images (shown by process 0 only)."""
+    from tqdm.auto import tqdm  # noqa: PLC0415
+
+    return tqdm(total=total, unit="img", desc=what, dynamic_ncols=True,
+                disable=jax.process_index() != 0)
+
+
+@dataclasses.dataclass
+class Features:
+    """The FID Inception's view of an image stream: streamed pool3 statistics (and sFID's), the
+    pool3 features and unbiased logits themselves where they were kept."""
+
+    stats: object  # metrics.FeatureStats of pool3
+    spatial: object | None  # metrics.FeatureStats of the sFID features
+    pool3: np.ndarray | None
+    logits: np.ndarray | None
+    seconds: float
+
+
+@dataclasses.dataclass(frozen=True)
+class Inception:
+    """The FID Inception as used: its converted weights file and their SHA-256, the
+    preprocessing ``mode`` and the images per compiled batch."""
+
+    weights: str
+    sha256: str
+    mode: str = "tf1"
+    batch_size: int = 64
+
+    def features(self, batches, total: int, *, what: str, keep_pool3: bool = False,
+                 keep_logits: bool = False, spatial: bool = False) -> Features:
+        """The features of uint8 image ``batches`` (``total`` images, a progress bar named
+        ``what``); memory is bounded by one batch plus what is kept."""
+        from ddpm_jax import metrics as m  # noqa: PLC0415
+
+        out = Features(m.FeatureStats(m.network.POOL3_DIM),
+                       m.FeatureStats(m.network.SPATIAL_DIM) if spatial else None, None, None,
+                       0.0)
+        pool3, logits = [], []
+        bar, start, done = progress_bar(total, what), time.time(), 0
+
+        def progress(k: int) -> None:  # after every compiled batch
+            bar.update(done + k - bar.n)
+            bar.set_postfix(img_s=f"{bar.n / max(time.time() - start, 1e-9):.1f}")
+
+        for images in batches:
+            feats = m.inception_features(images, weights=self.weights, mode=self.mode,
+                                         batch_size=self.batch_size, progress=progress)
+            out.stats.update(feats["pool3"])
+            if spatial:
+                out.spatial.update(feats["spatial"])
+            pool3 += [feats["pool3"]] if keep_pool3 else []
+            logits += [feats["logits_unbiased"]] if keep_logits else []
+            done += len(images)
+        bar.close()
+        out.pool3 = np.concatenate(pool3) if pool3 else None
+        out.logits = np.concatenate(logits) if logits else None
+        out.seconds = time.time() - start
+        return out
+
+
+def spatial_stats_path(path: epath.Path) -> epath.Path:
+    """Where the sFID statistics are cached beside the FID statistics at ``path``."""
+    return path.parent / path.name.replace(".npz", "_sfid.npz")
+
+
+@dataclasses.dataclass(frozen=True)
+class ReferenceFeatures:
+    """A reference's pool3 statistics, its sFID statistics (if asked) and its pool3 features
+    (if asked: KID, precision and recall need them)."""
+
+    stats: object  # metrics.ReferenceStats
+    spatial: object | None
+    pool3: np.ndarray | None
+
+
+def reference_features(net: Inception, batches, total: int, path: epath.Path, *, what: str,
+                       keep_pool3: bool = False, sfid: bool = False) -> ReferenceFeatures:
+    """The reference's statistics, cached at ``path`` (and ``spatial_stats_path(path)``) through
+    ``metrics.cached_reference_stats``; ``batches()`` is read once, when a cache is missing or
+    the features themselves are asked for. Process 0 writes the caches."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    passes = []
+
+    def features() -> Features:
+        if not passes:
+            passes.append(net.features(batches(), total, what=what, keep_pool3=keep_pool3,
+                                       spatial=sfid))
+        return passes[0]
+
+    if keep_pool3:
+        features()
+    cached = functools.partial(m.cached_reference_stats, mode=net.mode,
+                               weights_sha256=net.sha256, write=jax.process_index() == 0)
+    stats = cached(str(path), lambda: features().stats.result())
+    spatial = None
+    if sfid:
+        spatial = cached(str(spatial_stats_path(path)), lambda: features().spatial.result(),
+                         dim=m.network.SPATIAL_DIM)
+    return ReferenceFeatures(stats, spatial, features().pool3 if keep_pool3 else None)
+
+
+def inception_scores(logits: np.ndarray, splits: int) -> dict:
+    """``is_mean`` / ``is_std`` over ``splits`` splits, and the two conventions side by side:
+    ``is_1split`` (all logits as one split, as the original's 50k evaluation) and
+    ``is_10split_mean`` / ``is_10split_std`` (the improved-GAN convention)."""
+    from ddpm_jax import metrics as m  # noqa: PLC0415
+
+    out = dict(zip(("is_mean", "is_std"), m.inception_score(logits, splits=splits),
+                   strict=True))
+    out["is_1split"] = m.inception_score(logits, splits=1)[0]
+    if len(logits) >= 10:
+        out["is_10split_mean"], out["is_10split_std"] = m.inception_score(logits, splits=10)
+    return out
+
+
+def bits_per_dim(bound_terms, images: np.ndarray, *, batch_size: int, seed: int) -> dict:
+    """The bound in bits/dim of uint8 ``[N, H, W, C]`` images (``bound_terms(batch, key)``, as
+    ``DDPM.bound_terms``, in compiled batches of ``batch_size``): mean, stderr and term means."""
+    totals, terms, priors = [], [], []
+    key = jax.random.key(seed)
+    for i in range(0, len(images), batch_size):
+        chunk = images[i:i + batch_size]
+        n = len(chunk)
+        if n < batch_size:  # pad to the compiled shape
+            chunk = np.concatenate([chunk, np.repeat(chunk[-1:], batch_size - n, axis=0)])
+        out = {k: sharding.to_host(v) for k, v in
+               bound_terms(chunk, jax.random.fold_in(key, i)).items()}
+        totals.append(out["total_bpd"][:n])
+        terms.append(out["terms_bpd"][:n])
+        priors.append(out["prior_bpd"][:n])
+    total, terms = np.concatenate(totals), np.concatenate(terms)
+    return dict(
+        bits_per_dim=float(total.mean()),
+        stderr=float(total.std(ddof=1) / math.sqrt(len(total))) if len(total) > 1 else None,
+        num_examples=int(len(total)),
+        prior_bpd=float(np.concatenate(priors).mean()),
+        decoder_bpd=float(terms[:, 0].mean()),
+        terms_bpd_sum=float(terms[:, 1:].sum(axis=1).mean()),
+    )

@@ -55,14 +55,49 @@ def iter_chunks(model: DDPM, key: jax.Array, chunk_plan: Plan, spec: sampling.Sa
         key, chunk_plan, start=start, x_T=x_T, labels=labels)
 
 
-def _spec(model: DDPM, chunk_plan: Plan, seed: int, spec: sampling.SamplerSpec,
-          labels: str | None = None, guidance: float = 0.0) -> dict:
+def samples_record(model: DDPM, spec: sampling.SamplerSpec, *, num_samples: int,
+                   batch_size: int, seed: int, labels: str | None = None,
+                   guidance: float = 0.0) -> dict:
+    """What ``samples.json`` holds: the checkpoint, step and weights, N, batch size and seed, the
+    sampler (``SamplerSpec.record``) and image shape; for a class-conditional model also the
+    classes, the ``labels`` asked for and the guidance w."""
     out = dict(checkpoint=model.source, checkpoint_step=model.step, ema=model.ema,
-               num_samples=chunk_plan.num_samples, batch_size=chunk_plan.batch, seed=seed,
+               num_samples=num_samples, batch_size=batch_size, seed=seed,
                **spec.record(model.diffusion), image_shape=list(model.image_shape))
     if model.num_classes:  # a class-conditional model: what was asked for, and how guided
         out.update(num_classes=model.num_classes, labels=labels, guidance=float(guidance))
     return out
+
+
+def record_changes(old, new: dict, *, ignore: tuple[str, ...] = ()) -> str | None:
+    """How the record ``old`` differs from ``new`` (``config_lib.differences``, leaving out the
+    keys in ``ignore``): None without ``old``, "" when the same settings, else the fields."""
+    if old is None:
+        return None
+    if isinstance(old, dict):
+        old = {k: v for k, v in old.items() if k not in ignore}
+    new = {k: v for k, v in new.items() if k not in ignore}
+    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_lib.differences(old, new))
+
+
+# Samples of the same settings are reused for fewer images, whatever their N and batch size: the
+# first n of N images depend only on (key, N, batch size), and are as good as any n of them.
+REUSE_IGNORES = ("num_samples", "batch_size")
+
+
+def find_reusable(output_dir, want: dict) -> dict | None:
+    """The record of finished samples in ``output_dir`` made with the settings of ``want`` (a
+    ``samples_record``) and at least its N images; None if there are none."""
+    output_dir = epath.Path(output_dir)
+    try:
+        made = files.read_json(output_dir / "samples.json")
+    except files.TornFileError:
+        return None
+    if made is None or not (output_dir / "samples.npz").exists():
+        return None
+    if record_changes(made, want, ignore=REUSE_IGNORES) != "":
+        return None
+    return made if made.get("num_samples", 0) >= want["num_samples"] else None
 
 
 def parse_labels(text: str | None, num_samples: int, num_classes: int) -> np.ndarray | None:
@@ -96,13 +131,6 @@ def parse_labels(text: str | None, num_samples: int, num_classes: int) -> np.nda
     return np.asarray(classes, np.int32)[np.arange(num_samples) % len(classes)]
 
 
-def _changes(old: dict | None, new: dict) -> str | None:
-    """None without ``old``; "" when it equals ``new``; else the differing fields."""
-    if old is None:
-        return None
-    return ", ".join(f"{k}: {a!r} -> {b!r}" for k, a, b in config_lib.differences(old, new))
-
-
 write_npz_stream = files.write_npz_stream  # the streamed .npz lives in ddpm_jax.files
 iter_npz_rows = files.iter_npz_rows
 
@@ -121,7 +149,7 @@ def _finished_state(output_dir: epath.Path, spec: dict) -> str | None:
         return "samples.json unreadable"
     if not final.exists():
         return "samples.npz missing"
-    done = _changes(record, spec)
+    done = record_changes(record, spec)
     if done:
         return f"other settings: {done}"
     try:
@@ -143,7 +171,7 @@ def _prepare(output_dir: epath.Path, spec: dict) -> epath.Path | None:
         return None
     shard_dir = output_dir / SHARDS
     try:
-        partial = _changes(files.read_json(shard_dir / "spec.json"), spec)
+        partial = record_changes(files.read_json(shard_dir / "spec.json"), spec)
     except files.TornFileError:
         partial = "torn"
     if partial and partial != "torn":
@@ -196,7 +224,9 @@ def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
         guidance = float(model.config.sampling.guidance) if label_array is not None else 0.0
     label_array = api.check_labels(label_array, guidance, num_samples, model.num_classes,
                                    prefix="--")
-    description = _spec(model, chunk_plan, seed, spec, labels, guidance)
+    description = samples_record(model, spec, num_samples=chunk_plan.num_samples,
+                                 batch_size=chunk_plan.batch, seed=seed, labels=labels,
+                                 guidance=guidance)
     out = epath.Path(output_dir)
     if jax.process_index() == 0:
         files.check_writable(out, "output folder", "choose another output folder")

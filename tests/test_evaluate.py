@@ -1,5 +1,6 @@
 """python -m ddpm_jax.evaluate: the bound on a real split, written as JSON."""
 
+import dataclasses
 import json
 import os
 
@@ -34,8 +35,9 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path):
 
 
 # -- FID, IS and KID end to end --------------------------------------------------------------------
-SAMPLE_FLAGS = ["--num_samples=12", "--sample_batch_size=12", "--inception_batch_size=16",
-                "--is_splits=2", "--kid_subsets=4", "--kid_subset_size=10"]
+LIBRARY_SAMPLES = dict(num_samples=12, sample_batch_size=12, inception_batch_size=16, is_splits=2,
+                       kid_subsets=4, kid_subset_size=10)
+SAMPLE_FLAGS = [f"--{k}={v}" for k, v in LIBRARY_SAMPLES.items()]
 
 
 @pytest.fixture(scope="module")
@@ -63,8 +65,9 @@ def _evaluate(*args, weights=None):
     return run_python(["-m", "ddpm_jax.evaluate", *map(str, args)], env=env)
 
 
-def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
-    from ddpm_jax import metrics
+def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
+    import ddpm_jax
+    from ddpm_jax import evaluate, metrics
 
     workdir, data_dir, weights, _ = tiny_run
     out = os.path.join(workdir, "eval1.json")
@@ -117,16 +120,17 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
     assert (result["precision"], result["recall"]) == pytest.approx(
         metrics.precision_recall(ref_feats["pool3"], feats["pool3"], k=3), abs=1e-9)
 
-    # Again (the command in this process this time): the samples and the reference statistics
-    # are reused, and the numbers are the same.
-    out2 = os.path.join(workdir, "eval2.json")
-    stdout, stderr = _evaluate_here(f"--workdir={workdir}", "--metrics=fid,is", *SAMPLE_FLAGS,
-                                    "--ref=digits:train", "--ref_num_examples=20",
-                                    f"--out={out2}", f"--inception_weights={weights}")
-    assert "reusing" in stdout and "reference digits:train" not in stderr
-    again = json.load(open(out2))
+    # Again, through the library (no flags): the samples and the reference statistics are
+    # reused, and the numbers are the same.
+    capsys.readouterr()
+    spec = evaluate.EvalSpec(metrics=("fid", "is"), **LIBRARY_SAMPLES, ref="digits:train",
+                             ref_num_examples=20, inception_weights=weights)
+    again = evaluate.evaluate(ddpm_jax.load(workdir), spec, samples_dir=workdir)
+    captured = capsys.readouterr()
+    assert "reusing" in captured.out and "reference digits:train" not in captured.err
     assert again["provenance"]["reference"]["reused_cache"] is True
     assert again["fid"] == result["fid"] and again["is_mean"] == result["is_mean"]
+    assert again["provenance"]["sample_seed"] == 0 and "kid_mean" not in again
 
     # Statistics of one mode or weight file are never mixed with another's features (refused in
     # one line before anything is computed; the command's exit code and single stderr line for
@@ -139,26 +143,6 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run):
                          f"--out={workdir}/refused.json"])
         assert message in text and "\n" not in text, text
     assert not os.path.exists(f"{workdir}/refused.json")
-
-
-def _evaluate_here(*args) -> tuple[str, str]:
-    """``python -m ddpm_jax.evaluate ARGS`` run in this process: (stdout, stderr)."""
-    import contextlib
-    import io
-
-    from absl import flags
-
-    from ddpm_jax import evaluate
-
-    out, err = io.StringIO(), io.StringIO()
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["evaluate", *map(str, args)])
-    try:
-        with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
-            evaluate.main()
-    finally:
-        flags.FLAGS.unparse_flags()
-    return out.getvalue(), err.getvalue()
 
 
 def _refusal(args) -> str:
@@ -213,3 +197,119 @@ def test_evaluate_refuses_bad_inputs_in_one_line(tiny_run, tmp_path, monkeypatch
     assert proc.stderr.strip().splitlines() == [f"error: {small} holds statistics of shape mu "
                                                 "(64,), sigma (64, 64); expected mu (2048,), "
                                                 "sigma (2048, 2048) (pool3)"]
+
+
+# -- the library, piece by piece (no flags, nothing compiled) ------------------------------------
+def test_eval_spec_checks_and_normalises_the_metrics():
+    from ddpm_jax import evaluate
+
+    spec = evaluate.EvalSpec(metrics=["FID", " is", "fid", "recall"], sampler={"num_steps": 5})
+    assert spec.metrics == ("fid", "is", "recall") and spec.sampler == (("num_steps", 5),)
+    assert spec.inception_metrics == ("fid", "is", "recall") and spec.pr_space == "inception"
+    digits = evaluate.EvalSpec(metrics=("digits_fd", "precision", "bpd"))
+    assert digits.pr_space == "digits" and digits.inception_metrics == ()
+    assert digits.wants_samples and not evaluate.EvalSpec().wants_samples
+    with pytest.raises(evaluate.EvaluationError, match=r"unknown or empty \(fd\)"):
+        evaluate.EvalSpec(metrics=("fid", "fd"))
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.num_samples = 3
+
+
+def test_another_data_dir_is_a_new_model():
+    from ddpm_jax import api, evaluate
+
+    config = test_config.get_config()
+    config.lock()
+    model = api.DDPM(config, None, {"w": 1}, None, None)
+    moved = evaluate.with_data_dir(model, "/elsewhere")
+    assert moved.config.data.data_dir == "/elsewhere" and moved.params is model.params
+    assert model.config.data.data_dir == test_config.get_config().data.data_dir
+    assert evaluate.with_data_dir(model, None) is model
+
+
+def _record(**changes):
+    record = dict(checkpoint="/run/checkpoints", checkpoint_step=4, ema=True, num_samples=12,
+                  batch_size=12, seed=0, sampler="ancestral", num_steps=50, image_shape=[8, 8, 1])
+    return record | changes
+
+
+@pytest.mark.parametrize("made, want, reused", [
+    (_record(), _record(), True),
+    (_record(num_samples=20, batch_size=5), _record(), True),  # more images, other batches
+    (_record(num_samples=6), _record(), False),  # too few
+    (_record(seed=1), _record(), False),
+    (_record(ema=False), _record(), False),
+    (_record(checkpoint="/other/checkpoints"), _record(), False),
+    ({k: v for k, v in _record().items() if k != "num_steps"}, _record(), False),  # older file
+])
+def test_samples_are_reused_only_with_the_same_settings(tmp_path, made, want, reused):
+    from ddpm_jax import files, generate
+
+    files.write_json(tmp_path / "samples.json", made)
+    (tmp_path / "samples.npz").write_bytes(b"")
+    assert (generate.find_reusable(tmp_path, want) == made) is reused
+    assert generate.find_reusable(tmp_path / "nothing", want) is None
+
+
+def test_record_changes_name_the_fields():
+    from ddpm_jax import generate
+
+    assert generate.record_changes(None, _record()) is None
+    assert generate.record_changes(_record(), _record()) == ""
+    assert generate.record_changes(_record(seed=1, batch_size=3), _record()) == (
+        "batch_size: 3 -> 12, seed: 1 -> 0")
+    assert generate.record_changes(_record(batch_size=3), _record(), ignore=("batch_size",)) == ""
+
+
+def test_bits_per_dim_leaves_out_the_padding():
+    from ddpm_jax import evaluation
+
+    def bound_terms(batch, key):  # every image's bound is its first pixel
+        v = batch[:, 0, 0, 0].astype(np.float32)
+        return dict(total_bpd=v, terms_bpd=np.stack([v / 2, v / 4, v / 4], 1), prior_bpd=v * 0)
+
+    images = np.arange(5, dtype=np.uint8).reshape(5, 1, 1, 1) * np.ones((1, 2, 2, 1), np.uint8)
+    out = evaluation.bits_per_dim(bound_terms, images, batch_size=4, seed=0)
+    assert out["num_examples"] == 5 and out["bits_per_dim"] == pytest.approx(2.0)
+    assert out["decoder_bpd"] == pytest.approx(1.0) and out["terms_bpd_sum"] == pytest.approx(1.0)
+    assert out["stderr"] == pytest.approx(np.std(np.arange(5), ddof=1) / np.sqrt(5))
+
+
+def test_reference_features_read_the_reference_once_then_the_cache(tmp_path):
+    from ddpm_jax import evaluation, metrics
+
+    class Net:  # stands for evaluation.Inception: pool3 and sFID statistics of fixed features
+        mode, sha256 = "tf1", "ab" * 32
+        passes = 0
+
+        def features(self, batches, total, *, what, keep_pool3=False, spatial=False, **_):
+            Net.passes += 1
+            rng = np.random.default_rng(0)
+            stats, sp = metrics.FeatureStats(2048), metrics.FeatureStats(2023)
+            pool3 = rng.normal(size=(total, 2048))
+            stats.update(pool3)
+            sp.update(rng.normal(size=(total, 2023)))
+            return evaluation.Features(stats, sp if spatial else None,
+                                       pool3 if keep_pool3 else None, None, 0.0)
+
+    path = tmp_path / "stats" / "train_8px_tf1_abab.npz"
+    first = evaluation.reference_features(Net(), lambda: [], 6, path, what="ref", sfid=True)
+    assert Net.passes == 1 and first.stats.n == 6 and first.spatial.mu.shape == (2023,)
+    assert first.pool3 is None and evaluation.spatial_stats_path(path).exists()
+    again = evaluation.reference_features(Net(), lambda: [], 6, path, what="ref", sfid=True)
+    assert Net.passes == 1  # both from the cache
+    np.testing.assert_array_equal(again.spatial.sigma, first.spatial.sigma)
+    kept = evaluation.reference_features(Net(), lambda: [], 6, path, what="ref", keep_pool3=True)
+    assert Net.passes == 2 and kept.pool3.shape == (6, 2048) and kept.spatial is None
+
+
+def test_the_spec_defaults_are_the_flag_defaults():
+    from absl import flags
+
+    from ddpm_jax import evaluate
+
+    fields = [f for f in dataclasses.fields(evaluate.EvalSpec) if f.name != "sampler"]
+    assert len(fields) == 18
+    for f in fields:
+        default = flags.FLAGS[f.name].default
+        assert (tuple(default) if f.name == "metrics" else default) == f.default, f.name

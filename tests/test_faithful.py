@@ -56,10 +56,10 @@ def _is_float64(logits, splits):
 
 
 def test_inception_score_reported_with_1_and_10_splits():
-    from ddpm_jax import evaluate
+    from ddpm_jax import evaluation
 
     logits = np.random.default_rng(0).normal(size=(40, 12)).astype(np.float32) * 3
-    out = evaluate.inception_scores(logits, 4)
+    out = evaluation.inception_scores(logits, 4)
     np.testing.assert_allclose([out["is_mean"], out["is_std"]], _is_float64(logits, 4),
                                rtol=1e-5)
     np.testing.assert_allclose(out["is_1split"], _is_float64(logits, 1)[0], rtol=1e-5)

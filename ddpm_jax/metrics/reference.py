@@ -102,19 +102,23 @@ def load_reference_stats(path: str, *, dim: int = network.POOL3_DIM, mode: str |
 
 
 def cached_reference_stats(path: str, compute: Callable[[], tuple[np.ndarray, np.ndarray, int]],
-                           *, mode: str, weights_sha256: str) -> ReferenceStats:
+                           *, mode: str, weights_sha256: str, dim: int = network.POOL3_DIM,
+                           write: bool = True) -> ReferenceStats:
     """Our statistics at ``path``, computed once with ``compute() -> (mu, sigma, n)``.
 
-    A file at ``path`` is used if it records the same mode and weights; one with other
-    provenance is an error (delete it to recompute), never silently replaced.
+    A file at ``path`` is used if it records the same mode and weights (and holds ``dim``
+    features); one with other provenance is an error (delete it to recompute), never silently
+    replaced. ``write=False`` computes a missing file's statistics without writing them (every
+    process but the first of several).
     """
     if epath.Path(path).exists():
-        stats = load_reference_stats(path, mode=mode, weights_sha256=weights_sha256)
+        stats = load_reference_stats(path, dim=dim, mode=mode, weights_sha256=weights_sha256)
         if stats.mode is not None and stats.weights_sha256 is not None:
             return stats
         raise MetricsError(f"{path} records no mode and weights: pass it as foreign statistics "
                            "(--ref_stats) or delete it to recompute")
     mu, sigma, n = compute()
-    save_reference_stats(path, mu, sigma, n, mode=mode, weights_sha256=weights_sha256)
+    if write:
+        save_reference_stats(path, mu, sigma, n, mode=mode, weights_sha256=weights_sha256)
     return ReferenceStats(np.asarray(mu, np.float64), np.asarray(sigma, np.float64), int(n),
                           mode, weights_sha256)
