@@ -34,6 +34,32 @@ HYBRID_LAMBDA = 0.001
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """The process of a config's ``diffusion`` section: its beta schedule and the network's
+    parameterisation (``config_lib.validate`` builds it and checks how the fields fit)."""
+
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+    model_mean_type: str = "eps"
+    model_var_type: str = "fixedlarge"
+    loss_type: str = "mse"
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProcessSpec:
+        c = config.diffusion
+        return cls(c.beta_schedule, c.beta_start, c.beta_end, c.num_timesteps,
+                   c.model_mean_type, c.model_var_type, c.loss_type)
+
+    def betas(self) -> np.ndarray:
+        """The float64 betas ``[T]`` (``schedules.get_beta_schedule``)."""
+        return schedules.get_beta_schedule(self.beta_schedule, beta_start=self.beta_start,
+                                           beta_end=self.beta_end,
+                                           num_timesteps=self.num_timesteps)
+
+
 def is_learned_variance(model_var_type: str) -> bool:
     """Whether the network outputs the variance too (2C channels)."""
     return model_var_type in ("learned", "learned_range")
@@ -102,21 +128,15 @@ class Diffusion:
         )
 
     @classmethod
+    def from_spec(cls, spec: ProcessSpec) -> Diffusion:
+        """Builds the process ``spec`` describes."""
+        return cls.create(spec.betas(), model_mean_type=spec.model_mean_type,
+                          model_var_type=spec.model_var_type, loss_type=spec.loss_type)
+
+    @classmethod
     def from_config(cls, config: Any) -> Diffusion:
         """Builds the process of ``config.diffusion``."""
-        c = config.diffusion
-        betas = schedules.get_beta_schedule(
-            c.beta_schedule,
-            beta_start=c.beta_start,
-            beta_end=c.beta_end,
-            num_timesteps=c.num_timesteps,
-        )
-        return cls.create(
-            betas,
-            model_mean_type=c.model_mean_type,
-            model_var_type=c.model_var_type,
-            loss_type=c.loss_type,
-        )
+        return cls.from_spec(ProcessSpec.from_config(config))
 
     @property
     def learned_variance(self) -> bool:

@@ -13,7 +13,8 @@ import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, schedules
+from configs import test as test_config
+from ddpm_jax import config_lib, diffusion, schedules
 from ddpm_jax.schedules import ScheduleError
 
 T = 1000
@@ -258,6 +259,23 @@ def test_float64_betas_read_back_exactly(name):
     same = diffusion.Schedule64(betas.copy())
     assert s == same and hash(s) == hash(same) and s.num_timesteps == T
     assert s != diffusion.Schedule64(np.nextafter(betas, 1.0))  # one ulp apart: another key
+
+
+def test_validate_builds_the_process_section_the_diffusion_takes():
+    # config.diffusion as a frozen section, built and checked by validate: it holds each key
+    # and builds the same process as the config, bit for bit.
+    config = test_config.get_config()
+    c = config.diffusion
+    c.beta_schedule, c.model_var_type, c.loss_type = "cosine", "learned_range", "hybrid"
+    spec = config_lib.validate(config).process
+    assert spec == diffusion.ProcessSpec("cosine", c.beta_start, c.beta_end, 50, "eps",
+                                         "learned_range", "hybrid")
+    d = diffusion.Diffusion.from_spec(spec)
+    assert d.betas64.tobytes() == schedules.get_beta_schedule("cosine", num_timesteps=50).tobytes()
+    assert (d.model_var_type, d.loss_type) == ("learned_range", "hybrid")
+    assert d.betas64.tobytes() == diffusion.Diffusion.from_config(config).betas64.tobytes()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.num_timesteps = 10
 
 
 def test_schedule_of_a_traced_diffusion_is_refused():
