@@ -7,6 +7,7 @@ clear line at start-up, before anything compiles.
 
 from __future__ import annotations
 
+import dataclasses
 import difflib
 import json
 import math
@@ -21,6 +22,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 # The samplers (``sampling.VARIANTS`` says what each computes) and step spacings, by name.
 SAMPLERS = ("ancestral", "ddim", "ddim_clipped", "ddim_iddpm", "dpm_solver++", "heun")
 SPACINGS = ("uniform", "quadratic", "linspace", "leading", "trailing", "karras")
+OPTIM_SCHEDULES = ("constant", "cosine")  # the learning rate after the warm-up
 MISSING = object()  # what ``lookup`` returns for a key that is not there
 # Keys added after runs were already saved: a saved config without them reads as these values
 # (the behaviour those runs had), so old checkpoints still load and resume.
@@ -29,6 +31,66 @@ ADDED_KEYS = {"model.num_classes": 0, "model.cond_drop_prob": 0.1, "sampling.gui
 
 class ConfigError(errors.UserError, ValueError):
     """A config value that cannot run; the message names the key and the fix."""
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerSpec:
+    """The ``optim`` section with the run length its schedule spans: what training builds the
+    optimiser, the learning-rate schedule and the EMA from.
+
+    Attributes:
+      lr, warmup: Adam's rate, reached linearly over ``warmup`` steps.
+      grad_clip: the global gradient norm clipped to before Adam.
+      beta1, beta2, eps: Adam's.
+      schedule: after the warm-up, "constant" or "cosine" (a half cosine to 0 at
+        ``num_train_steps``).
+      ema_decay, ema_warmup: the EMA's decay; with ``ema_warmup``, TF's
+        ``min(decay, (1 + step) / (10 + step))``.
+      skip_nonfinite: the loop goes on past a non-finite update (which is never applied).
+      num_train_steps: ``training.num_train_steps``.
+    """
+
+    lr: float
+    warmup: int
+    grad_clip: float
+    beta1: float = 0.9
+    beta2: float = 0.999
+    eps: float = 1e-8
+    schedule: str = "constant"
+    ema_decay: float = 0.9999
+    ema_warmup: bool = False
+    skip_nonfinite: bool = False
+    num_train_steps: int = 1
+
+    @classmethod
+    def from_config(cls, config: ml_collections.ConfigDict) -> OptimizerSpec:
+        """The section of ``config`` (keys added after older runs were saved take their
+        behaviour: a constant rate, no EMA warm-up, stop at a non-finite update)."""
+        o = config.optim
+        return cls(o.lr, o.warmup, o.grad_clip, o.beta1, o.beta2, o.eps,
+                   o.get("schedule", "constant"), o.ema_decay, o.get("ema_warmup", False),
+                   o.get("skip_nonfinite", False), config.training.num_train_steps)
+
+    def check(self) -> None:
+        """Raises ConfigError naming the first setting that cannot train."""
+        _require(self.lr > 0, f"optim.lr must be positive, got {self.lr!r}")
+        _require(isinstance(self.warmup, int) and self.warmup >= 0,
+                 f"optim.warmup must be a non-negative integer, got {self.warmup!r}")
+        _require(self.grad_clip > 0,
+                 f"optim.grad_clip must be positive, got {self.grad_clip!r}")
+        _require(0.0 <= self.ema_decay < 1.0,
+                 f"optim.ema_decay must be in [0, 1), got {self.ema_decay!r}")
+        _require(self.schedule in OPTIM_SCHEDULES, f"optim.schedule={self.schedule!r} is not "
+                 f"one of: {', '.join(OPTIM_SCHEDULES)}")
+
+
+@dataclasses.dataclass(frozen=True)
+class Sections:
+    """The typed, checked sections of a config that modules take instead of the whole config
+    (``validate`` builds them): the process (``diffusion``) and the optimiser (``optim``)."""
+
+    process: diffusion.ProcessSpec
+    optimizer: OptimizerSpec
 
 
 def lookup(tree: Any, key: str, default: Any = MISSING) -> Any:
@@ -95,8 +157,9 @@ def _choice(config, key: str, choices) -> None:
     _require(value in choices, f"{key}={value!r} is not one of: {', '.join(map(str, choices))}")
 
 
-def validate(config: ml_collections.ConfigDict) -> None:
-    """Raises ConfigError naming the first invalid setting of a full training config."""
+def validate(config: ml_collections.ConfigDict) -> Sections:
+    """Raises ConfigError naming the first invalid setting of a full training config; returns
+    its typed sections."""
     for key in ("data.image_size", "data.channels", "model.ch", "model.num_res_blocks",
                 "model.block_size", "diffusion.num_timesteps", "training.batch_size",
                 "training.num_train_steps", "training.log_every", "training.checkpoint_every",
@@ -116,23 +179,21 @@ def validate(config: ml_collections.ConfigDict) -> None:
         "diffusion.loss_type='hybrid' trains a learned variance: set "
         "diffusion.model_var_type to 'learned' or 'learned_range'",
     )
+    process = diffusion.ProcessSpec.from_config(config)
     try:
-        betas = schedules.get_beta_schedule(
-            config.diffusion.beta_schedule,
-            beta_start=config.diffusion.beta_start,
-            beta_end=config.diffusion.beta_end,
-            num_timesteps=config.diffusion.num_timesteps,
-        )
+        betas = process.betas()
     except schedules.ScheduleError as e:
         raise ConfigError(str(e)) from None
-    _validate_process(config, betas)
+    _validate_process(process, betas)
     _validate_model(config)
     _validate_conditioning(config)
-    _validate_optim(config)
+    optimizer = OptimizerSpec.from_config(config)
+    optimizer.check()
     _validate_training(config)
     s = config.sampling
     check_sampler(s.sampler, s.num_steps, s.eta, config.diffusion.num_timesteps,
                   spacing=s.spacing, thresholding=s.thresholding, prefix="sampling.")
+    return Sections(process, optimizer)
 
 
 def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps: int, *,
@@ -161,9 +222,8 @@ def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps
              f"sampling.clip_denoised); drop {prefix}thresholding")
 
 
-def _validate_process(config, betas: np.ndarray) -> None:
+def _validate_process(d: diffusion.ProcessSpec, betas: np.ndarray) -> None:
     """The loss, variance and schedule fit together (what the original asserts, and more)."""
-    d = config.diffusion
     _require(not (d.loss_type == "mse" and diffusion.is_learned_variance(d.model_var_type)),
              f"diffusion.loss_type='mse' trains the mean only: the learned variance "
              f"(model_var_type={d.model_var_type!r}) would get no gradient; use "
@@ -219,17 +279,6 @@ def check_guidance(guidance: float, *, prefix: str = "--") -> None:
              and math.isfinite(guidance) and guidance >= 0.0,
              f"{prefix}guidance must be a finite number >= 0 (0 = no guidance), got "
              f"{guidance!r}")
-
-
-def _validate_optim(config) -> None:
-    o = config.optim
-    _require(o.lr > 0, f"optim.lr must be positive, got {o.lr!r}")
-    _require(isinstance(o.warmup, int) and o.warmup >= 0,
-             f"optim.warmup must be a non-negative integer, got {o.warmup!r}")
-    _require(o.grad_clip > 0, f"optim.grad_clip must be positive, got {o.grad_clip!r}")
-    _require(0.0 <= o.ema_decay < 1.0, f"optim.ema_decay must be in [0, 1), got {o.ema_decay!r}")
-    if "schedule" in o:
-        _choice(config, "optim.schedule", ("constant", "cosine"))
 
 
 def _validate_training(config) -> None:

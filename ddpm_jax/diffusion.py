@@ -6,11 +6,13 @@ Images are ``[B, H, W, C]`` float32 in [-1, 1]; timesteps are ``int32 [B]``.
 Every constant of the process, the logarithms included, is computed in float64 with numpy and
 cast to float32 once (``Diffusion.create``); nothing is derived from the float32 copies at trace
 time. Every function here is a pure function of a ``Diffusion`` pytree and arrays, so it can be
-jitted, vmapped and scanned.
+jitted, vmapped and scanned. What is computed from the float64 betas when a function is traced
+(respaced processes, sampler coefficients) takes them from a ``Schedule64``, a host object.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Callable
 from typing import Any
@@ -32,6 +34,30 @@ HYBRID_LAMBDA = 0.001
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
 
+@dataclasses.dataclass(frozen=True)
+class ProcessSpec:
+    """The process of a config's ``diffusion`` section: its beta schedule and the network's
+    parameterisation (``config_lib.validate`` builds it and checks how the fields fit)."""
+
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    num_timesteps: int = 1000
+    model_mean_type: str = "eps"
+    model_var_type: str = "fixedlarge"
+    loss_type: str = "mse"
+
+    @classmethod
+    def from_config(cls, config: Any) -> ProcessSpec:
+        c = config.diffusion
+        return cls(c.beta_schedule, c.beta_start, c.beta_end, c.num_timesteps,
+                   c.model_mean_type, c.model_var_type, c.loss_type)
+
+    def betas(self) -> np.ndarray:
+        """The float64 betas ``[T]`` (``schedules.get_beta_schedule``)."""
+        return schedules.config_betas(self)
+
+
 def is_learned_variance(model_var_type: str) -> bool:
     """Whether the network outputs the variance too (2C channels)."""
     return model_var_type in ("learned", "learned_range")
@@ -42,8 +68,12 @@ class Diffusion:
     """Float32 constants of the forward process and the model's parameterisation.
 
     Arrays are indexed by the 0-based timestep ``t``; all are ``float32 [T]``, computed in
-    float64. ``betas64`` keeps the float64 betas the process was built from (a static tuple), so
-    a respaced process is derived from them exactly.
+    float64, but ``betas64_bits``: the float64 betas the process was built from, as their bits
+    (uint32 ``[T, 2]``; jax holds no float64 by default), read back exactly by ``betas64``.
+    Every field is an array except the three strings that choose the parameterisation: they are
+    static because they choose what is traced (Python branches, the output channels), and short,
+    so hashing them costs nothing. A jitted function of a Diffusion compiles once for every
+    process of the same T and types.
     """
 
     betas: jax.Array
@@ -61,10 +91,10 @@ class Diffusion:
     posterior_mean_coef2: jax.Array
     fixedlarge_variance: jax.Array
     fixedlarge_log_variance: jax.Array
+    betas64_bits: jax.Array
     model_mean_type: str = flax.struct.field(pytree_node=False, default="eps")
     model_var_type: str = flax.struct.field(pytree_node=False, default="fixedlarge")
     loss_type: str = flax.struct.field(pytree_node=False, default="mse")
-    betas64: tuple[float, ...] = flax.struct.field(pytree_node=False, default=())
 
     @property
     def num_timesteps(self) -> int:
@@ -86,28 +116,84 @@ class Diffusion:
         betas = np.asarray(betas, dtype=np.float64)
         schedules.validate_betas(betas)
         consts = {k: jnp.asarray(v, dtype=jnp.float32) for k, v in _constants(betas).items()}
+        bits = np.ascontiguousarray(betas).view(np.uint32).reshape(-1, 2)
         return cls(
             **consts,
+            betas64_bits=jnp.asarray(bits),
             model_mean_type=model_mean_type,
             model_var_type=model_var_type,
             loss_type=loss_type,
-            betas64=tuple(float(b) for b in betas),
         )
+
+    @classmethod
+    def from_spec(cls, spec: ProcessSpec) -> Diffusion:
+        """Builds the process ``spec`` describes."""
+        return cls.create(spec.betas(), model_mean_type=spec.model_mean_type,
+                          model_var_type=spec.model_var_type, loss_type=spec.loss_type)
 
     @classmethod
     def from_config(cls, config: Any) -> Diffusion:
         """Builds the process of ``config.diffusion``."""
-        c = config.diffusion
-        return cls.create(
-            schedules.config_betas(c),
-            model_mean_type=c.model_mean_type,
-            model_var_type=c.model_var_type,
-            loss_type=c.loss_type,
-        )
+        return cls.from_spec(ProcessSpec.from_config(config))
 
     @property
     def learned_variance(self) -> bool:
         return is_learned_variance(self.model_var_type)
+
+    @property
+    def betas64(self) -> np.ndarray:
+        """The float64 betas of the process (read-only ``[T]``), on the host.
+
+        Raises:
+          ValueError: inside a trace, where the Diffusion is traced; give the traced function
+            the ``Schedule64`` of the process instead.
+        """
+        try:
+            bits = np.asarray(self.betas64_bits)
+        except jax.errors.TracerArrayConversionError:
+            raise ValueError(
+                "the float64 betas of a traced Diffusion are not known when tracing; pass its "
+                "Schedule64 (diffusion.Schedule64.of(d), made outside the jit)") from None
+        return bits.reshape(-1).view(np.float64)
+
+
+@dataclasses.dataclass(frozen=True, eq=False)
+class Schedule64:
+    """The float64 betas of a process on the host, for what is computed from them when a
+    function is traced: respaced processes, step spacings, sampler coefficients.
+
+    Compared and hashed by value (the hash computed once), so it can be a static argument of
+    a jitted function: two schedules of the same betas share its compilations.
+    """
+
+    betas: np.ndarray
+    _hash: int = dataclasses.field(init=False, repr=False)
+
+    def __post_init__(self):
+        betas = np.array(self.betas, dtype=np.float64)
+        betas.flags.writeable = False
+        object.__setattr__(self, "betas", betas)
+        object.__setattr__(self, "_hash", hash(betas.tobytes()))
+
+    @classmethod
+    def of(cls, process: Diffusion | Schedule64) -> Schedule64:
+        """The schedule of a (host) Diffusion; a Schedule64 is returned as it is."""
+        return process if isinstance(process, Schedule64) else cls(process.betas64)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.betas.shape[0])
+
+    def __hash__(self) -> int:
+        return self._hash
+
+    def __eq__(self, other) -> bool:
+        return self is other or (isinstance(other, Schedule64) and self._hash == other._hash
+                                 and np.array_equal(self.betas, other.betas))
+
+    def __repr__(self) -> str:
+        b = self.betas
+        return f"Schedule64(T={self.num_timesteps}, betas {b[0]:.6g}..{b[-1]:.6g})"
 
 
 def _constants(betas: np.ndarray) -> dict[str, np.ndarray]:

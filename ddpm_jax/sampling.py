@@ -4,7 +4,8 @@ clipped variants, DPM-Solver++(2M), EDM's Heun; spacings, progressive, interpola
 Every sampler is a pure function of (diffusion, model_fn, key, ...) that compiles to a single
 scan over its steps: one dispatch for the whole chain, no Python loop and no ``lax.cond`` per
 step. Per-step coefficients are float64 numpy constants computed from the process's betas when
-the chain is traced.
+the chain is traced: from its ``diffusion.Schedule64`` (``schedule=``), which is read from the
+Diffusion itself when that is not traced.
 
 The model interface (what a step calls, and all it calls):
 
@@ -44,7 +45,7 @@ from jax.sharding import NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from ddpm_jax import config_lib, diffusion, images, sharding, unet, xla_cpu
-from ddpm_jax.diffusion import Diffusion
+from ddpm_jax.diffusion import Diffusion, Schedule64
 
 ModelFn = Callable[[jax.Array, jax.Array], jax.Array]
 
@@ -245,6 +246,10 @@ def ddim_timesteps(num_timesteps: int, num_steps: int) -> np.ndarray:
 # ---------------------------------------------------------------------------------------------
 
 
+def _schedule(d: Diffusion, schedule: Schedule64 | None) -> Schedule64:
+    return Schedule64.of(d) if schedule is None else schedule
+
+
 def _denoise(d: Diffusion, model_fn: ModelFn, x_t: jax.Array, t_scalar) -> dict[str, jax.Array]:
     """The network at (x_t, t) as (unclipped) ``pred_xstart`` and ``eps`` (``p_mean_variance``)."""
     t = jnp.full((x_t.shape[0],), t_scalar, dtype=jnp.int32)
@@ -344,7 +349,8 @@ def heun_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
     return dict(sigma=sigma, c_in=1.0 / np.sqrt(sigma**2 + 1.0))
 
 
-def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray):
+def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray,
+                 schedule: Schedule64 | None = None):
     """EDM's step ``(x, i) -> (x_{i+1}, D(x_i))`` on ``ts`` (Karras et al. 2022, Alg. 1 with
     S_churn = 0), and the denoiser ``denoise(x, i)``.
 
@@ -352,7 +358,7 @@ def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray):
     model: x - sigma_i eps(c_in x, t_i), EDM's ``iDDPMPrecond`` at a trained level). Step i is
     Euler from sigma_i to sigma_{i+1} with Heun's correction (two network calls).
     """
-    k = heun_coefficients(d.betas64, ts)
+    k = heun_coefficients(_schedule(d, schedule).betas, ts)
     c_in, sig = (jnp.asarray(k[name], jnp.float32) for name in ("c_in", "sigma"))
     ts_j = jnp.asarray(ts, jnp.int32)
 
@@ -373,10 +379,10 @@ def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray):
 
 
 def heun_sample_loop(d: Diffusion, model_fn: ModelFn, x_T: jax.Array, ts: np.ndarray, *,
-                     carry_sharding=None) -> jax.Array:
+                     carry_sharding=None, schedule: Schedule64 | None = None) -> jax.Array:
     """EDM's deterministic sampler on ``ts`` from x = sigma_0 x_T: a scan over the N - 1 Heun
     steps (``heun_step_fn``), then Euler to sigma = 0, which is D: 2N - 1 network calls."""
-    step_fn = heun_step_fn(d, model_fn, ts)
+    step_fn = heun_step_fn(d, model_fn, ts, schedule)
     pin = (lambda x: x) if carry_sharding is None else (
         lambda x: jax.lax.with_sharding_constraint(x, carry_sharding))
     x, _ = jax.lax.scan(lambda x, i: (pin(step_fn(x, i)[0]), None),
@@ -393,7 +399,7 @@ def _as_xs(ts: np.ndarray, coefficients: dict[str, np.ndarray]) -> dict[str, jax
 def ddim_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...], *,
                      num_steps: int, eta=0.0, spacing: str = "uniform", variant: str = "ddim",
                      x_T: jax.Array | None = None, record_every: int | None = None,
-                     carry_sharding=None):
+                     carry_sharding=None, schedule: Schedule64 | None = None):
     """DDIM (Song et al. 2021, or a clipped ``variant``) on a spacing; one scan.
 
     Deterministic when eta = 0; ``eta`` may be traced (changing it does not recompile).
@@ -401,9 +407,10 @@ def ddim_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tup
     x_key, chain_key = _keys(key)
     if x_T is None:
         x_T = jax.random.normal(x_key, shape, dtype=jnp.float32)
-    ts = spacing_timesteps(spacing, d.betas64, num_steps, variant)
+    betas64 = _schedule(d, schedule).betas
+    ts = spacing_timesteps(spacing, betas64, num_steps, variant)
     step_fn = ddim_step_fn(d, model_fn, chain_key, eta, variant=variant)
-    return _chain(step_fn, x_T, _as_xs(ts, ddim_coefficients(d.betas64, ts)), record_every,
+    return _chain(step_fn, x_T, _as_xs(ts, ddim_coefficients(betas64, ts)), record_every,
                   carry_sharding)
 
 
@@ -411,35 +418,39 @@ def dpm_solver_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array,
                            shape: tuple[int, ...], *, num_steps: int = 20,
                            spacing: str = "linspace", thresholding: bool = False,
                            x_T: jax.Array | None = None, record_every: int | None = None,
-                           carry_sharding=None):
+                           carry_sharding=None, schedule: Schedule64 | None = None):
     """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults for a DDPM; one scan."""
     if x_T is None:
         x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
-    ts = spacing_timesteps(spacing, d.betas64, num_steps, "dpm_solver++")
+    betas64 = _schedule(d, schedule).betas
+    ts = spacing_timesteps(spacing, betas64, num_steps, "dpm_solver++")
     step_fn = dpm_solver_step_fn(d, model_fn, thresholding=thresholding)
     return _chain(step_fn, (x_T, jnp.zeros_like(x_T)),
-                  _as_xs(ts, dpm_solver_coefficients(d.betas64, ts)), record_every,
+                  _as_xs(ts, dpm_solver_coefficients(betas64, ts)), record_every,
                   carry_sharding)
 
 
 def heun_sample(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...], *,
                 num_steps: int = 18, spacing: str = "karras", x_T: jax.Array | None = None,
-                carry_sharding=None) -> jax.Array:
+                carry_sharding=None, schedule: Schedule64 | None = None) -> jax.Array:
     """EDM's Heun sampler with N = ``num_steps`` (``heun_sample_loop``), x_T drawn from key."""
     if x_T is None:
         x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
-    ts = spacing_timesteps(spacing, d.betas64, num_steps, "heun")
-    return heun_sample_loop(d, model_fn, x_T, ts, carry_sharding=carry_sharding)
+    schedule = _schedule(d, schedule)
+    ts = spacing_timesteps(spacing, schedule.betas, num_steps, "heun")
+    return heun_sample_loop(d, model_fn, x_T, ts, carry_sharding=carry_sharding,
+                            schedule=schedule)
 
-def respace(d: Diffusion, timesteps) -> tuple[Diffusion, jax.Array]:
+def respace(d: Diffusion, timesteps,
+            schedule: Schedule64 | None = None) -> tuple[Diffusion, jax.Array]:
     """The process restricted to a subsequence of steps (Improved DDPM's respacing).
 
     beta'_i = 1 - alphabar[tau_i] / alphabar[tau_{i-1}], computed in float64 from the betas the
-    process was built from (``d.betas64``). Returns the new process (with the mean/variance types
-    of ``d``) and the map from its steps to the model's timesteps.
+    process was built from (``schedule``, by default ``d``'s). Returns the new process (with the
+    mean/variance types of ``d``) and the map from its steps to the model's timesteps.
     """
     taus = np.asarray(timesteps, dtype=np.int64)
-    abar = np.cumprod(1.0 - np.asarray(d.betas64, dtype=np.float64))
+    abar = np.cumprod(1.0 - _schedule(d, schedule).betas)
     kept = abar[taus]
     new_betas = 1.0 - kept / np.append(1.0, kept[:-1])
     new = Diffusion.create(
@@ -570,17 +581,18 @@ class SamplerSpec:
             extra = ", x0 thresholded: clipped to [-1, 1]"
         return VARIANTS[self.sampler] + extra
 
-    def timesteps(self, d: Diffusion) -> np.ndarray:
+    def timesteps(self, d: Diffusion | Schedule64) -> np.ndarray:
         """The distinct model timesteps the chain evaluates, descending."""
-        steps = self.steps(d.num_timesteps)
-        return spacing_timesteps(self.resolved_spacing, d.betas64, steps, self.sampler)
+        schedule = Schedule64.of(d)
+        steps = self.steps(schedule.num_timesteps)
+        return spacing_timesteps(self.resolved_spacing, schedule.betas, steps, self.sampler)
 
-    def nfe(self, d: Diffusion) -> int:
+    def nfe(self, d: Diffusion | Schedule64) -> int:
         """Network evaluations per image."""
         n = len(self.timesteps(d))
         return 2 * n - 1 if self.sampler == "heun" else n
 
-    def record(self, d: Diffusion) -> dict:
+    def record(self, d: Diffusion | Schedule64) -> dict:
         """The fields every samples.json and evaluation provenance carries."""
         return dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
                     num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta,
@@ -623,14 +635,17 @@ def default_record_every(num_steps: int, columns: int = 10) -> int:
 
 
 def chain(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...],
-          spec: SamplerSpec, *, eta=None, x_T: jax.Array | None = None, carry_sharding=None):
+          spec: SamplerSpec, *, eta=None, x_T: jax.Array | None = None, carry_sharding=None,
+          schedule: Schedule64 | None = None):
     """The chain ``spec`` describes, in [-1, 1] (the tuple of ``_chain`` with record_every).
 
-    ``eta`` (default ``spec.eta``) may be a traced scalar.
+    ``eta`` (default ``spec.eta``) may be a traced scalar. ``schedule``: the float64 betas of
+    ``d`` (needed when ``d`` is traced; read from ``d`` otherwise).
     """
     spec.check(d.num_timesteps)
     eta = spec.eta if eta is None else eta
-    ts = spec.timesteps(d)
+    schedule = _schedule(d, schedule)
+    ts = spec.timesteps(schedule)
     if spec.record_every is not None and len(ts) % spec.record_every:
         raise config_lib.ConfigError(
             f"--progressive_every={spec.record_every} must divide the {len(ts)} distinct steps "
@@ -640,18 +655,20 @@ def chain(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...
     steps = spec.steps(d.num_timesteps)
     if spec.sampler in DDIM_VARIANTS:
         return ddim_sample_loop(d, model_fn, key, shape, num_steps=steps, eta=eta,
-                                spacing=spec.resolved_spacing, variant=spec.sampler, **common)
+                                spacing=spec.resolved_spacing, variant=spec.sampler,
+                                schedule=schedule, **common)
     if spec.sampler == "dpm_solver++":
         return dpm_solver_sample_loop(d, model_fn, key, shape, num_steps=steps,
                                       spacing=spec.resolved_spacing,
-                                      thresholding=spec.thresholding, **common)
+                                      thresholding=spec.thresholding, schedule=schedule,
+                                      **common)
     if spec.sampler == "heun":
         return heun_sample(d, model_fn, key, shape, num_steps=steps,
                            spacing=spec.resolved_spacing, x_T=x_T,
-                           carry_sharding=carry_sharding)
+                           carry_sharding=carry_sharding, schedule=schedule)
     if np.array_equal(ts, np.arange(d.num_timesteps)[::-1]):
         return sample_loop(d, model_fn, key, shape, clip_denoised=spec.clip_denoised, **common)
-    respaced, tmap = respace(d, ts[::-1])
+    respaced, tmap = respace(d, ts[::-1], schedule)
     return sample_loop(respaced, model_fn, key, shape, timestep_map=tmap,
                        clip_denoised=spec.clip_denoised, **common)
 
@@ -710,7 +727,8 @@ def guidance_args(labels, guidance: float) -> dict[str, Any]:
 
 
 def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
-                    mesh: jax.sharding.Mesh, build_model_fn: Callable = network_fn) -> Callable:
+                    mesh: jax.sharding.Mesh,
+                    build_model_fn: Callable = network_fn) -> SamplingFn:
     """The compiled chain of a U-Net: ``fn(params, d, key, x_T=None, eta=0.0, model_args=None)``.
 
     Returns uint8 ``[B, H, W, C]`` (with ``record_every``: the tuple x_0 ``[B, ...]``, xs and
@@ -719,27 +737,51 @@ def get_sampling_fn(graphdef: Any, spec: SamplerSpec, shape: tuple[int, ...],
     parameters and the process constants are replicated. ``eta`` and ``model_args`` (any
     pytree, handed to ``build_model_fn(graphdef, params, model_args) -> model_fn``) are traced
     inputs: new values never recompile. Cached per (graphdef, spec without eta, shape, mesh,
-    build_model_fn), so one compile per number of steps.
+    build_model_fn), so one compile per number of steps (and per schedule: the float64 betas
+    of ``d``, from which the steps and their coefficients are computed).
     """
     return _compiled_chain(graphdef, dataclasses.replace(spec, eta=0.0), shape, mesh,
                            build_model_fn)
 
 
+class SamplingFn:
+    """The jitted chain of ``get_sampling_fn``, called (and lowered) as
+    ``fn(params, d, key, x_T=None, eta=0.0, model_args=None)``.
+
+    ``d`` is traced; its ``Schedule64`` (read on the host at each call: a cached copy and one
+    hash) is the jit's static argument.
+    """
+
+    def __init__(self, jitted):
+        self._jitted = jitted
+
+    def __call__(self, params, d: Diffusion, *args, **kwargs):
+        return self._jitted(Schedule64.of(d), params, d, *args, **kwargs)
+
+    def lower(self, params, d: Diffusion, *args, **kwargs):
+        """``jax.jit(...).lower``; its compiled program takes the arguments without ``d``'s
+        schedule, as this function does."""
+        return self._jitted.lower(Schedule64.of(d), params, d, *args, **kwargs)
+
+    def _cache_size(self) -> int:
+        return self._jitted._cache_size()
+
+
 @functools.lru_cache(maxsize=32)
-def _compiled_chain(graphdef, spec: SamplerSpec, shape, mesh, build_model_fn) -> Callable:
+def _compiled_chain(graphdef, spec: SamplerSpec, shape, mesh, build_model_fn) -> SamplingFn:
     sharding.check_batch(shape[0], mesh.size, what="sampling batch")
     data = sharding.data_sharding(mesh)
     trajectory = NamedSharding(mesh, P(None, sharding.DATA))  # [K, B, ...]
     out = data if spec.record_every is None else (data, trajectory, trajectory)
 
-    def sample_fn(params, d, key, x_T=None, eta=0.0, model_args=None):
+    def sample_fn(schedule, params, d, key, x_T=None, eta=0.0, model_args=None):
         model_fn = build_model_fn(graphdef, params, model_args)
         x = chain(d, model_fn, key, shape, spec, eta=jnp.asarray(eta, jnp.float32), x_T=x_T,
-                  carry_sharding=data)
+                  carry_sharding=data, schedule=schedule)
         return jax.tree.map(images.to_uint8, x)
 
-    return jax.jit(sample_fn, out_shardings=out,
-                   compiler_options=xla_cpu.compiler_options("forward"))
+    return SamplingFn(jax.jit(sample_fn, static_argnums=0, out_shardings=out,
+                              compiler_options=xla_cpu.compiler_options("forward")))
 
 
 # ---------------------------------------------------------------------------------------------

@@ -79,17 +79,17 @@ class TrainState:
 # ---------------------------------------------------------------------------------------------
 
 
-def learning_rate_fn(config) -> optax.Schedule:
+def learning_rate_fn(optim: config_lib.OptimizerSpec) -> optax.Schedule:
     """lr(step) = lr * min(step / warmup, 1): linear warm-up, then constant (the original).
 
     With ``optim.schedule = "cosine"`` the rate then falls as a half cosine from lr at the end
     of the warm-up to 0 at ``training.num_train_steps`` (for short runs).
     """
-    lr, warmup = config.optim.lr, config.optim.warmup
-    cosine = config.optim.get("schedule", "constant") == "cosine"
+    lr, warmup = optim.lr, optim.warmup
+    cosine = optim.schedule == "cosine"
     if warmup == 0 and not cosine:
         return optax.constant_schedule(lr)
-    total = config.training.num_train_steps
+    total = optim.num_train_steps
 
     def schedule(step):
         s = jnp.asarray(step, jnp.float32)
@@ -102,22 +102,21 @@ def learning_rate_fn(config) -> optax.Schedule:
     return schedule
 
 
-def ema_decay_fn(config):
+def ema_decay_fn(optim: config_lib.OptimizerSpec):
     """decay(step): ``optim.ema_decay``, or with ``optim.ema_warmup`` TF's
     ExponentialMovingAverage with ``num_updates``: ``min(decay, (1 + step) / (10 + step))``, so
     the average forgets the initial parameters quickly in a short run."""
-    decay = config.optim.ema_decay
-    if not config.optim.get("ema_warmup", False):
+    decay = optim.ema_decay
+    if not optim.ema_warmup:
         return lambda step: decay
     return lambda step: jnp.minimum(decay, (1.0 + step) / (10.0 + step))
 
 
-def create_optimizer(config) -> optax.GradientTransformation:
+def create_optimizer(optim: config_lib.OptimizerSpec) -> optax.GradientTransformation:
     """Global-norm clipping, then Adam (beta1 0.9, beta2 0.999, eps 1e-8 by default)."""
-    o = config.optim
     return optax.chain(
-        optax.clip_by_global_norm(o.grad_clip),
-        optax.adam(learning_rate_fn(config), b1=o.beta1, b2=o.beta2, eps=o.eps),
+        optax.clip_by_global_norm(optim.grad_clip),
+        optax.adam(learning_rate_fn(optim), b1=optim.beta1, b2=optim.beta2, eps=optim.eps),
     )
 
 
@@ -176,8 +175,8 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``). The logged
     ``lr`` is the one Adam applied: the schedule at the count of applied updates.
     """
-    decay_fn = ema_decay_fn(config)
-    lr_fn = learning_rate_fn(config)
+    optim = config_lib.OptimizerSpec.from_config(config)
+    decay_fn, lr_fn = ema_decay_fn(optim), learning_rate_fn(optim)
     image = (config.data.image_size, config.data.image_size, config.data.channels)
 
     num_classes = config_lib.num_classes(config)
@@ -467,7 +466,7 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
     Raises:
       AlreadyTrained: the latest checkpoint is at ``training.num_train_steps``.
     """
-    config_lib.validate(config)
+    sections = config_lib.validate(config)
     eval_plan = evaluation.plan(config)  # a missing weight file is refused here, in one line
     for warning in config_lib.warnings(config):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
@@ -479,8 +478,8 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
     rows = sharding.process_rows(mesh, config.training.batch_size)
     ckpt = stack.enter_context(checkpoints.Checkpointer(
         path / checkpoints.CHECKPOINT_SUBDIR, max_to_keep=config.training.max_to_keep))
-    tx = create_optimizer(config)
-    d = diffusion.Diffusion.from_config(config)
+    tx = create_optimizer(sections.optimizer)
+    d = diffusion.Diffusion.from_spec(sections.process)
     graphdef, abstract_params = unet.abstract_model(config)
     abstract = abstract_state(abstract_params, tx)
     latest = ckpt.latest_step()

@@ -387,10 +387,10 @@ def test_every_benchmark_module_runs_on_the_test_config(name, tmp_path, request)
 
 
 def test_run_once_options_give_the_same_initial_state_bit_for_bit():
-    from ddpm_jax import sharding, training
+    from ddpm_jax import config_lib, sharding, training
 
     config = test_config.get_config()
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     state = training.create_train_state(config, tx, sharding.create_mesh())
 
     def init():

@@ -100,7 +100,7 @@ def test_label_drops_follow_the_key_at_the_configured_rate():
 
 def test_conditional_train_step_drops_the_labels_the_step_key_says(cond_model):
     config = cond_config(model__cond_drop_prob=0.5)
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     d = diffusion.Diffusion.from_config(config)
     step = jax.jit(training.make_train_step(config, cond_model.graphdef, d, tx))
     state = training.init_train_state(jax.device_get(cond_model.params), tx)

@@ -304,3 +304,10 @@ def test_one_compile_per_number_of_steps_and_none_per_eta_or_model_args():
               for s in (1.0, 0.5)]
     assert dpm._cache_size() == 1 and not np.array_equal(*scaled)
     assert get(sampling.SamplerSpec("dpm_solver++", 7)) is not dpm
+    again = diffusion.Diffusion.create(BETAS.copy())  # another object, the same betas
+    assert np.array_equal(dpm(None, again, key, None, 0.0, {"scale": jnp.float32(1.0)}),
+                          scaled[0])
+    assert dpm._cache_size() == 1
+    other = diffusion.Diffusion.create(schedules.get_beta_schedule("cosine", num_timesteps=T))
+    dpm(None, other, key, None, 0.0, {"scale": jnp.float32(1.0)})
+    assert dpm._cache_size() == 2  # steps and coefficients come from the betas: compiled again

@@ -6,12 +6,15 @@ from the code under test.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
+import jax
 import numpy as np
 import pytest
 
-from ddpm_jax import diffusion, schedules
+from configs import test as test_config
+from ddpm_jax import config_lib, diffusion, schedules
 from ddpm_jax.schedules import ScheduleError
 
 T = 1000
@@ -227,6 +230,59 @@ def test_diffusion_constants_edge_entries():
     assert float(d.posterior_log_variance_clipped[0]) == float(d.posterior_log_variance_clipped[1])
     assert float(d.posterior_mean_coef1[0]) == 1.0  # q(x_0 | x_1, x_0) is a point mass at x_0
     assert float(d.posterior_mean_coef2[0]) == 0.0
+
+
+def test_diffusion_is_arrays_and_three_short_static_names():
+    # A jitted function hashes the static fields of its pytree arguments at every call and
+    # compiles once per distinct value: a Diffusion's are the three type names, its betas are
+    # data, so processes of different betas (and the same T) share one compilation.
+    a = diffusion.Diffusion.create(schedules.get_beta_schedule("linear", num_timesteps=50))
+    b = diffusion.Diffusion.create(schedules.get_beta_schedule("cosine", num_timesteps=50))
+    static = {f.name: getattr(a, f.name) for f in dataclasses.fields(a)
+              if not f.metadata.get("pytree_node", True)}
+    assert static == {"model_mean_type": "eps", "model_var_type": "fixedlarge",
+                      "loss_type": "mse"}
+    assert all(isinstance(leaf, jax.Array) for leaf in jax.tree.leaves(a))
+    f = jax.jit(lambda d: d.betas[-1] + d.posterior_variance[1])
+    assert float(f(a)) != float(f(b))  # each call computes with its own process
+    assert f._cache_size() == 1
+
+
+@pytest.mark.parametrize("name", ["linear", "cosine"])
+def test_float64_betas_read_back_exactly(name):
+    # The float64 betas travel as bits: d.betas64 and its Schedule64 hold them bit for bit.
+    betas = schedules.get_beta_schedule(name, num_timesteps=T)
+    d = diffusion.Diffusion.create(betas)
+    assert d.betas64.dtype == np.float64 and d.betas64.tobytes() == betas.tobytes()
+    s = diffusion.Schedule64.of(d)
+    assert diffusion.Schedule64.of(s) is s and not s.betas.flags.writeable
+    same = diffusion.Schedule64(betas.copy())
+    assert s == same and hash(s) == hash(same) and s.num_timesteps == T
+    assert s != diffusion.Schedule64(np.nextafter(betas, 1.0))  # one ulp apart: another key
+
+
+def test_validate_builds_the_process_section_the_diffusion_takes():
+    # config.diffusion as a frozen section, built and checked by validate: it holds each key
+    # and builds the same process as the config, bit for bit.
+    config = test_config.get_config()
+    c = config.diffusion
+    c.beta_schedule, c.model_var_type, c.loss_type = "cosine", "learned_range", "hybrid"
+    spec = config_lib.validate(config).process
+    assert spec == diffusion.ProcessSpec("cosine", c.beta_start, c.beta_end, 50, "eps",
+                                         "learned_range", "hybrid")
+    d = diffusion.Diffusion.from_spec(spec)
+    assert d.betas64.tobytes() == schedules.get_beta_schedule("cosine", num_timesteps=50).tobytes()
+    assert (d.model_var_type, d.loss_type) == ("learned_range", "hybrid")
+    assert d.betas64.tobytes() == diffusion.Diffusion.from_config(config).betas64.tobytes()
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        spec.num_timesteps = 10
+
+
+def test_schedule_of_a_traced_diffusion_is_refused():
+    # Inside a jit the betas are tracers: a clear error, not a silent float32 copy.
+    d = diffusion.Diffusion.create(schedules.get_beta_schedule("linear", num_timesteps=8))
+    with pytest.raises(ValueError, match="Schedule64"):
+        jax.jit(lambda d: diffusion.Schedule64.of(d).num_timesteps)(d)
 
 
 @pytest.mark.parametrize("name", ALL_SCHEDULES)

@@ -1,5 +1,6 @@
 """Training: a real run end to end, the optimiser, EMA, and sharded == unsharded."""
 
+import dataclasses
 import io
 import json
 import os
@@ -14,7 +15,7 @@ from conftest import run_script
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import datasets, diffusion, training, unet
+from ddpm_jax import config_lib, datasets, diffusion, training, unet
 
 
 def test_train_end_to_end_writes_everything(test_cfg, tmp_path):
@@ -82,7 +83,7 @@ def _setup(config, seed=0):
     from ddpm_jax import config_lib
 
     graphdef, params = unet.split(unet.create_model(config, seed=seed))
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     key = config_lib.to_json(config)
     if key not in _STEPS:
         d = diffusion.Diffusion.from_config(config)
@@ -107,13 +108,13 @@ def test_loss_decreases_on_a_fixed_batch(test_cfg):
 def test_warmup_schedule_and_clipping():
     config = test_config.get_config()
     config.optim.lr, config.optim.warmup = 2e-4, 5000
-    lr = training.learning_rate_fn(config)
+    lr = training.learning_rate_fn(config_lib.OptimizerSpec.from_config(config))
     assert float(lr(0)) == 0.0
     assert float(lr(2500)) == pytest.approx(1e-4)
     assert float(lr(5000)) == pytest.approx(2e-4)
     assert float(lr(800_000)) == pytest.approx(2e-4)
     # Clipping by global norm 1.0 happens before Adam: its first moment is (1 - b1) * g_clipped.
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     params = {"w": jnp.zeros(4)}
     grads = {"w": jnp.array([30.0, 40.0, 0.0, 0.0])}  # norm 50
     _, opt_state = tx.update(grads, tx.init(params), params)
@@ -122,6 +123,26 @@ def test_warmup_schedule_and_clipping():
     small = {"w": jnp.array([0.3, 0.4, 0.0, 0.0])}  # norm 0.5: untouched
     _, opt_state = tx.update(small, tx.init(params), params)
     assert float(optax.global_norm(opt_state[1][0].mu)) == pytest.approx(0.05, rel=1e-6)
+
+
+def test_optimizer_section_reads_older_configs_and_drives_the_schedules():
+    # A saved config without the optim keys added later reads as those runs behaved; each
+    # field of the section reaches what training builds from it.
+    tree = config_lib.to_dict(test_config.get_config())
+    for key in ("schedule", "ema_warmup", "skip_nonfinite"):
+        del tree["optim"][key]
+    o = config_lib.OptimizerSpec.from_config(config_lib.from_dict(tree))
+    assert (o.schedule, o.ema_warmup, o.skip_nonfinite) == ("constant", False, False)
+    assert (o.lr, o.warmup, o.num_train_steps) == (1e-3, 2, 4)
+    cosine = training.learning_rate_fn(dataclasses.replace(o, schedule="cosine"))
+    assert float(cosine(2)) == pytest.approx(1e-3) and float(cosine(3)) == pytest.approx(5e-4)
+    assert float(cosine(4)) == pytest.approx(0.0, abs=1e-12)
+    assert float(training.learning_rate_fn(o)(4)) == pytest.approx(1e-3)
+    assert float(training.ema_decay_fn(dataclasses.replace(o, ema_warmup=True))(0)) == (
+        pytest.approx(0.1))
+    assert training.ema_decay_fn(o)(0) == o.ema_decay
+    with pytest.raises(config_lib.ConfigError, match="optim.schedule='linear' is not one of"):
+        dataclasses.replace(o, schedule="linear").check()
 
 
 def test_ema_follows_its_definition(test_cfg):
@@ -180,7 +201,8 @@ def test_k_steps_per_dispatch_equal_k_single_steps_bit_for_bit(test_cfg):
 
 def _parts(config):
     graphdef, _ = unet.abstract_model(config)
-    return graphdef, diffusion.Diffusion.from_config(config), training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
+    return graphdef, diffusion.Diffusion.from_config(config), tx
 
 
 def test_sharded_step_on_8_devices_equals_1_device():

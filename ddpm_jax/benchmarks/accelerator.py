@@ -49,7 +49,7 @@ import jax
 import numpy as np
 from absl import app, flags
 
-from ddpm_jax import sharding, training
+from ddpm_jax import config_lib, sharding, training
 from ddpm_jax.benchmarks import common
 from ddpm_jax.benchmarks import sampling as sampling_bench
 from ddpm_jax.benchmarks import train as train_bench
@@ -110,7 +110,7 @@ def three_step_states(config, batch: int, steps: int, compiled=None) -> tuple[li
     if compiled is None:
         lowered, _, _ = train_bench.lower_train(config, mesh, 1, batch)
         compiled = lowered.compile(train_bench.options_for("project", "train"))
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     finals = []
     for _ in range(2):
         run = train_bench.TrainRunner(compiled, *train_bench.train_inputs(config, mesh, 1, batch,

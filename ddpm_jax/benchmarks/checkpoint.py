@@ -37,7 +37,7 @@ import jax.numpy as jnp
 import numpy as np
 from absl import app, flags, logging
 
-from ddpm_jax import checkpoints, sharding, training, unet
+from ddpm_jax import checkpoints, config_lib, sharding, training, unet
 from ddpm_jax.benchmarks import common
 
 FLAGS = flags.FLAGS
@@ -71,7 +71,7 @@ def randomize(tree, seed: int):
 
 def train_state(config, mesh, fill: str):
     """(state, optimizer): the initial train state as training creates it, maybe randomized."""
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     state = training.create_train_state(config, tx, mesh)
     if fill == "random":
         state = jax.tree.map(sharding.put, randomize(state, config.seed + 1),

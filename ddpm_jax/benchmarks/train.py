@@ -94,7 +94,7 @@ def options_for(setting: str, kind: str) -> dict[str, str] | None:
 
 def jit_train(config, mesh, k: int):
     """The real jitted k-step train function, and the abstract (state, batches) it takes."""
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     graphdef, params = unet.abstract_model(config)
     state = training.abstract_state(params, tx)
     step = training.make_train_step(config, graphdef, diffusion.Diffusion.from_config(config), tx)
@@ -316,7 +316,7 @@ def _compile_ours(s: Settings, config, mesh, batch: int) -> dict:
 def _runners(s: Settings, config, mesh, batch: int, ours: dict, peer) -> dict[str, dict]:
     """Per measurement, the named callables to interleave (each one timed unit)."""
     runners: dict[str, dict] = {m: {} for m in s.measure}
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     for (m, setting), o in ours.items():
         if m == "train":
             state, batches, key = train_inputs(config, mesh, o["steps"], batch, s.seed, tx)

@@ -9,14 +9,14 @@ import jax
 import numpy as np
 
 from configs import test as test_config
-from ddpm_jax import diffusion, sharding, training, unet
+from ddpm_jax import config_lib, diffusion, sharding, training, unet
 
 
 def result(devices: str) -> dict:
     config = test_config.get_config()  # batch 8: on one device, the step train.py compiles
     mesh = sharding.create_mesh()
     assert mesh.size == int(devices)
-    tx = training.create_optimizer(config)
+    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     graphdef, abstract_params = unet.abstract_model(config)
     state = training.create_train_state(config, tx, mesh)
     step = training.compile_train_step(
