@@ -80,46 +80,48 @@ SAMPLE_METRICS = ("fid", "is", "kid", "digits_fd", "precision", "recall", "sfid"
                   "digits_class_share")
 DIGITS_METRICS = ("digits_fd",)  # precision / recall go with them: see pr_space
 
-flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
-flags.DEFINE_list("metrics", ["bpd"], f"Comma-separated, from: {', '.join(METRICS)}.")
-flags.DEFINE_string("out", None, "The JSON written (default: <workdir>/evaluation.json).")
-flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
-flags.DEFINE_integer("seed", 0, "Seed of the samples, of the bound's x_t draws and of the KID "
-                     "subsets.")
-flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (tfds data).")
-# Samples.
-flags.DEFINE_integer("num_samples", 50000, "Samples for FID / IS / KID.", lower_bound=1)
-flags.DEFINE_string("samples_dir", None, "Where samples.npz is reused or made (default: the "
-                    "workdir).")
-flags.DEFINE_integer("sample_batch_size", None, "Images per compiled sampling chain (default: "
-                     "config.sampling.batch_size).", lower_bound=1)
-cli.define_sampler_flags()
-flags.DEFINE_string("labels", None, "A class-conditional model: the classes sampled, as "
-                    "sample.py --labels (default: all, the classes in equal numbers).")
-flags.DEFINE_float("guidance", None, "A class-conditional model: the guidance w of the samples "
-                   "(default: config.sampling.guidance).")
-# The FID network and the reference.
-flags.DEFINE_string("inception_weights", None, "The converted FID Inception weights "
-                    "(default: $DDPM_JAX_INCEPTION_WEIGHTS).")
-flags.DEFINE_enum("mode", "tf1", ["tf1", "pytorch_fid"], "Inception preprocessing: tf1 (the "
-                  "paper's TF-GAN / TTUR conventions) or pytorch_fid.")
-flags.DEFINE_integer("inception_batch_size", 64, "Images per compiled Inception batch.",
-                     lower_bound=1)
-flags.DEFINE_string("ref", None, "Reference images DATASET:SPLIT (default: the config's dataset "
-                    "and config.data.split).")
-flags.DEFINE_string("ref_stats", None, "Reference statistics FILE.npz (mu, sigma) instead of "
-                    "--ref; not for KID.")
-flags.DEFINE_integer("ref_num_examples", None, "First N images of the reference split "
-                     "(default: all).", lower_bound=1)
-flags.DEFINE_integer("is_splits", 10, "Inception Score splits.", lower_bound=1)
-flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", lower_bound=1)
-flags.DEFINE_integer("kid_subset_size", 1000, "Images per KID subset.", lower_bound=2)
-# The bound.
-flags.DEFINE_string("split", None, "Split for bpd (default: config.data.eval_split).")
-flags.DEFINE_integer("num_examples", None, "First N images of --split for bpd (default: all).",
-                     lower_bound=1)
-flags.DEFINE_integer("batch_size", 64, "Images per compiled batch of the bound.", lower_bound=1)
-cli.define_process_flags()
+def define_flags() -> None:
+    """The command's flags (defined when it runs: importing the module defines none)."""
+    flags.DEFINE_string("workdir", None, "Workdir, checkpoints directory or step directory.")
+    flags.DEFINE_list("metrics", ["bpd"], f"Comma-separated, from: {', '.join(METRICS)}.")
+    flags.DEFINE_string("out", None, "The JSON written (default: <workdir>/evaluation.json).")
+    flags.DEFINE_bool("raw", False, "Use the raw parameters instead of the EMA weights.")
+    flags.DEFINE_integer("seed", 0, "Seed of the samples, of the bound's x_t draws and of the KID "
+                         "subsets.")
+    flags.DEFINE_string("data_dir", None, "Override config.data.data_dir (tfds data).")
+    # Samples.
+    flags.DEFINE_integer("num_samples", 50000, "Samples for FID / IS / KID.", lower_bound=1)
+    flags.DEFINE_string("samples_dir", None, "Where samples.npz is reused or made (default: the "
+                        "workdir).")
+    flags.DEFINE_integer("sample_batch_size", None, "Images per compiled sampling chain (default: "
+                         "config.sampling.batch_size).", lower_bound=1)
+    cli.define_sampler_flags()
+    flags.DEFINE_string("labels", None, "A class-conditional model: the classes sampled, as "
+                        "sample.py --labels (default: all, the classes in equal numbers).")
+    flags.DEFINE_float("guidance", None, "A class-conditional model: the guidance w of the samples "
+                       "(default: config.sampling.guidance).")
+    # The FID network and the reference.
+    flags.DEFINE_string("inception_weights", None, "The converted FID Inception weights "
+                        "(default: $DDPM_JAX_INCEPTION_WEIGHTS).")
+    flags.DEFINE_enum("mode", "tf1", ["tf1", "pytorch_fid"], "Inception preprocessing: tf1 (the "
+                      "paper's TF-GAN / TTUR conventions) or pytorch_fid.")
+    flags.DEFINE_integer("inception_batch_size", 64, "Images per compiled Inception batch.",
+                         lower_bound=1)
+    flags.DEFINE_string("ref", None, "Reference images DATASET:SPLIT (default: the config's "
+                        "dataset and config.data.split).")
+    flags.DEFINE_string("ref_stats", None, "Reference statistics FILE.npz (mu, sigma) instead of "
+                        "--ref; not for KID.")
+    flags.DEFINE_integer("ref_num_examples", None, "First N images of the reference split "
+                         "(default: all).", lower_bound=1)
+    flags.DEFINE_integer("is_splits", 10, "Inception Score splits.", lower_bound=1)
+    flags.DEFINE_integer("kid_subsets", 100, "KID subsets.", lower_bound=1)
+    flags.DEFINE_integer("kid_subset_size", 1000, "Images per KID subset.", lower_bound=2)
+    # The bound.
+    flags.DEFINE_string("split", None, "Split for bpd (default: config.data.eval_split).")
+    flags.DEFINE_integer("num_examples", None, "First N images of --split for bpd (default: all).",
+                         lower_bound=1)
+    flags.DEFINE_integer("batch_size", 64, "Images per compiled batch of the bound.", lower_bound=1)
+    cli.define_process_flags()
 
 
 class EvaluationError(errors.UserError, ValueError):
@@ -606,4 +608,5 @@ def main():
 
 
 if __name__ == "__main__":
+    define_flags()
     cli.run(main)

@@ -57,7 +57,7 @@ from __future__ import annotations
 from ddpm_jax.weights import checkpoint
 
 
-def _flags():
+def define_flags():
     from absl import flags  # noqa: PLC0415
 
     flags.DEFINE_string("workdir", None, "Run to export: a workdir, its checkpoints directory or "
@@ -90,5 +90,5 @@ def main() -> None:
 if __name__ == "__main__":
     from ddpm_jax import cli
 
-    _flags()
+    define_flags()
     cli.run(main)

@@ -36,7 +36,7 @@ from __future__ import annotations
 from ddpm_jax.weights import checkpoint
 
 
-def _flags():
+def define_flags():
     from absl import flags  # noqa: PLC0415
     from ml_collections import config_flags  # noqa: PLC0415
 
@@ -77,5 +77,5 @@ def main() -> None:
 if __name__ == "__main__":
     from ddpm_jax import cli
 
-    _flags()
+    define_flags()
     cli.run(main)

@@ -208,7 +208,7 @@ def sample_here(workdir, output_dir, *, num_samples: int, batch_size: int, sampl
 _COMMAND_MODULES = ("ddpm_jax", "__main__", "sample", "train")  # where command flags come from
 
 
-def _command_flags(flag_values, also_absl: bool = False) -> list:
+def _flags_of_commands(flag_values, also_absl: bool = False) -> list:
     """(module name, flag) of every flag a command of the project defined (``also_absl``: and
     every flag absl defined, such as ml_collections' ``--config.a.b`` overrides)."""
     return [(m, f) for m, fs in flag_values.flags_by_module_dict().items()
@@ -223,7 +223,7 @@ def _unregister(flag_values, flag) -> None:
 
 
 @contextlib.contextmanager
-def _own_flags():
+def command_flags():
     """absl's global flags without any command's flags while the block runs (the libraries'
     own, absl's and grain's, stay, and so do those a library defines meanwhile): a command
     defines and parses its flags as in a fresh interpreter; the flags set aside (another
@@ -234,7 +234,7 @@ def _own_flags():
     from absl import logging as absl_logging
 
     flag_values = flags.FLAGS
-    parsed, aside = flag_values.is_parsed(), _command_flags(flags.FLAGS)
+    parsed, aside = flag_values.is_parsed(), _flags_of_commands(flags.FLAGS)
     # A command's absl.app installs absl's log handler and a verbosity: the process's logging
     # is put back as it was (another test counts the lines on stderr).
     handlers, level = list(logging.root.handlers), logging.root.level
@@ -242,11 +242,11 @@ def _own_flags():
     for _, flag in aside:
         _unregister(flag_values, flag)
     flag_values.unparse_flags()
-    before = {id(f) for _, f in _command_flags(flag_values, also_absl=True)}
+    before = {id(f) for _, f in _flags_of_commands(flag_values, also_absl=True)}
     try:
         yield flag_values
     finally:
-        for _, flag in _command_flags(flag_values, also_absl=True):
+        for _, flag in _flags_of_commands(flag_values, also_absl=True):
             if id(flag) not in before:
                 _unregister(flag_values, flag)
         for module, flag in aside:
@@ -269,7 +269,7 @@ def run_command_here(module_name: str, *args) -> tuple[str, str]:
 
     module = importlib.import_module(module_name)
     out, err = io.StringIO(), io.StringIO()
-    with _own_flags() as flag_values:
+    with command_flags() as flag_values:
         module.define_flags()
         rest = flag_values([module_name, *map(str, args)])
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
@@ -278,21 +278,28 @@ def run_command_here(module_name: str, *args) -> tuple[str, str]:
 
 
 def run_script_here(script: str, *args) -> tuple[int, str, str]:
-    """``python SCRIPT ARGS`` (``train.py``, ``sample.py``: flags at the top, ``cli.run(main)``
-    under ``__main__``) run in this process: (exit code, stdout, stderr). One device, the
-    programs the other tests compiled; an exception other than the exit fails the test with its
-    traceback."""
+    """``python SCRIPT ARGS`` (``train.py``, ``sample.py``: flags at the top) or ``python -m
+    MODULE ARGS`` (``run_script_here("-m", "ddpm_jax.evaluate", ...)``: flags defined by the
+    module's ``define_flags()``), a command whose ``__main__`` ends in ``cli.run(main)``, run in
+    this process: (exit code, stdout, stderr). One device, the programs the other tests compiled;
+    an exception other than the exit fails the test with its traceback."""
+    import importlib
     import io
     import runpy
 
     from ddpm_jax import cli
 
     out, err = io.StringIO(), io.StringIO()
-    path = os.path.join(ROOT, script)
     code = 0
-    with _own_flags(), pytest.MonkeyPatch.context() as patch:
-        main = runpy.run_path(path, run_name=os.path.splitext(script)[0])["main"]
-        patch.setattr(sys, "argv", [path, *map(str, args)])
+    with command_flags(), pytest.MonkeyPatch.context() as patch:
+        if script == "-m":
+            module, args = importlib.import_module(args[0]), args[1:]
+            module.define_flags()
+            main, argv0 = module.main, module.__file__
+        else:
+            argv0 = os.path.join(ROOT, script)
+            main = runpy.run_path(argv0, run_name=os.path.splitext(script)[0])["main"]
+        patch.setattr(sys, "argv", [argv0, *map(str, args)])
         patch.chdir(ROOT)  # where the command's relative paths (configs/...) point
         with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             try:
@@ -300,6 +307,17 @@ def run_script_here(script: str, *args) -> tuple[int, str, str]:
             except SystemExit as e:
                 code = 0 if e.code is None else e.code
     return code, out.getvalue(), err.getvalue()
+
+
+def completed_here(*command, env=None):
+    """``run_script_here`` with ``env`` set meanwhile, as the ``subprocess.CompletedProcess`` a
+    ``run_python`` of the same command gives (``returncode``, ``stdout``, ``stderr``)."""
+    import subprocess
+
+    with pytest.MonkeyPatch.context() as patch:
+        for name, value in (env or {}).items():
+            patch.setenv(name, value)
+        return subprocess.CompletedProcess(list(command), *run_script_here(*command))
 
 
 def snapshot(root) -> dict:

@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_command_here, run_python, run_script_here
+from conftest import completed_here, run_command_here, run_script_here
 from test_export_weights import assert_same_tree, random_params
 
 import ddpm_jax
@@ -181,10 +181,10 @@ def test_the_guidance_benchmark_and_the_class_share(cond_run, tmp_path):
     assert guidance.pixel_fd(noise, guidance.real_pixels()) > 1.0
     # evaluate: the share of the samples' own labels, computed from samples.npz.
     samples, out = tmp_path / "s", tmp_path / "eval.json"
-    proc = run_python(["-m", "ddpm_jax.evaluate", f"--workdir={cond_run}",
-                       "--metrics=digits_class_share", "--num_samples=10", "--labels=all",
-                       "--guidance=1", "--sampler=ddim", "--num_steps=2",
-                       f"--samples_dir={samples}", f"--out={out}"])
+    proc = completed_here("-m", "ddpm_jax.evaluate", f"--workdir={cond_run}",
+                          "--metrics=digits_class_share", "--num_samples=10", "--labels=all",
+                          "--guidance=1", "--sampler=ddim", "--num_steps=2",
+                          f"--samples_dir={samples}", f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
     assert result["provenance"]["guidance"] == 1.0 and result["provenance"]["labels"] == "all"

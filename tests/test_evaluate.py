@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import command_flags, completed_here, run_script_here
 
 from configs import test as test_config
 from ddpm_jax import checkpoints, datasets, unet
@@ -17,8 +17,8 @@ def test_evaluate_writes_the_bound_of_the_test_split(digits_dir, tmp_path):
     config.data.data_dir = digits_dir
     params = unet.split(unet.create_model(config, seed=0))[1]
     checkpoints.save_weights(str(tmp_path), config, params)
-    proc = run_python(["-m", "ddpm_jax.evaluate", f"--workdir={tmp_path}", "--num_examples=6",
-                       "--batch_size=4"])
+    proc = completed_here("-m", "ddpm_jax.evaluate", f"--workdir={tmp_path}", "--num_examples=6",
+                          "--batch_size=4")
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(os.path.join(tmp_path, "bpd_test.json")))
     assert result["num_examples"] == 6 and result["split"] == "test"
@@ -30,7 +30,7 @@ def test_evaluate_writes_the_bound_of_the_test_split(digits_dir, tmp_path):
 
 
 def test_evaluate_refuses_a_missing_checkpoint(tmp_path):
-    proc = run_python(["-m", "ddpm_jax.evaluate", f"--workdir={tmp_path / 'nothing'}"])
+    proc = completed_here("-m", "ddpm_jax.evaluate", f"--workdir={tmp_path / 'nothing'}")
     assert proc.returncode == 2 and "error: no checkpoint at" in proc.stderr
 
 
@@ -62,7 +62,7 @@ def tiny_run(tmp_path_factory):
 
 def _evaluate(*args, weights=None):
     env = {"DDPM_JAX_INCEPTION_WEIGHTS": weights} if weights else None
-    return run_python(["-m", "ddpm_jax.evaluate", *map(str, args)], env=env)
+    return completed_here("-m", "ddpm_jax.evaluate", *args, env=env)
 
 
 def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
@@ -146,20 +146,12 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
 
 
 def _refusal(args) -> str:
-    """The message of the UserError that ``python -m ddpm_jax.evaluate ARGS`` stops with, run in
-    this process (every refusal comes before anything compiles, so this takes a second)."""
-    from absl import flags
-
-    from ddpm_jax import errors, evaluate
-
-    flags.FLAGS.unparse_flags()
-    flags.FLAGS(["evaluate", *args])
-    try:
-        with pytest.raises(errors.UserError) as excinfo:
-            evaluate.main()
-    finally:
-        flags.FLAGS.unparse_flags()
-    return str(excinfo.value)
+    """What ``python -m ddpm_jax.evaluate ARGS`` prints after ``error:`` when it refuses (exit
+    code 2), run in this process (every refusal comes before anything compiles, so this takes a
+    second). A message of several lines comes back whole."""
+    code, _, err = run_script_here("-m", "ddpm_jax.evaluate", *args)
+    assert code == 2 and "error: " in err, err[-2000:]
+    return err[err.rindex("error: ") + len("error: "):].rstrip("\n")
 
 
 def test_evaluate_refuses_bad_inputs_in_one_line(tiny_run, tmp_path, monkeypatch):
@@ -304,12 +296,12 @@ def test_reference_features_read_the_reference_once_then_the_cache(tmp_path):
 
 
 def test_the_spec_defaults_are_the_flag_defaults():
-    from absl import flags
-
     from ddpm_jax import evaluate
 
     fields = [f for f in dataclasses.fields(evaluate.EvalSpec) if f.name != "sampler"]
     assert len(fields) == 18
-    for f in fields:
-        default = flags.FLAGS[f.name].default
-        assert (tuple(default) if f.name == "metrics" else default) == f.default, f.name
+    with command_flags() as flag_values:
+        evaluate.define_flags()
+        for f in fields:
+            default = flag_values[f.name].default
+            assert (tuple(default) if f.name == "metrics" else default) == f.default, f.name

@@ -14,7 +14,7 @@ import sys
 import jax
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import completed_here, run_python
 
 import ddpm_jax
 from configs import cifar10
@@ -104,8 +104,8 @@ def test_trained_run_exports_to_the_same_network_and_process(trained_run, tmp_pa
     torch = pytest.importorskip("torch")
     diffusers = pytest.importorskip("diffusers")
     out = str(tmp_path / "out")
-    proc = run_python(["-m", "ddpm_jax.export_weights", f"--workdir={trained_run}",
-                       f"--out={out}"], timeout=300)
+    proc = completed_here("-m", "ddpm_jax.export_weights", f"--workdir={trained_run}",
+                          f"--out={out}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "exported 643,841 parameters (EMA weights of step 4)" in proc.stdout
     assert "fixedlarge -> fixed_large: sigma^2 at t = 0" in proc.stdout
@@ -375,8 +375,8 @@ def test_export_refuses_bad_inputs_before_writing(trained_run, tmp_path):
     busy = tmp_path / "busy"
     busy.mkdir()
     (busy / "keep.txt").write_text("mine")
-    proc = run_python(["-m", "ddpm_jax.export_weights", f"--workdir={trained_run}",
-                       f"--out={busy}"], timeout=300)
+    proc = completed_here("-m", "ddpm_jax.export_weights", f"--workdir={trained_run}",
+                          f"--out={busy}")
     _one_line(proc, "is not empty (it holds keep.txt)", "nothing is overwritten")
     assert os.listdir(busy) == ["keep.txt"] and (busy / "keep.txt").read_text() == "mine"
 
