@@ -1,5 +1,6 @@
-"""Shared fixtures: the embedded digits prepared once per session, small configs; and the one
-harness that runs a program with simulated devices (``run_python``, ``run_script``)."""
+"""Shared fixtures: the embedded digits prepared once per session, small configs; the one
+harness that runs a program with simulated devices (``run_python``, ``run_script``); and the
+commands run in the test process itself (``run_script_here``, ``run_command_here``)."""
 
 import contextlib
 import json
