@@ -344,8 +344,8 @@ def check_params(reference, params) -> None:
 
 def create(config: ml_collections.ConfigDict, *, seed: int = 0, mesh=None) -> DDPM:
     """A freshly initialised model for ``config``."""
-    config_lib.validate(config)
-    graphdef, params = unet.split(unet.create_model(config, seed=seed))
+    model = config_lib.validate(config).model
+    graphdef, params = unet.split(unet.create_model(model, seed=seed))
     return DDPM.build(config, graphdef, params, mesh=mesh)
 
 
@@ -360,7 +360,7 @@ def load(path: str, *, ema: bool = True, step: int | None = None, mesh=None) -> 
     with checkpoints.Checkpointer.open(path, read_only=True) as ckpt:
         step = ckpt.resolve_step(step)
         config = ckpt.read_config(step)
-        graphdef, abstract = unet.abstract_model(config)
+        graphdef, abstract = unet.abstract_model(unet.ModelSpec.from_config(config))
         item = "ema_params" if ema else "params"
         placed = jax.tree.map(lambda a: jax.ShapeDtypeStruct(
             a.shape, a.dtype, sharding=sharding.replicated(mesh)), abstract)

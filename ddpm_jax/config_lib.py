@@ -16,7 +16,7 @@ from typing import Any
 import ml_collections
 import numpy as np
 
-from ddpm_jax import diffusion, errors, schedules
+from ddpm_jax import datasets, diffusion, errors, schedules, unet
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The samplers (``sampling.VARIANTS`` says what each computes) and step spacings, by name.
@@ -87,10 +87,13 @@ class OptimizerSpec:
 @dataclasses.dataclass(frozen=True)
 class Sections:
     """The typed, checked sections of a config that modules take instead of the whole config
-    (``validate`` builds them): the process (``diffusion``) and the optimiser (``optim``)."""
+    (``validate`` builds them): the process (``diffusion``), the optimiser (``optim``), the
+    network (``model`` with its image) and the data (``data``)."""
 
     process: diffusion.ProcessSpec
     optimizer: OptimizerSpec
+    model: unet.ModelSpec
+    data: datasets.DataSpec
 
 
 def lookup(tree: Any, key: str, default: Any = MISSING) -> Any:
@@ -185,15 +188,17 @@ def validate(config: ml_collections.ConfigDict) -> Sections:
     except schedules.ScheduleError as e:
         raise ConfigError(str(e)) from None
     _validate_process(process, betas)
-    _validate_model(config)
-    _validate_conditioning(config)
+    model = unet.ModelSpec.from_config(config)
+    _validate_model(model)
+    _validate_conditioning(model)
+    check_guidance(config.sampling.guidance, prefix="sampling.")
     optimizer = OptimizerSpec.from_config(config)
     optimizer.check()
     _validate_training(config)
     s = config.sampling
     check_sampler(s.sampler, s.num_steps, s.eta, config.diffusion.num_timesteps,
                   spacing=s.spacing, thresholding=s.thresholding, prefix="sampling.")
-    return Sections(process, optimizer)
+    return Sections(process, optimizer, model, datasets.DataSpec.from_config(config))
 
 
 def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps: int, *,
@@ -240,37 +245,35 @@ def _validate_process(d: diffusion.ProcessSpec, betas: np.ndarray) -> None:
              "model_mean_type='xstart'")
 
 
-def _validate_model(config) -> None:
-    m, size = config.model, config.data.image_size
+def _validate_model(m: unet.ModelSpec) -> None:
     _require(len(m.ch_mult) >= 1 and all(isinstance(c, int) and c > 0 for c in m.ch_mult),
              f"model.ch_mult must be a non-empty tuple of positive integers, got {m.ch_mult!r}")
     _require(0.0 <= m.dropout < 1.0, f"model.dropout must be in [0, 1), got {m.dropout!r}")
+    size = m.image_size
     _require(size % m.block_size == 0,
              f"data.image_size={size} is not divisible by model.block_size={m.block_size}")
     res = size // m.block_size
     down = 2 ** (len(m.ch_mult) - 1)
     _require(res % down == 0,
              f"data.image_size={size} (after block_size {m.block_size}) cannot be halved "
-             f"{len(m.ch_mult) - 1} times for model.ch_mult={tuple(m.ch_mult)}; use fewer levels")
-    resolutions = {res // 2**i for i in range(len(m.ch_mult))}
+             f"{len(m.ch_mult) - 1} times for model.ch_mult={m.ch_mult}; use fewer levels")
+    resolutions = m.levels()
     bad = [r for r in m.attn_resolutions if r not in resolutions]
     _require(not bad, f"model.attn_resolutions {tuple(bad)} are not resolutions of this U-Net "
-             f"(it has {sorted(resolutions, reverse=True)})")
+             f"(it has {resolutions})")
     channels = {m.ch} | {m.ch * c for c in m.ch_mult}
     _require(all(c % 32 == 0 for c in channels),
              f"model.ch * ch_mult must be multiples of 32 for GroupNorm(32), got "
              f"{sorted(channels)}")
 
 
-def _validate_conditioning(config) -> None:
-    m = config.model
+def _validate_conditioning(m: unet.ModelSpec) -> None:
     _require(isinstance(m.num_classes, int) and not isinstance(m.num_classes, bool)
              and m.num_classes >= 0,
              f"model.num_classes must be a non-negative integer (0 = unconditional), got "
              f"{m.num_classes!r}")
     _require(0.0 <= m.cond_drop_prob < 1.0,
              f"model.cond_drop_prob must be in [0, 1), got {m.cond_drop_prob!r}")
-    check_guidance(config.sampling.guidance, prefix="sampling.")
 
 
 def check_guidance(guidance: float, *, prefix: str = "--") -> None:

@@ -86,6 +86,41 @@ class DatasetSpec:
     num_classes: int = 0
 
 
+@dataclasses.dataclass(frozen=True)
+class DataSpec:
+    """The data a config reads: its ``data`` section with the classes the model asks for
+    (``model.num_classes``); ``DatasetSpec`` holds the dataset's own facts.
+
+    Attributes:
+        dataset: a name of ``DATASETS``.
+        image_size, channels: the images the model sees (after cropping, resizing or padding).
+        data_dir: the tfds data folder; None: tfds' default.
+        split, eval_split: the tfds splits trained on and evaluated against.
+        random_flip: training flips images horizontally at random.
+        prefetch, num_threads: batches prepared ahead, threads that decode them.
+        num_classes: the labels read with each image; 0: none.
+    """
+
+    dataset: str
+    image_size: int
+    channels: int
+    data_dir: str | None = None
+    split: str = "train"
+    eval_split: str = "test"
+    random_flip: bool = True
+    prefetch: int = 2
+    num_threads: int = 4
+    num_classes: int = 0
+
+    @classmethod
+    def from_config(cls, config: Any) -> DataSpec:
+        """The section of ``config`` (configs saved before conditioning: no labels)."""
+        d = config.data
+        classes = int(config.get("model", {}).get("num_classes", 0) or 0)
+        return cls(d.dataset, d.image_size, d.channels, d.data_dir, d.split, d.eval_split,
+                   bool(d.random_flip), int(d.prefetch), max(1, int(d.num_threads)), classes)
+
+
 _SPECS: dict[str, DatasetSpec] = {
     "digits": DatasetSpec("digits", 1, 8, "exact", "configs/digits.py", num_classes=10),
     "cifar10": DatasetSpec("cifar10", 3, 32, "exact", "configs/cifar10.py", num_classes=10),
@@ -121,11 +156,11 @@ def spec_by_name(name: str, what: str = "dataset") -> DatasetSpec:
     return _SPECS[name]
 
 
-def dataset_spec(config: Any) -> DatasetSpec:
-    """Returns the spec of `config.data.dataset` after checking its size and channels.
+def dataset_spec(data: DataSpec) -> DatasetSpec:
+    """Returns the spec of `data.dataset` after checking its size, channels and classes.
 
     Args:
-        config: the experiment config.
+        data: the config's data section.
 
     Returns:
         The dataset's `DatasetSpec`.
@@ -133,9 +168,9 @@ def dataset_spec(config: Any) -> DatasetSpec:
     Raises:
         DataError: unknown dataset, or an image size / channel count the data cannot give.
     """
-    name = config.data.dataset
+    name = data.dataset
     spec = spec_by_name(name, "config.data.dataset")
-    size, channels = config.data.image_size, config.data.channels
+    size, channels = data.image_size, data.channels
     if channels != spec.channels:
         raise DataError(
             f"config.data.channels={channels} does not match {name}, which has {spec.channels} "
@@ -149,7 +184,7 @@ def dataset_spec(config: Any) -> DatasetSpec:
             f"config.data.image_size={size} does not match {name}, whose images are "
             f"{stored}x{stored}; set --config.data.image_size={stored}"
         )
-    classes = int(config.get("model", {}).get("num_classes", 0) or 0)  # 0: no key (older configs)
+    classes = data.num_classes
     if classes and classes != spec.num_classes:
         have = f"has {spec.num_classes} classes" if spec.num_classes else "has no labels"
         fix = (f"set --config.model.num_classes={spec.num_classes}" if spec.num_classes
@@ -159,9 +194,9 @@ def dataset_spec(config: Any) -> DatasetSpec:
     return spec
 
 
-def _prepare_command(config: Any, spec: DatasetSpec, data_dir: str | None = None) -> str:
+def _prepare_command(data: DataSpec, spec: DatasetSpec, data_dir: str | None = None) -> str:
     command = f"python -m ddpm_jax.prepare_data --config={spec.config_hint}"
-    data_dir = data_dir or config.data.data_dir
+    data_dir = data_dir or data.data_dir
     return command + (f" --config.data.data_dir={data_dir}" if data_dir else "")
 
 
@@ -169,31 +204,31 @@ def _manual_dir(builder: tfds.core.DatasetBuilder, manual_dir: str | None = None
     return str(manual_dir or builder.data_dir_root / "downloads" / "manual")
 
 
-def _not_prepared_message(config: Any, spec: DatasetSpec, builder: Any) -> str:
+def _not_prepared_message(data: DataSpec, spec: DatasetSpec, builder: Any) -> str:
     message = f"dataset {spec.tfds_name} is not prepared in {builder.data_dir_root}; "
     if spec.manual_file:
         message += (
             f"put {spec.manual_file} (CelebA-HQ from github.com/tkarras/"
             f"progressive_growing_of_gans) in {_manual_dir(builder)}, then "
         )
-    return message + f"prepare it once with: {_prepare_command(config, spec)}"
+    return message + f"prepare it once with: {_prepare_command(data, spec)}"
 
 
 def _split_names(split: str) -> list[str]:
     return [part.split("[")[0].strip() for part in split.split("+")]
 
 
-def _no_random_access_message(config: Any, spec: DatasetSpec, builder: Any, formats) -> str:
+def _no_random_access_message(data: DataSpec, spec: DatasetSpec, builder: Any, formats) -> str:
     return (
         f"{spec.tfds_name} in {builder.data_dir_root} is stored as {', '.join(sorted(formats))}, "
         "which has no random access; prepare it as array_record into another data_dir: "
-        f"{_prepare_command(config, spec, data_dir='OTHER_DIR')}"
+        f"{_prepare_command(data, spec, data_dir='OTHER_DIR')}"
     )
 
 
-def _open_failed_message(config: Any, spec: DatasetSpec, builder: Any, split: str, error) -> str:
+def _open_failed_message(data: DataSpec, spec: DatasetSpec, builder: Any, split: str, error) -> str:
     if not builder.is_prepared():
-        return _not_prepared_message(config, spec, builder)
+        return _not_prepared_message(data, spec, builder)
     info = builder.info
     known = sorted(info.splits)
     missing = [name for name in _split_names(split) if name not in known]
@@ -204,7 +239,7 @@ def _open_failed_message(config: Any, spec: DatasetSpec, builder: Any, split: st
         )
     formats = {fmt.value for fmt in info.available_file_formats()}
     if "array_record" not in formats:
-        return _no_random_access_message(config, spec, builder, formats)
+        return _no_random_access_message(data, spec, builder, formats)
     return f"cannot read {spec.tfds_name} split {split!r}: {errors.first_line(error, 300)}"
 
 
@@ -230,26 +265,26 @@ def hide_tensorflow_from_accelerators() -> None:
         logging.warning("could not hide GPUs from TensorFlow: %s", error)
 
 
-def make_builder(config: Any) -> tfds.core.DatasetBuilder:
-    """Returns the (possibly unprepared) ArrayRecord tfds builder of `config.data.dataset`."""
-    spec = dataset_spec(config)
-    data_dir = config.data.data_dir
+def make_builder(data: DataSpec) -> tfds.core.DatasetBuilder:
+    """Returns the (possibly unprepared) ArrayRecord tfds builder of `data.dataset`."""
+    spec = dataset_spec(data)
+    data_dir = data.data_dir
     if data_dir and epath.Path(data_dir).exists() and not epath.Path(data_dir).is_dir():
         raise DataError(f"config.data.data_dir={data_dir} is a file, not a folder; set it to the "
                         "folder that holds (or will hold) the prepared datasets")
     if spec.tfds_name == "digits":
         from ddpm_jax import digits  # noqa: PLC0415 - a tfds builder: imports tfds
 
-        make = functools.partial(digits.Digits, data_dir=config.data.data_dir)
+        make = functools.partial(digits.Digits, data_dir=data_dir)
     else:
-        make = functools.partial(_tfds().builder, spec.tfds_name, data_dir=config.data.data_dir)
+        make = functools.partial(_tfds().builder, spec.tfds_name, data_dir=data_dir)
     try:
         return make(file_format="array_record")
     except ValueError as error:  # tfds refuses when the data was prepared in another format
         builder = make()
         formats = {fmt.value for fmt in builder.info.available_file_formats()}
         if builder.is_prepared() and "array_record" not in formats:
-            raise DataError(_no_random_access_message(config, spec, builder, formats)) from error
+            raise DataError(_no_random_access_message(data, spec, builder, formats)) from error
         raise
 
 
@@ -259,11 +294,11 @@ def _tfds_can_prepare() -> bool:
     return importlib.util.find_spec("importlib_resources") is not None
 
 
-def prepare_dataset(config: Any, *, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
+def prepare_dataset(data: DataSpec, *, manual_dir: str | None = None) -> tfds.core.DatasetBuilder:
     """Downloads (if needed) and prepares the config's dataset as ArrayRecord files.
 
     Args:
-        config: the experiment config (`data.dataset`, `data.data_dir`).
+        data: the config's data section (`dataset`, `data_dir`).
         manual_dir: where manually downloaded files are (default `<data_dir>/downloads/manual`).
 
     Returns:
@@ -272,15 +307,15 @@ def prepare_dataset(config: Any, *, manual_dir: str | None = None) -> tfds.core.
     Raises:
         DataError: the download or preparation failed (no network, missing manual files).
     """
-    spec = dataset_spec(config)
-    builder = make_builder(config)
+    spec = dataset_spec(data)
+    builder = make_builder(data)
     if builder.is_prepared():  # (make_builder rejects data prepared without random access)
         return builder
     if spec.tfds_name != "digits" and not _tfds_can_prepare():
         raise DataError(
             f"tensorflow-datasets needs the importlib_resources package to prepare "
             f"{spec.tfds_name} but does not install it on Python >= 3.9: pip install "
-            f"importlib_resources, then run: {_prepare_command(config, spec)}"
+            f"importlib_resources, then run: {_prepare_command(data, spec)}"
         )
     hide_tensorflow_from_accelerators()
     download_config = _tfds().download.DownloadConfig(manual_dir=manual_dir)
@@ -291,22 +326,22 @@ def prepare_dataset(config: Any, *, manual_dir: str | None = None) -> tfds.core.
             raise DataError(
                 f"could not prepare {spec.tfds_name}: put {spec.manual_file} (CelebA-HQ from "
                 f"github.com/tkarras/progressive_growing_of_gans) in "
-                f"{_manual_dir(builder, manual_dir)}, then run: {_prepare_command(config, spec)}"
+                f"{_manual_dir(builder, manual_dir)}, then run: {_prepare_command(data, spec)}"
                 f" ({errors.first_line(error, 150)})"
             ) from error
         raise DataError(
             f"could not download and prepare {spec.tfds_name} in {builder.data_dir_root} "
             f"({errors.first_line(error, 150)}); with network access, run: "
-            f"{_prepare_command(config, spec)}"
+            f"{_prepare_command(data, spec)}"
         ) from error
-    return make_builder(config)
+    return make_builder(data)
 
 
-def open_source(config: Any, split: str) -> Sequence[dict]:
+def open_source(data: DataSpec, split: str) -> Sequence[dict]:
     """Opens one split of the config's dataset for random access (the digits prepare here).
 
     Args:
-        config: the experiment config.
+        data: the config's data section.
         split: a tfds split ("train", "test", "train[:90%]", ...).
 
     Returns:
@@ -315,19 +350,19 @@ def open_source(config: Any, split: str) -> Sequence[dict]:
     Raises:
         DataError: unknown dataset or split, or a dataset that is not prepared.
     """
-    spec = dataset_spec(config)
-    builder = make_builder(config)
+    spec = dataset_spec(data)
+    builder = make_builder(data)
     if spec.tfds_name == "digits" and not builder.is_prepared():
         try:
-            prepare_dataset(config)
+            prepare_dataset(data)
         except DataError:
-            if not make_builder(config).is_prepared():  # else: another process just prepared it
+            if not make_builder(data).is_prepared():  # else: another process just prepared it
                 raise
-        builder = make_builder(config)
+        builder = make_builder(data)
     try:
         return builder.as_data_source(split)
     except Exception as error:
-        raise DataError(_open_failed_message(config, spec, builder, split, error)) from error
+        raise DataError(_open_failed_message(data, spec, builder, split, error)) from error
 
 
 # ----------------------------------------------------------------------------------------------
@@ -390,13 +425,13 @@ def load_labels(source: Sequence[dict], indices: Sequence[int]) -> np.ndarray:
                        count=len(indices))
 
 
-def iter_split(config: Any, split: str, *, batch_size: int = 256,
+def iter_split(data: DataSpec, split: str, *, batch_size: int = 256,
                num_examples: int | None = None) -> Iterator[np.ndarray]:
     """A split in stored order, cropped / resized / padded, without flips, in uint8 batches.
 
     Args:
-        config: the experiment config.
-        split: the tfds split, e.g. ``config.data.eval_split``.
+        data: the config's data section.
+        split: the tfds split, e.g. ``data.eval_split``.
         batch_size: images per yielded batch (the last one may be smaller).
         num_examples: read only the first this many records (default: all).
 
@@ -407,20 +442,19 @@ def iter_split(config: Any, split: str, *, batch_size: int = 256,
         DataError: unknown dataset or split, data not prepared, or more examples asked than the
             split holds (raised before the first batch).
     """
-    spec = dataset_spec(config)
-    source = open_source(config, split)
+    spec = dataset_spec(data)
+    source = open_source(data, split)
     count = len(source) if num_examples is None else num_examples
     if not 0 <= count <= len(source):
         raise DataError(
             f"asked for {count} examples of {spec.tfds_name} split {split!r}, "
             f"which holds {len(source)}"
         )
-    size = config.data.image_size
+    size = data.image_size
     load = functools.partial(
         load_images, source, preprocess=preprocessor(spec, size), shape=(size, size, spec.channels)
     )
-    threads = max(1, int(config.data.num_threads))
-    return _batches(load, count, batch_size, threads)
+    return _batches(load, count, batch_size, data.num_threads)
 
 
 def _batches(load, count: int, batch_size: int, threads: int) -> Iterator[np.ndarray]:
@@ -431,10 +465,10 @@ def _batches(load, count: int, batch_size: int, threads: int) -> Iterator[np.nda
             yield np.concatenate(list(pool.map(load, parts)))
 
 
-def load_split(config: Any, split: str, num_examples: int | None = None) -> np.ndarray:
+def load_split(data: DataSpec, split: str, num_examples: int | None = None) -> np.ndarray:
     """The whole of ``iter_split`` as one uint8 ``[N, H, W, C]`` array (small splits)."""
-    batches = list(iter_split(config, split, num_examples=num_examples))
+    batches = list(iter_split(data, split, num_examples=num_examples))
     if not batches:
-        size = config.data.image_size
-        return np.zeros((0, size, size, dataset_spec(config).channels), np.uint8)
+        size = data.image_size
+        return np.zeros((0, size, size, dataset_spec(data).channels), np.uint8)
     return np.concatenate(batches)

@@ -229,7 +229,7 @@ class Reference:
     """Where the reference statistics come from."""
 
     name: str  # DATASET:SPLIT, or the statistics file
-    config: object | None = None  # the config that reads DATASET:SPLIT
+    data: datasets.DataSpec | None = None  # the data section that reads DATASET:SPLIT
     split: str | None = None
     count: int | None = None  # images read from the split
     cache: epath.Path | None = None  # our cached statistics of the split
@@ -262,7 +262,8 @@ def plan(model: api.DDPM, spec: EvalSpec) -> Plan:
     split = spec.split or model.config.data.eval_split
     images = None
     if spec.wants("bpd"):
-        images = datasets.load_split(model.config, split, spec.num_examples)
+        images = datasets.load_split(datasets.DataSpec.from_config(model.config), split,
+                                     spec.num_examples)
     return Plan(sampler, digits_ref, net, ref, images, split)
 
 
@@ -321,8 +322,9 @@ def inception_network(spec: EvalSpec) -> evaluation.Inception:
     return evaluation.Inception(weights, sha, spec.mode, spec.inception_batch_size)
 
 
-def _ref_config(config, ref: str, image_shape):
-    """The model's config reading DATASET (``data.dataset`` and channels changed, same size)."""
+def _ref_data(config, ref: str, image_shape) -> tuple[datasets.DataSpec, str]:
+    """The model's data section reading DATASET (its name and channels, the same size, no
+    labels), and SPLIT."""
     dataset, sep, split = ref.partition(":")
     if not sep or not dataset or not split:
         raise EvaluationError(f"--ref={ref!r} must be DATASET:SPLIT, e.g. cifar10:train; known "
@@ -333,11 +335,9 @@ def _ref_config(config, ref: str, image_shape):
         s = spec.stored_size
         raise EvaluationError(f"the samples are {h}x{w} but the reference {ref} holds {s}x{s} "
                               "images: compare samples with a reference of their size")
-    config = config.copy_and_resolve_references()
-    with config.unlocked():
-        config.data.dataset = dataset
-        config.data.channels = spec.channels
-    return config, split
+    data = dataclasses.replace(datasets.DataSpec.from_config(config), dataset=dataset,
+                               channels=spec.channels, num_classes=0)
+    return data, split
 
 
 def plan_reference(model: api.DDPM, spec: EvalSpec, sha: str) -> Reference | None:
@@ -372,8 +372,8 @@ def _reference_file(spec: EvalSpec, sha: str) -> Reference:
 def _reference_split(model: api.DDPM, spec: EvalSpec, sha: str) -> Reference:
     c = model.config.data
     ref = spec.ref or f"{c.dataset}:{c.split}"
-    config, split = _ref_config(model.config, ref, model.image_shape)
-    total = len(datasets.open_source(config, split))  # a missing split or data: one line
+    data, split = _ref_data(model.config, ref, model.image_shape)
+    total = len(datasets.open_source(data, split))  # a missing split or data: one line
     count = total if spec.ref_num_examples is None else spec.ref_num_examples
     if count > total:
         raise EvaluationError(f"--ref_num_examples={count} but {ref} holds {total} images")
@@ -381,8 +381,8 @@ def _reference_split(model: api.DDPM, spec: EvalSpec, sha: str) -> Reference:
         raise EvaluationError(f"KID subsets of {spec.kid_subset_size} images need at least as "
                               f"many reference images, {ref} gives {count}: lower "
                               "--kid_subset_size")
-    cache = evaluation.reference_stats_path(config, split, count, total, spec.mode, sha)
-    return Reference(ref, config=config, split=split, count=count, cache=cache)
+    cache = evaluation.reference_stats_path(data, split, count, total, spec.mode, sha)
+    return Reference(ref, data=data, split=split, count=count, cache=cache)
 
 
 # -- the samples -----------------------------------------------------------------------------------
@@ -536,7 +536,7 @@ def reference_side(ref: Reference, net: evaluation.Inception, chunk: int, keep_p
                                        weights_sha256=s.weights_sha256)
         return evaluation.ReferenceFeatures(s, None, None)
     reused = ref.cache.exists()
-    batches = lambda: datasets.iter_split(ref.config, ref.split, batch_size=chunk,
+    batches = lambda: datasets.iter_split(ref.data, ref.split, batch_size=chunk,
                                           num_examples=ref.count)
     out = evaluation.reference_features(net, batches, ref.count, ref.cache,
                                         what=f"reference {ref.name}", keep_pool3=keep_pool3,

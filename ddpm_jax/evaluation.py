@@ -52,14 +52,14 @@ BEST_KEYS = {"digits_fd": False, "digits_fd_ratio": False, "precision": True, "r
 FID_STATS_DIR = "ddpm_jax_fid_stats"
 
 
-def reference_stats_path(config, split: str, count: int, total: int, mode: str,
+def reference_stats_path(data: datasets.DataSpec, split: str, count: int, total: int, mode: str,
                          sha: str) -> epath.Path:
     """Where the FID statistics of ``count`` of the ``total`` images of ``split`` are cached:
     ``<tfds data_dir>/<dataset>/<version>/ddpm_jax_fid_stats/<split>_<size>px_<mode>_<sha>.npz``.
     """
-    builder = datasets.make_builder(config)
+    builder = datasets.make_builder(data)
     suffix = "" if count == total else f"_first{count}"
-    name = (f"{split.replace('/', '_')}{suffix}_{config.data.image_size}px_{mode}_"
+    name = (f"{split.replace('/', '_')}{suffix}_{data.image_size}px_{mode}_"
             f"{sha[:12]}.npz")
     return epath.Path(builder.data_dir) / FID_STATS_DIR / name
 
@@ -236,14 +236,14 @@ class Evaluator:
         if self._fid_ref is None:
             from ddpm_jax import metrics as m  # noqa: PLC0415
 
-            c = self.config
+            data = datasets.DataSpec.from_config(self.config)
             sha = m.weights_sha256(weights)
-            total = len(datasets.open_source(c, c.data.split))
-            path = reference_stats_path(c, c.data.split, total, total, "tf1", sha)
+            total = len(datasets.open_source(data, data.split))
+            path = reference_stats_path(data, data.split, total, total, "tf1", sha)
 
             def compute():
                 stats = m.FeatureStats(2048)
-                for batch in datasets.iter_split(c, c.data.split, batch_size=1024):
+                for batch in datasets.iter_split(data, data.split, batch_size=1024):
                     stats.update(m.inception_features(batch, weights=weights,
                                                       mesh=self.mesh)["pool3"])
                 return stats.result()

@@ -40,7 +40,7 @@ from typing import Any
 
 import numpy as np
 
-from ddpm_jax import config_lib, datasets
+from ddpm_jax import datasets
 
 FLIP_STREAM = 0x666C6970  # "flip": separates the flip draws from the epoch permutations
 
@@ -220,42 +220,46 @@ def _produce(read_batch: Callable[[int], np.ndarray], start: int, stop: threadin
         batch_index += 1
 
 
-def create_train_reader(config: Any, rows: np.ndarray, *, position: int = 0) -> Reader:
-    """This process's reader of ``config.data.split`` for training.
+def train_reader_spec(data: datasets.DataSpec, rows: np.ndarray, *, seed: int,
+                      global_batch: int) -> ReaderSpec:
+    """The ``ReaderSpec`` of training on ``data``: ``rows`` of each global batch of
+    ``global_batch`` (``training.batch_size``), in the order and flips of ``seed``."""
+    rows = np.asarray(rows, np.int64)
+    if rows.size == 0 or rows.min() < 0 or rows.max() >= global_batch:
+        raise datasets.DataError(
+            f"reader rows must lie in [0, {global_batch}), got {rows.tolist()}")
+    if not isinstance(seed, int) or seed < 0:
+        raise datasets.DataError(f"config.seed must be a non-negative integer, got {seed!r}")
+    size = data.image_size
+    return ReaderSpec(seed=seed, global_batch=global_batch, rows=tuple(int(r) for r in rows),
+                      image_shape=(size, size, data.channels), random_flip=data.random_flip,
+                      prefetch=data.prefetch, num_threads=data.num_threads,
+                      labels=data.num_classes > 0)
+
+
+def create_train_reader(data: datasets.DataSpec, rows: np.ndarray, *, seed: int,
+                        global_batch: int, position: int = 0) -> Reader:
+    """This process's reader of ``data.split`` for training.
 
     Args:
-      config: the experiment config (``seed``, ``data.*``, ``training.batch_size``).
+      data: the config's data section (``datasets.DataSpec.from_config``).
       rows: the rows of each global batch this process reads (``sharding.process_rows``).
+      seed: the run's seed (``config.seed``): it fixes the epochs' order and the flips.
+      global_batch: ``training.batch_size``, over all processes.
       position: global batches already consumed (restored from a checkpoint).
 
     Returns:
       A ``Reader`` yielding uint8 ``[len(rows), H, W, C]`` (and the int32 labels of those rows
-      for a class-conditional config).
+      when ``data.num_classes`` > 0).
 
     Raises:
       DataError: unknown dataset or split, data not prepared, image size or channels that do not
         match the data, or rows outside the global batch.
     """
-    spec = datasets.dataset_spec(config)
-    batch = config.training.batch_size
-    rows = np.asarray(rows, np.int64)
-    if rows.size == 0 or rows.min() < 0 or rows.max() >= batch:
-        raise datasets.DataError(f"reader rows must lie in [0, {batch}), got {rows.tolist()}")
-    if not isinstance(config.seed, int) or config.seed < 0:
-        raise datasets.DataError(
-            f"config.seed must be a non-negative integer, got {config.seed!r}")
-    size = config.data.image_size
-    reader_spec = ReaderSpec(
-        seed=config.seed,
-        global_batch=batch,
-        rows=tuple(int(r) for r in rows),
-        image_shape=(size, size, spec.channels),
-        random_flip=bool(config.data.random_flip),
-        prefetch=int(config.data.prefetch),
-        num_threads=max(1, int(config.data.num_threads)),
-        labels=config_lib.num_classes(config) > 0,
-    )
-    source = datasets.open_source(config, config.data.split)
+    spec = datasets.dataset_spec(data)  # checks the shape and classes against the dataset
+    reader_spec = train_reader_spec(data, rows, seed=seed, global_batch=global_batch)
+    source = datasets.open_source(data, data.split)
     if len(source) == 0:
-        raise datasets.DataError(f"split {config.data.split!r} of {spec.tfds_name} has no records")
-    return Reader(source, reader_spec, datasets.preprocessor(spec, size), _check_position(position))
+        raise datasets.DataError(f"split {data.split!r} of {spec.tfds_name} has no records")
+    return Reader(source, reader_spec, datasets.preprocessor(spec, data.image_size),
+                  _check_position(position))

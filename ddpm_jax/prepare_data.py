@@ -25,7 +25,8 @@ _MANUAL_DIR = flags.DEFINE_string(
 def main() -> None:
     """Prepares the dataset of --config and prints where it is and its split sizes."""
     config = _CONFIG.value
-    builder = datasets.prepare_dataset(config, manual_dir=_MANUAL_DIR.value)
+    data = datasets.DataSpec.from_config(config)
+    builder = datasets.prepare_dataset(data, manual_dir=_MANUAL_DIR.value)
     splits = builder.info.splits.items()
     sizes = ", ".join(f"{name} {info.num_examples:,}" for name, info in splits)
     print(f"{config.data.dataset} is ready in {builder.data_dir} ({sizes})")

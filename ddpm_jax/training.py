@@ -137,10 +137,12 @@ def abstract_state(abstract_params, tx) -> TrainState:
     return jax.eval_shape(lambda p: init_train_state(p, tx), abstract_params)
 
 
-def create_train_state(config, tx, mesh: jax.sharding.Mesh) -> TrainState:
-    """The initial state, created already laid out as ``sharding.train_state_shardings`` says."""
+def create_train_state(model: unet.ModelSpec, seed: int, tx,
+                       mesh: jax.sharding.Mesh) -> TrainState:
+    """The initial state of the network ``model`` initialised from ``seed``, created already
+    laid out as ``sharding.train_state_shardings`` says."""
     def init():
-        return init_train_state(unet.split(unet.create_model(config, seed=config.seed))[1], tx)
+        return init_train_state(unet.split(unet.create_model(model, seed=seed))[1], tx)
 
     shardings = sharding.train_state_shardings(mesh, jax.eval_shape(init))
     # Runs once: compiled fast on CPU (the same bits as the default compilation).
@@ -163,8 +165,9 @@ def drop_labels(labels: jax.Array, num_classes: int, prob: float, key: jax.Array
     return jnp.where(drop, jnp.int32(num_classes), labels.astype(jnp.int32))
 
 
-def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
-    """Returns the pure ``train_step(state, batch, base_key) -> (state, metrics)``.
+def make_train_step(sections: config_lib.Sections, graphdef, d: diffusion.Diffusion, tx):
+    """Returns the pure ``train_step(state, batch, base_key) -> (state, metrics)`` of a
+    config's sections (``config_lib.validate``).
 
     batch: uint8 ``[B, H, W, C]``, scaled to [-1, 1] here (on the devices); for a
     class-conditional model the tuple (images, int32 labels ``[B]``), each label dropped to the
@@ -175,12 +178,11 @@ def make_train_step(config, graphdef, d: diffusion.Diffusion, tx):
     non-finite values; the loop decides whether to stop (``optim.skip_nonfinite``). The logged
     ``lr`` is the one Adam applied: the schedule at the count of applied updates.
     """
-    optim = config_lib.OptimizerSpec.from_config(config)
+    optim, model = sections.optimizer, sections.model
     decay_fn, lr_fn = ema_decay_fn(optim), learning_rate_fn(optim)
-    image = (config.data.image_size, config.data.image_size, config.data.channels)
-
-    num_classes = config_lib.num_classes(config)
-    drop_prob = float(config.model.cond_drop_prob) if num_classes else 0.0
+    image = (model.image_size, model.image_size, model.in_ch)
+    num_classes = model.num_classes
+    drop_prob = float(model.cond_drop_prob) if num_classes else 0.0
 
     def train_step(state: TrainState, batch, base_key: jax.Array):
         key = jax.random.fold_in(base_key, state.step)
@@ -337,10 +339,10 @@ class Start:
     step: int
 
 
-def fresh_start(config, tx, mesh) -> Start:
-    """Step 0: initial parameters from ``config.seed``, the base key ``key(config.seed)``."""
-    key = sharding.put(jax.random.key(config.seed), sharding.replicated(mesh))
-    return Start(create_train_state(config, tx, mesh), key, 0, 0)
+def fresh_start(model: unet.ModelSpec, seed: int, tx, mesh) -> Start:
+    """Step 0: initial parameters from ``seed`` (``config.seed``), the base key ``key(seed)``."""
+    key = sharding.put(jax.random.key(seed), sharding.replicated(mesh))
+    return Start(create_train_state(model, seed, tx, mesh), key, 0, 0)
 
 
 def restore_start(config, ckpt: checkpoints.Checkpointer, step: int, abstract: TrainState,
@@ -480,13 +482,14 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
         path / checkpoints.CHECKPOINT_SUBDIR, max_to_keep=config.training.max_to_keep))
     tx = create_optimizer(sections.optimizer)
     d = diffusion.Diffusion.from_spec(sections.process)
-    graphdef, abstract_params = unet.abstract_model(config)
+    graphdef, abstract_params = unet.abstract_model(sections.model)
     abstract = abstract_state(abstract_params, tx)
     latest = ckpt.latest_step()
     _check_steps(latest, config.training.num_train_steps, path)
     if latest is None:
-        reader = stack.enter_context(input_pipeline.create_train_reader(config, rows))
-        start = fresh_start(config, tx, mesh)
+        reader = stack.enter_context(input_pipeline.create_train_reader(
+            sections.data, rows, seed=config.seed, global_batch=config.training.batch_size))
+        start = fresh_start(sections.model, config.seed, tx, mesh)
     else:
         start = restore_start(config, ckpt, latest, abstract, mesh)
         if latest == config.training.num_train_steps:
@@ -494,9 +497,10 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
                                  "already; raise it to train further (nothing was changed)",
                                  start.state)
         reader = stack.enter_context(input_pipeline.create_train_reader(
-            config, rows, position=start.data_position))
+            sections.data, rows, seed=config.seed, global_batch=config.training.batch_size,
+            position=start.data_position))
     k = config.training.steps_per_dispatch
-    train_step = compile_train_step(make_train_step(config, graphdef, d, tx), mesh, abstract,
+    train_step = compile_train_step(make_train_step(sections, graphdef, d, tx), mesh, abstract,
                                     steps_per_dispatch=k)
     run = Run(config, path, mesh, ckpt, Batches(reader, mesh, rows, k), start, train_step,
               make_grid_writer(config, graphdef, d, mesh, path), jax.process_index() == 0)

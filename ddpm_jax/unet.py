@@ -12,6 +12,7 @@ and sample steps take the parameters as a plain dict pytree and rebuild the modu
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from typing import Any
 
@@ -318,30 +319,58 @@ class UNet(nnx.Module):
         return h
 
 
-def output_channels(config) -> int:
-    """C, or 2C for a learned variance."""
-    learned = diffusion.is_learned_variance(config.diffusion.model_var_type)
-    return config.data.channels * (2 if learned else 1)
+@dataclasses.dataclass(frozen=True)
+class ModelSpec:
+    """The network of a config: its ``model`` section with the image it maps (``data``) and the
+    output channels the process asks for (``diffusion.model_var_type``). ``config_lib.validate``
+    builds it and checks how the fields fit.
+
+    Attributes:
+      ch, ch_mult, num_res_blocks, attn_resolutions, dropout, resamp_with_conv: the paper's.
+      image_size, in_ch: ``data.image_size`` and ``data.channels``.
+      out_ch: C, or 2C for a learned variance.
+      block_size: the space-to-depth factor.
+      num_classes: 0 (unconditional) or K labels plus a null class.
+      cond_drop_prob: how often training drops a label to the null class.
+      dtype: the activation dtype's name; parameters are always float32.
+    """
+
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.1
+    resamp_with_conv: bool = True
+    image_size: int = 32
+    in_ch: int = 3
+    out_ch: int = 3
+    block_size: int = 1
+    num_classes: int = 0
+    cond_drop_prob: float = 0.1
+    dtype: str = "float32"
+
+    @classmethod
+    def from_config(cls, config: Any) -> ModelSpec:
+        """The section of ``config`` (configs saved before conditioning: unconditional)."""
+        m, data = config.model, config.data
+        learned = diffusion.is_learned_variance(config.diffusion.model_var_type)
+        return cls(m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions),
+                   m.dropout, m.resamp_with_conv, data.image_size, data.channels,
+                   data.channels * (2 if learned else 1), m.block_size,
+                   int(m.get("num_classes", 0) or 0), m.get("cond_drop_prob", 0.1), m.dtype)
+
+    def levels(self) -> list[int]:
+        """The resolution of each level, from the input's (after space-to-depth) down."""
+        res = self.image_size // self.block_size
+        return [res // 2**i for i in range(len(self.ch_mult))]
 
 
-def create_model(config, *, seed: int = 0) -> UNet:
-    """The U-Net of ``config.model`` for images of ``config.data``."""
-    m = config.model
-    return UNet(
-        ch=m.ch,
-        ch_mult=tuple(m.ch_mult),
-        num_res_blocks=m.num_res_blocks,
-        attn_resolutions=tuple(m.attn_resolutions),
-        dropout=m.dropout,
-        resamp_with_conv=m.resamp_with_conv,
-        image_size=config.data.image_size,
-        in_ch=config.data.channels,
-        out_ch=output_channels(config),
-        block_size=m.block_size,
-        num_classes=int(config.get("model", {}).get("num_classes", 0) or 0),  # 0: older configs
-        dtype=jnp.dtype(m.dtype),
-        rngs=nnx.Rngs(params=seed),
-    )
+def create_model(spec: ModelSpec, *, seed: int = 0) -> UNet:
+    """The U-Net of ``spec`` (``ModelSpec.from_config(config)``), initialised from ``seed``."""
+    fields = dataclasses.asdict(spec)
+    del fields["cond_drop_prob"]  # the loss's, not the network's
+    fields["dtype"] = jnp.dtype(spec.dtype)
+    return UNet(**fields, rngs=nnx.Rngs(params=seed))
 
 
 def split(model: UNet):
@@ -363,9 +392,9 @@ def conditioning(graphdef, params) -> tuple[int, int | None]:
     return model.num_classes, (in_ch if out_ch == 2 * in_ch else None)
 
 
-def abstract_model(config):
+def abstract_model(spec: ModelSpec):
     """(graphdef, params as ShapeDtypeStructs) without allocating or initialising weights."""
-    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(config)))
+    graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(spec)))
     return graphdef, nnx.to_pure_dict(state)
 
 

@@ -40,7 +40,7 @@ def digits_dir(tmp_path_factory):
     data_dir = str(tmp_path_factory.mktemp("tfds"))
     config = test_config.get_config()
     config.data.data_dir = data_dir
-    datasets.prepare_dataset(config)
+    datasets.prepare_dataset(datasets.DataSpec.from_config(config))
     return data_dir
 
 
@@ -54,15 +54,37 @@ def test_cfg(digits_dir):
     return config
 
 
+def initial_params(config, seed: int = 0) -> dict:
+    """The freshly initialised U-Net parameters of ``config`` (``unet.create_model``)."""
+    from ddpm_jax import unet
+
+    return unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))[1]
+
+
+def python_env(devices: int = 1, env=None) -> dict:
+    """The environment of a child Python: ``devices`` simulated CPU devices, the repo importable,
+    TensorFlow quiet; ``env`` on top."""
+    out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
+               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+    out.update(env or {})
+    return out
+
+
+def popen_python(args, *, devices: int = 1, env=None):
+    """Starts ``python args...`` from the repo root (text pipes for stdout and stderr)."""
+    import subprocess
+
+    return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT,
+                            env=python_env(devices, env), text=True, stdout=subprocess.PIPE,
+                            stderr=subprocess.PIPE)
+
+
 def run_python(args, *, devices: int = 1, timeout: int = 600, env=None, **kwargs):
     """Runs ``python args...`` from the repo root with ``devices`` simulated CPU devices."""
     import subprocess
 
-    full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                    JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    full_env.update(env or {})
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=full_env, text=True,
-                          capture_output=True, timeout=timeout, **kwargs)
+    return subprocess.run([sys.executable, *args], cwd=ROOT, env=python_env(devices, env),
+                          text=True, capture_output=True, timeout=timeout, **kwargs)
 
 
 def run_script(name: str, *args, devices: int = 1, timeout: int = 600) -> dict:
@@ -113,19 +135,12 @@ def free_port() -> int:
 def start_processes(args, *, num_processes: int, devices: int, env=None):
     """Starts ``python args...`` as ``num_processes`` JAX processes on 127.0.0.1 (a free port),
     each with ``devices`` simulated CPU devices; returns the Popen objects."""
-    import subprocess
-
     port = free_port()
     procs = []
     for i in range(num_processes):
-        full_env = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-                        JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3",
-                        JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
-                        JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
-        full_env.update(env or {})
-        procs.append(subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT, env=full_env,
-                                      text=True, stdout=subprocess.PIPE,
-                                      stderr=subprocess.PIPE))
+        cluster = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
+                       JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
+        procs.append(popen_python(args, devices=devices, env={**cluster, **(env or {})}))
     return procs
 
 

@@ -10,7 +10,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import run_command_here
+from conftest import initial_params, run_command_here
 
 from configs import test as test_config
 from ddpm_jax import diffusion, unet, xla_cpu
@@ -60,12 +60,12 @@ def test_unknown_kind_is_refused():
 @pytest.fixture(scope="module")
 def small():
     config = test_config.get_config()
-    graphdef, _ = unet.abstract_model(config)
+    graphdef, _ = unet.abstract_model(unet.ModelSpec.from_config(config))
 
     @jax.jit
     def init():
         # Non-trivial weights: the near-zero layers would hide most of the network.
-        leaves, tree = jax.tree.flatten(unet.split(unet.create_model(config, seed=0))[1])
+        leaves, tree = jax.tree.flatten(initial_params(config, 0))
         keys = jax.random.split(jax.random.key(1), len(leaves))
         return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
                                          for p, k in zip(leaves, keys, strict=True)])
@@ -368,7 +368,7 @@ def random_digits_run(tmp_path_factory):
 
     config = test_config.get_config()
     workdir = str(tmp_path_factory.mktemp("bench") / "run")
-    checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
+    checkpoints.save_weights(workdir, config, initial_params(config, 0))
     return workdir
 
 
@@ -391,10 +391,11 @@ def test_run_once_options_give_the_same_initial_state_bit_for_bit():
 
     config = test_config.get_config()
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
-    state = training.create_train_state(config, tx, sharding.create_mesh())
+    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx,
+                                        sharding.create_mesh())
 
     def init():
-        return training.init_train_state(unet.split(unet.create_model(config, seed=config.seed))[1],
+        return training.init_train_state(initial_params(config, config.seed),
                                          tx)
 
     default = jax.jit(init)()  # XLA's default compilation

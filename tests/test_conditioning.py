@@ -44,7 +44,7 @@ def cond_config(**overrides):
 def cond_model():
     """The conditional test config with every weight random (outputs depend on the label)."""
     config = cond_config()
-    graphdef, _ = unet.split(unet.create_model(config))
+    graphdef, _ = unet.split(unet.create_model(unet.ModelSpec.from_config(config)))
     return api.DDPM.build(config, graphdef, random_params(config, seed=0))
 
 
@@ -56,8 +56,8 @@ def _inputs(n=4, seed=0):
 
 # -- the U-Net -----------------------------------------------------------------------------------
 def test_num_classes_0_is_the_unconditional_unet_and_k_adds_only_the_embedding():
-    g0, p0 = unet.split(unet.create_model(test_config.get_config()))
-    g1, p1 = unet.split(unet.create_model(cond_config()))
+    g0, p0 = unet.split(unet.create_model(unet.ModelSpec.from_config(test_config.get_config())))
+    g1, p1 = unet.split(unet.create_model(unet.ModelSpec.from_config(cond_config())))
     flat0, flat1 = trees.flatten(p0), trees.flatten(p1)
     assert flat1.keys() - flat0.keys() == {"label_emb/embedding"}  # and nothing else changes
     # K classes + the null class, each a vector of the time embedding's width (4 ch)
@@ -102,7 +102,8 @@ def test_conditional_train_step_drops_the_labels_the_step_key_says(cond_model):
     config = cond_config(model__cond_drop_prob=0.5)
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     d = diffusion.Diffusion.from_config(config)
-    step = jax.jit(training.make_train_step(config, cond_model.graphdef, d, tx))
+    sections = config_lib.validate(config)
+    step = jax.jit(training.make_train_step(sections, cond_model.graphdef, d, tx))
     state = training.init_train_state(jax.device_get(cond_model.params), tx)
     images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1)).astype(np.uint8)
     labels = np.arange(8, dtype=np.int32)

@@ -6,16 +6,16 @@ import os
 
 import numpy as np
 import pytest
-from conftest import command_flags, completed_here, run_script_here
+from conftest import command_flags, completed_here, initial_params, run_script_here
 
 from configs import test as test_config
-from ddpm_jax import checkpoints, datasets, unet
+from ddpm_jax import checkpoints, datasets
 
 
 def test_evaluate_writes_the_bound_of_the_test_split(digits_dir, tmp_path):
     config = test_config.get_config()
     config.data.data_dir = digits_dir
-    params = unet.split(unet.create_model(config, seed=0))[1]
+    params = initial_params(config, 0)
     checkpoints.save_weights(str(tmp_path), config, params)
     proc = completed_here("-m", "ddpm_jax.evaluate", f"--workdir={tmp_path}", "--num_examples=6",
                           "--batch_size=4")
@@ -52,7 +52,7 @@ def tiny_run(tmp_path_factory):
     config = test_config.get_config()
     config.data.data_dir = str(root / "tfds")
     workdir = str(root / "run")
-    checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
+    checkpoints.save_weights(workdir, config, initial_params(config, 0))
     tensors = bench.random_tensors(seed=0)
     ours, other = str(root / "inception.safetensors"), str(root / "other.safetensors")
     weights.save_tensors(tensors, ours, "0" * 64)
@@ -113,7 +113,7 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
         s.mean(0), np.cov(s, rowvar=False), spatial.mu, spatial.sigma), rtol=1e-5)
     ref_config = test_config.get_config()
     ref_config.data.data_dir = data_dir
-    ref_images = datasets.load_split(ref_config, "train", 20)
+    ref_images = datasets.load_split(datasets.DataSpec.from_config(ref_config), "train", 20)
     ref_feats = metrics.inception_features(ref_images, weights=weights, batch_size=16)
     s_ref = ref_feats["spatial"].astype(np.float64)
     np.testing.assert_allclose(spatial.mu, s_ref.mean(0), rtol=1e-4, atol=1e-6)

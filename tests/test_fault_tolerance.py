@@ -5,14 +5,21 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import ROOT, run_python, run_script, run_script_here, snapshot, train_here, wait_until
+from conftest import (
+    ROOT,
+    popen_python,
+    run_python,
+    run_script,
+    run_script_here,
+    snapshot,
+    train_here,
+    wait_until,
+)
 
 from configs import test as test_config
 from ddpm_jax import checkpoints, config_lib, errors, images, input_pipeline, training
@@ -67,13 +74,6 @@ def test_resume_is_bit_exact_and_resuming_at_the_end_is_a_no_op(digits_dir, tmp_
     _assert_same_run(straight, resumed, 6)
 
 
-def _popen(args, **kwargs):
-    env = dict(os.environ, XLA_FLAGS="--xla_force_host_platform_device_count=1",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
-    return subprocess.Popen([sys.executable, *args], cwd=ROOT, env=env, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, **kwargs)
-
-
 def _logged_steps(workdir):
     path = os.path.join(workdir, "metrics.jsonl")
     return len(open(path).readlines()) if os.path.exists(path) else 0
@@ -81,7 +81,7 @@ def _logged_steps(workdir):
 
 def test_sigterm_saves_the_current_step_and_resumes_exactly(digits_dir, tmp_path):
     workdir = tmp_path / "preempted"
-    proc = _popen(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
+    proc = popen_python(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
                              "--config.training.checkpoint_every=100000"))
     assert wait_until(lambda: _logged_steps(workdir) >= 3, [proc], 240, 0.01), \
         proc.communicate()[1][-3000:]
@@ -105,7 +105,7 @@ def test_sigterm_saves_the_current_step_and_resumes_exactly(digits_dir, tmp_path
 def test_sigkill_during_a_save_resumes_from_the_last_committed_step(digits_dir, tmp_path):
     workdir = tmp_path / "killed"
     ckpt_dir = workdir / "checkpoints"
-    proc = _popen(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
+    proc = popen_python(_train_cmd(workdir, digits_dir, "--config.training.num_train_steps=100000",
                              "--config.training.checkpoint_every=1",
                              "--config.training.max_to_keep=100"))
 
@@ -184,7 +184,7 @@ def test_shape_mismatch_names_the_path_and_both_shapes(trained):
 
     other = test_config.get_config()
     other.model.ch = 32
-    _, abstract = unet.abstract_model(other)
+    _, abstract = unet.abstract_model(unet.ModelSpec.from_config(other))
     with checkpoints.Checkpointer.open(workdir) as ckpt, pytest.raises(
             checkpoints.CheckpointError,
             match=r"ema_params/conv_in/bias has shape \(64,\) in the checkpoint but "

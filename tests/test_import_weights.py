@@ -381,7 +381,7 @@ def test_tf_checkpoint_imports_ema_by_default_and_raw_with_no_ema(tmp_path):
     assert info["step"] == 790_000 and info["format"] == "tf"
     weights_io.import_checkpoint(prefix + ".index", config, str(tmp_path / "raw"), ema=False)
 
-    graphdef, _ = unet.abstract_model(config)
+    graphdef, _ = unet.abstract_model(unet.ModelSpec.from_config(config))
     apply = jax.jit(lambda params, x, t: unet.apply(graphdef, params, x, t))
     rng = np.random.default_rng(0)
     x = rng.standard_normal((2, 8, 8, 1)).astype(np.float32)

@@ -38,7 +38,7 @@ def make_config(dataset="cifar10", image_size=32, channels=3, batch=8, **data):
 
 def mock_images(config, num_records):
     """The uint8 source images that tfds.testing.mock_data serves (call inside the mock)."""
-    source = ds.make_builder(config).as_data_source("train")
+    source = ds.make_builder(data_of(config)).as_data_source("train")
     return [np.asarray(source[i]["image"]) for i in range(num_records)]
 
 
@@ -49,6 +49,16 @@ def identify(batch, images):
     assert batch.dtype == np.uint8
     found = [table[row.tobytes()] for row in batch]
     return np.array([i for i, _ in found]), np.array([f for _, f in found])
+
+
+def data_of(config):
+    return ds.DataSpec.from_config(config)
+
+
+def train_reader(config, rows, *, position=0):
+    """The training reader of ``config``, as ``training.setup`` opens it."""
+    return ip.create_train_reader(data_of(config), rows, seed=config.seed,
+                                  global_batch=config.training.batch_size, position=position)
 
 
 def all_rows(config):
@@ -68,7 +78,7 @@ def stream(seed, num_records, epochs):
 def digits_config(tmp_path_factory):
     config = test_config.get_config()
     config.data.data_dir = str(tmp_path_factory.mktemp("tfds"))
-    ds.load_split(config, "test", num_examples=1)  # prepares the dataset once
+    ds.load_split(data_of(config), "test", num_examples=1)  # prepares the dataset once
     return config
 
 
@@ -80,7 +90,7 @@ def test_cifar10_batches_are_scaled_rows_of_the_documented_stream():
     config = make_config(batch=8, seed=3)
     with tfds.testing.mock_data(num_examples=20):
         images = mock_images(config, 20)
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             batches = take(reader, 6)  # 48 positions: crosses two epoch boundaries
     assert all(b.shape == (8, 32, 32, 3) and b.dtype == np.uint8 for b in batches)
     ids, flipped = identify(np.concatenate(batches), images)
@@ -102,7 +112,7 @@ def test_random_flip_mirrors_exactly_the_drawn_rows(random_flip):
     config = make_config(batch=16, random_flip=random_flip)
     with tfds.testing.mock_data(num_examples=24):
         images = mock_images(config, 24)
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             batches = take(reader, 3)
     flips = [identify(batch, images)[1] for batch in batches]
     if random_flip:
@@ -117,9 +127,9 @@ def test_mnist_is_zero_padded_to_32_and_resized_otherwise():
     config = make_config("mnist", 32, 1, batch=4)
     with tfds.testing.mock_data(num_examples=4):
         images = np.stack(mock_images(config, 4))
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             batch = next(reader)
-        small = ds.load_split(make_config("mnist", 16, 1), "train", num_examples=4)
+        small = ds.load_split(data_of(make_config("mnist", 16, 1)), "train", num_examples=4)
     assert batch.shape == (4, 32, 32, 1)
     ids = ip.batch_record_indices(0, 4, 4, 0, np.arange(4))
     np.testing.assert_array_equal(batch[:, 2:30, 2:30], images[ids])
@@ -151,8 +161,8 @@ def test_lsun_images_of_any_shape_come_out_center_cropped_at_the_config_size():
     records = [{"image": rng.integers(0, 256, (*hw, 3), dtype=np.uint8)} for hw in shapes]
     config = make_config("lsun/church_outdoor", 16, 3, batch=4, random_flip=False)
     with tfds.testing.mock_data(as_data_source_fn=lambda self, split, **kw: records):
-        images = ds.load_split(config, "train")
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        images = ds.load_split(data_of(config), "train")
+        with train_reader(config, all_rows(config)) as reader:
             batch = next(reader)
     for record, image in zip(records, images, strict=True):
         height, width = record["image"].shape[:2]
@@ -165,7 +175,7 @@ def test_lsun_images_of_any_shape_come_out_center_cropped_at_the_config_size():
     ids = ip.batch_record_indices(0, 4, 4, 0, np.arange(4))
     np.testing.assert_array_equal(batch, images[ids])
     with tfds.testing.mock_data(num_examples=3):  # tfds' own mock: random sizes from 5 to 50
-        mocked = ds.load_split(make_config("lsun/cat", 24, 3), "train")
+        mocked = ds.load_split(data_of(make_config("lsun/cat", 24, 3)), "train")
     assert mocked.shape == (3, 24, 24, 3) and mocked.dtype == np.uint8
 
 
@@ -173,7 +183,7 @@ def test_celeb_a_hq_batches_keep_their_256px_images():
     config = make_config("celeb_a_hq/256", 256, 3, batch=2)
     with tfds.testing.mock_data(num_examples=3):
         images = mock_images(config, 3)
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             batch = next(reader)
     assert batch.shape == (2, 256, 256, 3) and batch.dtype == np.uint8
     ids, _ = identify(batch, images)
@@ -186,13 +196,13 @@ def test_celeb_a_hq_batches_keep_their_256px_images():
 
 def test_same_seed_same_batches_other_seed_other_batches(digits_config):
     config = digits_config.copy_and_resolve_references()
-    with ip.create_train_reader(config, all_rows(config)) as reader:
+    with train_reader(config, all_rows(config)) as reader:
         first = take(reader, 3)
     config.data.num_threads, config.data.prefetch = 3, 0  # threads and prefetch change nothing
-    with ip.create_train_reader(config, all_rows(config)) as reader:
+    with train_reader(config, all_rows(config)) as reader:
         np.testing.assert_array_equal(take(reader, 3), first)
     config.seed = 1
-    with ip.create_train_reader(config, all_rows(config)) as reader:
+    with train_reader(config, all_rows(config)) as reader:
         assert not np.array_equal(take(reader, 3), first)
     assert first[0].shape == (8, 8, 8, 1) and first[0].dtype == np.uint8
     assert np.min(first) == 0 and np.max(first) == 255  # digits hold 0 and 255
@@ -203,13 +213,13 @@ def test_restored_reader_continues_like_the_uninterrupted_one_across_epochs(num_
     config = make_config(batch=4, random_flip=True, seed=5)  # 10 records: an epoch is 2.5 batches
     config.model.num_classes = num_classes  # 10: (images, labels) batches
     with tfds.testing.mock_data(num_examples=10):
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             uninterrupted = take(reader, 8)
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             take(reader, 3)
             assert reader.position == 3  # the whole state: one integer
         for position in (3, 1, 6):  # resuming, rewinding and jumping ahead
-            with ip.create_train_reader(config, all_rows(config), position=position) as reader:
+            with train_reader(config, all_rows(config), position=position) as reader:
                 for got, want in zip(take(reader, 2), uninterrupted[position:position + 2],
                                      strict=True):
                     for a, b in zip(*(x if num_classes else (x,) for x in (got, want)),
@@ -217,7 +227,7 @@ def test_restored_reader_continues_like_the_uninterrupted_one_across_epochs(num_
                         np.testing.assert_array_equal(a, b)
                 assert reader.position == position + 2
         if num_classes:  # each label is its image's record's label
-            source = ds.make_builder(config).as_data_source("train")
+            source = ds.make_builder(data_of(config)).as_data_source("train")
             labels = np.array([int(source[i]["label"]) for i in range(10)])
             for images, batch_labels in uninterrupted:
                 ids, _ = identify(images, mock_images(config, 10))
@@ -231,25 +241,25 @@ def test_labels_need_a_dataset_with_as_many_classes():
     config.model.num_classes = 10
     with pytest.raises(ds.DataError, match=r"model.num_classes=10 does not match "
                        r"celeb_a_hq/256, which has no labels; set --config.model.num_classes=0"):
-        ds.dataset_spec(config)
+        ds.dataset_spec(data_of(config))
     config = make_config()
     config.model.num_classes = 100
     with pytest.raises(ds.DataError, match=r"which has 10 classes; set "
                        r"--config.model.num_classes=10"):
-        ds.dataset_spec(config)
+        ds.dataset_spec(data_of(config))
 
 
 def test_two_processes_read_disjoint_halves_of_the_single_process_batch():
     config = make_config(batch=8, random_flip=True, seed=2)
     with tfds.testing.mock_data(num_examples=10):
-        with ip.create_train_reader(config, all_rows(config)) as reader:
+        with train_reader(config, all_rows(config)) as reader:
             single = take(reader, 4)
         halves = []
         for rows in (np.arange(0, 4), np.arange(4, 8)):
-            with ip.create_train_reader(config, rows) as reader:
+            with train_reader(config, rows) as reader:
                 halves.append(take(reader, 4))
         # Rows owned by devices that are not contiguous (a permuted mesh) are read as well.
-        with ip.create_train_reader(config, np.array([1, 2, 5, 7])) as reader:
+        with train_reader(config, np.array([1, 2, 5, 7])) as reader:
             scattered = take(reader, 4)
     for step in range(4):
         assert halves[0][step].shape == (4, 32, 32, 3)
@@ -260,7 +270,7 @@ def test_two_processes_read_disjoint_halves_of_the_single_process_batch():
 
 
 def test_closed_reader_stops_its_threads(digits_config):
-    reader = ip.create_train_reader(digits_config, all_rows(digits_config))
+    reader = train_reader(digits_config, all_rows(digits_config))
     with reader:
         next(reader)
         worker = reader._worker
@@ -302,9 +312,9 @@ def test_closed_reader_stops_its_threads(digits_config):
 def test_config_that_does_not_fit_the_data(overrides, message):
     config = make_config(**overrides)
     with pytest.raises(ds.DataError, match="^" + re.escape(message)):
-        ip.create_train_reader(config, all_rows(config))
+        train_reader(config, all_rows(config))
     with pytest.raises(ds.DataError):
-        ds.load_split(config, "test")
+        ds.load_split(data_of(config), "test")
 
 
 def test_batch_not_divisible():
@@ -319,13 +329,13 @@ def test_batch_not_divisible():
     sharding.check_batch(128, 8)
     config = make_config(batch=8)
     with pytest.raises(ds.DataError, match=r"rows must lie in \[0, 8\)"):
-        ip.create_train_reader(config, np.arange(4, 12))
+        train_reader(config, np.arange(4, 12))
 
 
 def test_dataset_not_prepared_names_the_command(tmp_path):
     config = make_config(data_dir=str(tmp_path))
     with pytest.raises(ds.DataError) as error:
-        ip.create_train_reader(config, all_rows(config))
+        train_reader(config, all_rows(config))
     assert str(error.value) == (
         f"dataset cifar10 is not prepared in {tmp_path}; prepare it once with: python -m "
         f"ddpm_jax.prepare_data --config=configs/cifar10.py --config.data.data_dir={tmp_path}"
@@ -334,7 +344,7 @@ def test_dataset_not_prepared_names_the_command(tmp_path):
     with pytest.raises(
         ds.DataError, match=f"put data256x256.tar .* in {tmp_path}/downloads/manual"
     ):
-        ds.load_split(config, "train")
+        ds.load_split(data_of(config), "train")
 
 
 def test_failed_download_names_the_command(tmp_path, monkeypatch):
@@ -346,7 +356,7 @@ def test_failed_download_names_the_command(tmp_path, monkeypatch):
     monkeypatch.setattr(ds, "_tfds_can_prepare", lambda: True)
     config = make_config(data_dir=str(tmp_path))
     with pytest.raises(ds.DataError) as error:
-        ds.prepare_dataset(config)
+        ds.prepare_dataset(data_of(config))
     assert str(error.value) == (
         f"could not download and prepare cifar10 in {tmp_path} (Failed to resolve "
         "'www.cs.toronto.edu'); with network access, run: python -m ddpm_jax.prepare_data "
@@ -354,7 +364,7 @@ def test_failed_download_names_the_command(tmp_path, monkeypatch):
     )
     monkeypatch.setattr(ds, "_tfds_can_prepare", lambda: False)
     with pytest.raises(ds.DataError, match="pip install importlib_resources, then run: python"):
-        ds.prepare_dataset(config)
+        ds.prepare_dataset(data_of(config))
 
 
 def test_unknown_split_bad_state_and_too_many_examples(digits_config):
@@ -363,11 +373,11 @@ def test_unknown_split_bad_state_and_too_many_examples(digits_config):
         match=r"^split 'validation' does not exist in digits; "
         r"available splits: test, train",
     ):
-        ds.load_split(digits_config, "validation")
+        ds.load_split(data_of(digits_config), "validation")
     with pytest.raises(ds.DataError, match="asked for 301 examples of digits split 'test'"):
-        ds.load_split(digits_config, "test", num_examples=301)
+        ds.load_split(data_of(digits_config), "test", num_examples=301)
     with pytest.raises(ds.DataError, match="non-negative integer, got -1"):
-        ip.create_train_reader(digits_config, all_rows(digits_config), position=-1)
+        train_reader(digits_config, all_rows(digits_config), position=-1)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -401,6 +411,6 @@ def test_dataset_prepared_without_random_access_says_so(tmp_path):
         "--config=configs/digits.py --config.data.data_dir=OTHER_DIR$"
     )
     with pytest.raises(ds.DataError, match=message):
-        ip.create_train_reader(config, all_rows(config))
+        train_reader(config, all_rows(config))
     with pytest.raises(ds.DataError, match=message):
-        ds.prepare_dataset(config)
+        ds.prepare_dataset(data_of(config))

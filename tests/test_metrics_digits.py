@@ -6,7 +6,7 @@ import os
 
 import numpy as np
 import pytest
-from conftest import run_python
+from conftest import initial_params, run_python
 
 from ddpm_jax import datasets, digits
 from ddpm_jax.metrics import MetricsError, precision_recall
@@ -77,7 +77,7 @@ def test_feature_network_is_trained_once_deterministically_and_cached(reference,
     assert ref.test_accuracy > 0.9 and ref.test_confidence > 0.85  # a classifier of digits
     assert ref.test_features.shape == (300, dm.FEATURE_DIM) and ref.fd_real > 0
     # Cached beside the prepared data, with its seed and hashes.
-    builder = datasets.make_builder(dm._digits_config(digits_dir))
+    builder = datasets.make_builder(dm._digits_data(digits_dir))
     assert ref.path.startswith(str(builder.data_dir)) and os.path.exists(ref.path)
     with np.load(ref.path, allow_pickle=False) as f:
         assert int(f["seed"]) == dm.SEED and str(f["params_sha256"]) == ref.params_sha256
@@ -139,12 +139,12 @@ def test_evaluate_command_digits_fd_precision_recall_on_two_devices(reference, d
     """The command's whole path (samples made and streamed, features sharded over 2 devices,
     the cached reference) gives the library's numbers on the same samples."""
     from configs import test as test_config
-    from ddpm_jax import checkpoints, unet
+    from ddpm_jax import checkpoints
 
     config = test_config.get_config()
     config.data.data_dir = digits_dir
     workdir = str(tmp_path / "run")
-    checkpoints.save_weights(workdir, config, unet.split(unet.create_model(config, seed=0))[1])
+    checkpoints.save_weights(workdir, config, initial_params(config, 0))
     out = tmp_path / "eval.json"
     proc = run_python(["-m", "ddpm_jax.evaluate", f"--workdir={workdir}",
                        "--metrics=digits_fd,precision,recall", "--num_samples=40",

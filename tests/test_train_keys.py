@@ -8,7 +8,7 @@ import numpy as np
 import optax
 
 from configs import test as test_config
-from ddpm_jax import diffusion, training, unet
+from ddpm_jax import config_lib, diffusion, training, unet
 
 
 def test_dropout_is_inverted_dropout_at_its_rate():
@@ -22,7 +22,7 @@ def test_dropout_is_inverted_dropout_at_its_rate():
 def test_the_unet_applies_dropout_only_with_a_key():
     config = test_config.get_config()
     config.model.dropout = 0.5
-    graphdef, params = unet.split(unet.create_model(config, seed=0))
+    graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=0))
     x = jax.random.normal(jax.random.key(1), (2, 8, 8, 1))
     t = jnp.array([3, 7], jnp.int32)
     run = jax.jit(lambda k: unet.apply(graphdef, params, x, t, dropout_key=k))
@@ -42,7 +42,7 @@ def test_t_noise_and_dropout_change_with_the_step(monkeypatch):
     config = test_config.get_config()
     d = diffusion.Diffusion.create(np.linspace(1e-4, 0.02, 100, dtype=np.float64))
     tx = optax.sgd(0.0)
-    step_fn = jax.jit(training.make_train_step(config, None, d, tx))
+    step_fn = jax.jit(training.make_train_step(config_lib.validate(config), None, d, tx))
     state = training.init_train_state({"w": jnp.ones(())}, tx)
     batch = jnp.full((4, 8, 8, 1), 128, jnp.uint8)
     key = jax.random.key(0)

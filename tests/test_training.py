@@ -82,17 +82,19 @@ _STEPS = {}  # config JSON -> its jitted train step: traced and compiled once fo
 def _setup(config, seed=0):
     from ddpm_jax import config_lib
 
-    graphdef, params = unet.split(unet.create_model(config, seed=seed))
+    graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     key = config_lib.to_json(config)
     if key not in _STEPS:
         d = diffusion.Diffusion.from_config(config)
-        _STEPS[key] = jax.jit(training.make_train_step(config, graphdef, d, tx))
+        sections = config_lib.validate(config)
+        _STEPS[key] = jax.jit(training.make_train_step(sections, graphdef, d, tx))
     return _STEPS[key], training.init_train_state(params, tx)
 
 
 def _fixed_batch(config, n=8):
-    return jnp.asarray(datasets.load_split(config, "train", n))  # uint8, as the reader gives
+    data = datasets.DataSpec.from_config(config)
+    return jnp.asarray(datasets.load_split(data, "train", n))  # uint8, as the reader gives
 
 
 def test_loss_decreases_on_a_fixed_batch(test_cfg):
@@ -179,7 +181,7 @@ def test_non_finite_update_is_not_applied(test_cfg):
 
 
 def test_k_steps_per_dispatch_equal_k_single_steps_bit_for_bit(test_cfg):
-    train_step = training.make_train_step(test_cfg, *_parts(test_cfg))
+    train_step = training.make_train_step(config_lib.validate(test_cfg), *_parts(test_cfg))
     multi = jax.jit(training.make_multi_step(train_step))  # compiled for k = 1 and k = 3
     plain = jax.jit(train_step)
     _, state = _setup(test_cfg)
@@ -200,7 +202,7 @@ def test_k_steps_per_dispatch_equal_k_single_steps_bit_for_bit(test_cfg):
 
 
 def _parts(config):
-    graphdef, _ = unet.abstract_model(config)
+    graphdef, _ = unet.abstract_model(unet.ModelSpec.from_config(config))
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     return graphdef, diffusion.Diffusion.from_config(config), tx
 

@@ -6,6 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from conftest import initial_params
 
 from configs import celebahq, cifar10, lsun_bedroom, lsun_cat, lsun_church
 from configs import test as test_config
@@ -13,7 +14,8 @@ from ddpm_jax import unet
 
 
 def _count(config) -> int:
-    _, params = unet.abstract_model(config)  # shapes only: nothing is allocated
+    # shapes only: nothing is allocated
+    _, params = unet.abstract_model(unet.ModelSpec.from_config(config))
     return unet.count_params(params)
 
 
@@ -113,8 +115,40 @@ def _original_variable_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, res
     return shapes
 
 
+def test_validate_gives_each_module_its_own_typed_section():
+    import dataclasses
+
+    from ddpm_jax import config_lib, datasets
+
+    config = cifar10.get_config()
+    config.diffusion.model_var_type, config.diffusion.loss_type = "learned_range", "hybrid"
+    config.model.num_classes, config.model.cond_drop_prob = 10, 0.2
+    config.data.num_threads = 3
+    sections = config_lib.validate(config)
+    m = sections.model
+    assert (m.ch, m.ch_mult, m.attn_resolutions, m.image_size, m.in_ch, m.out_ch) == (
+        128, (1, 2, 2, 2), (16,), 32, 3, 6)  # 2C outputs for the learned variance
+    assert (m.num_classes, m.cond_drop_prob, m.dtype) == (10, 0.2, "float32")
+    assert m.levels() == [32, 16, 8, 4]
+    d = sections.data
+    assert (d.dataset, d.image_size, d.channels, d.split, d.num_threads, d.num_classes) == (
+        "cifar10", 32, 3, "train", 3, 10)
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        m.ch = 64
+    # The network is built from its section alone, and the section is a cache key.
+    assert hash(m) == hash(unet.ModelSpec.from_config(config))
+    labels = 11 * 512  # [K + 1, 4 ch]
+    assert unet.count_params(unet.abstract_model(m)[1]) == 35_749_766 + labels
+    # A config saved before conditioning: unconditional, the default drop rate.
+    old = cifar10.get_config()
+    with old.unlocked():
+        del old.model["num_classes"], old.model["cond_drop_prob"]
+    assert (unet.ModelSpec.from_config(old).num_classes,
+            datasets.DataSpec.from_config(old).num_classes) == (0, 0)
+
+
 def test_parameter_tree_matches_the_original_variable_list():
-    _, params = unet.abstract_model(cifar10.get_config())
+    _, params = unet.abstract_model(unet.ModelSpec.from_config(cifar10.get_config()))
     ours = _flat_shapes(params)
     expected = _original_variable_shapes(128, (1, 2, 2, 2), 2, (16,), 32, 3, 3)
     assert set(ours) == set(expected)
@@ -130,7 +164,7 @@ def test_parameter_tree_matches_the_original_variable_list():
 
 
 def test_256px_tree_matches_the_original_variable_list():
-    _, params = unet.abstract_model(celebahq.get_config())
+    _, params = unet.abstract_model(unet.ModelSpec.from_config(celebahq.get_config()))
     expected = _original_variable_shapes(128, (1, 1, 2, 2, 4, 4), 2, (16,), 256, 3, 3)
     assert _flat_shapes(params) == expected
 
@@ -151,7 +185,7 @@ def test_timestep_embedding_matches_float64_closed_form():
 @pytest.fixture(scope="module")
 def small_model():
     config = test_config.get_config()
-    return config, unet.split(unet.create_model(config, seed=0))
+    return config, unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=0))
 
 
 def test_output_shape_equals_input_shape(small_model):
@@ -164,7 +198,7 @@ def test_output_shape_equals_input_shape(small_model):
 def test_learned_variance_outputs_two_c_channels():
     config = test_config.get_config()
     config.diffusion.model_var_type = "learned_range"
-    graphdef, params = unet.split(unet.create_model(config))
+    graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config)))
     out = unet.apply(graphdef, params, jnp.zeros((2, 8, 8, 1)), jnp.array([1, 2]))
     assert out.shape == (2, 8, 8, 2)
 
@@ -211,9 +245,9 @@ def test_dropout_only_with_a_key_and_deterministic_given_the_key(small_model):
 
 def test_initialisation_is_deterministic_given_the_seed():
     config = test_config.get_config()
-    a = unet.split(unet.create_model(config, seed=3))[1]
-    b = unet.split(unet.create_model(config, seed=3))[1]
-    c = unet.split(unet.create_model(config, seed=4))[1]
+    a = initial_params(config, 3)
+    b = initial_params(config, 3)
+    c = initial_params(config, 4)
     jax.tree.map(np.testing.assert_array_equal, a, b)
     assert not np.array_equal(a["conv_in"]["kernel"], c["conv_in"]["kernel"])
 
@@ -222,7 +256,7 @@ def test_bfloat16_activations_keep_float32_params_and_track_float32(small_model)
     config, (_, params32) = small_model
     config = test_config.get_config()
     config.model.dtype = "bfloat16"
-    graphdef16, params16 = unet.split(unet.create_model(config, seed=0))
+    graphdef16, params16 = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
     graphdef32, _ = small_model[1]
     params = _perturbed(params16, jax.random.key(2))
@@ -239,7 +273,7 @@ def test_space_to_depth_block_size():
     config = test_config.get_config()
     config.model.block_size = 2
     config.model.attn_resolutions = (4,)  # the 4x4 of the 8x8 input after space-to-depth
-    graphdef, params = unet.split(unet.create_model(config))
+    graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config)))
     assert params["conv_in"]["kernel"].shape == (3, 3, 4, 64)  # 1 channel * 2 * 2
     assert params["conv_out"]["kernel"].shape == (3, 3, 64, 4)
     assert "attn_0" in params["down_0"]  # attention at the level's resolution, 4x4

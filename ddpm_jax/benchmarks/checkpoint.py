@@ -72,7 +72,8 @@ def randomize(tree, seed: int):
 def train_state(config, mesh, fill: str):
     """(state, optimizer): the initial train state as training creates it, maybe randomized."""
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
-    state = training.create_train_state(config, tx, mesh)
+    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx,
+                                        mesh)
     if fill == "random":
         state = jax.tree.map(sharding.put, randomize(state, config.seed + 1),
                              sharding.train_state_shardings(mesh, state))
@@ -98,7 +99,8 @@ def restore_once(directory: str, step: int, config, tx, mesh) -> tuple[float, fl
     """(abstract s, restore s) of restoring ``step`` as a resumed run does."""
     with checkpoints.Checkpointer(directory, read_only=True) as ckpt:
         start = time.perf_counter()
-        abstract = training.abstract_state(unet.abstract_model(config)[1], tx)
+        abstract = training.abstract_state(
+            unet.abstract_model(unet.ModelSpec.from_config(config))[1], tx)
         abstract_s = time.perf_counter() - start
         start = time.perf_counter()
         restored = training.restore_start(config, ckpt, step, abstract, mesh)
@@ -155,7 +157,7 @@ def main(argv: Sequence[str]) -> None:
     common.positive("repeats", FLAGS.repeats)
     config = common.load_config(FLAGS.config)
     rows = measure(config, FLAGS.repeats, FLAGS.dir, FLAGS.fill)
-    num_params = unet.count_params(unet.abstract_model(config)[1])
+    num_params = unet.count_params(unet.abstract_model(unet.ModelSpec.from_config(config))[1])
     common.emit(report(common.config_name(FLAGS.config), num_params, FLAGS.fill, rows))
 
 

@@ -87,16 +87,6 @@ def images_per_second(reader: ip.Reader, warmup: int, num_batches: int) -> float
     return images / (time.perf_counter() - start)
 
 
-def reader_spec(config, rows) -> ip.ReaderSpec:
-    """The ``ReaderSpec`` that ``create_train_reader`` builds for ``config``."""
-    d = config.data
-    return ip.ReaderSpec(seed=config.seed, global_batch=config.training.batch_size,
-                         rows=tuple(int(r) for r in rows),
-                         image_shape=(d.image_size, d.image_size, d.channels),
-                         random_flip=bool(d.random_flip), prefetch=int(d.prefetch),
-                         num_threads=max(1, int(d.num_threads)))
-
-
 def measure(name: str, reader: ip.Reader, config) -> dict:
     """Times ``reader`` (closed afterwards); prints a table row and returns the record."""
     with reader:
@@ -117,6 +107,12 @@ def with_batch(config, batch: int):
     return config
 
 
+def train_reader(config, rows) -> ip.Reader:
+    """The training reader of ``config`` (``input_pipeline.create_train_reader``)."""
+    return ip.create_train_reader(datasets.DataSpec.from_config(config), rows, seed=config.seed,
+                                  global_batch=config.training.batch_size)
+
+
 def main(argv: Sequence[str]) -> None:
     """Prints the reader's images/s for each source."""
     del argv
@@ -128,7 +124,7 @@ def main(argv: Sequence[str]) -> None:
     rows = sharding.process_rows(sharding.create_mesh(), FLAGS.batch_size)
     d = config.data
     with tfds.testing.mock_data(num_examples=FLAGS.num_examples):
-        common.emit(measure(f"{d.dataset} (mock)", ip.create_train_reader(config, rows),
+        common.emit(measure(f"{d.dataset} (mock)", train_reader(config, rows),
                             config))
     shape = (d.image_size, d.image_size, d.channels)
     with tempfile.TemporaryDirectory() as tmp:
@@ -138,13 +134,16 @@ def main(argv: Sequence[str]) -> None:
         builder.download_and_prepare(file_format="array_record")
         source = builder.as_data_source("train")
         spec = datasets.DatasetSpec("shaped", d.channels, d.image_size, "exact", "")
-        reader = ip.Reader(source, reader_spec(config, rows),
+        reader_spec = ip.train_reader_spec(datasets.DataSpec.from_config(config), rows,
+                                           seed=config.seed,
+                                           global_batch=config.training.batch_size)
+        reader = ip.Reader(source, reader_spec,
                            datasets.preprocessor(spec, d.image_size))
         common.emit(measure("{}x{}x{} ArrayRecord".format(*shape), reader, config))
     with tempfile.TemporaryDirectory() as tmp:
         digits = with_batch(common.load_config("digits"), FLAGS.batch_size)
         digits.data.data_dir = FLAGS.data_dir or tmp
-        common.emit(measure("digits", ip.create_train_reader(digits, rows), digits))
+        common.emit(measure("digits", train_reader(digits, rows), digits))
 
 
 if __name__ == "__main__":

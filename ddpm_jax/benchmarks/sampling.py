@@ -67,7 +67,8 @@ def define_flags() -> None:
 def compile_seconds(fn, *args, options=None):
     """(compiled ``jax.jit(fn)`` for ``args`` with ``options``, seconds to lower and compile)."""
     start = time.perf_counter()
-    compiled = jax.jit(fn).lower(*args).compile(options)
+    lowered = jax.jit(fn).lower(*args)
+    compiled, _ = common.compile_timed(lowered, options)
     return compiled, time.perf_counter() - start
 
 

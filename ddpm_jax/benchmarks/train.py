@@ -94,10 +94,12 @@ def options_for(setting: str, kind: str) -> dict[str, str] | None:
 
 def jit_train(config, mesh, k: int):
     """The real jitted k-step train function, and the abstract (state, batches) it takes."""
-    tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
-    graphdef, params = unet.abstract_model(config)
+    sections = config_lib.validate(config)
+    tx = training.create_optimizer(sections.optimizer)
+    graphdef, params = unet.abstract_model(sections.model)
     state = training.abstract_state(params, tx)
-    step = training.make_train_step(config, graphdef, diffusion.Diffusion.from_config(config), tx)
+    step = training.make_train_step(sections, graphdef,
+                                    diffusion.Diffusion.from_spec(sections.process), tx)
     fn = training.compile_train_step(step, mesh, state, steps_per_dispatch=k)
     state = jax.tree.map(lambda a, s: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=s),
                          state, sharding.train_state_shardings(mesh, state))
@@ -128,7 +130,7 @@ def lower_train(config, mesh, k: int, batch: int):
 
 def lower_forward(config, mesh, batch: int):
     """The lowered evaluation forward pass ``(params, x, t) -> eps`` from shapes only."""
-    graphdef, params = unet.abstract_model(config)
+    graphdef, params = unet.abstract_model(unet.ModelSpec.from_config(config))
     replicated, data = sharding.replicated(mesh), sharding.data_sharding(mesh)
     params = jax.tree.map(lambda a: jax.ShapeDtypeStruct(a.shape, a.dtype, sharding=replicated),
                           params)
@@ -143,7 +145,8 @@ def lower_forward(config, mesh, batch: int):
 
 def train_inputs(config, mesh, k: int, batch: int, seed: int, tx):
     """The initial train state (``training.create_train_state``), random uint8 batches, a key."""
-    state = training.create_train_state(config, tx, mesh)
+    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx,
+                                        mesh)
     spec = abstract_batches(config, mesh, k, batch)
     batches = jax.random.randint(jax.random.key(seed + 1), spec.shape, 0, 256, jnp.int32)
     batches = sharding.put(batches.astype(jnp.uint8), spec.sharding)
@@ -153,7 +156,7 @@ def train_inputs(config, mesh, k: int, batch: int, seed: int, tx):
 
 def forward_inputs(config, mesh, batch: int, seed: int):
     """Parameters of ``create_model``, x ~ N(0, I) and t uniform in [0, T)."""
-    params = unet.split(unet.create_model(config, seed=seed))[1]
+    params = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))[1]
     params = sharding.put(params, sharding.replicated(mesh))
     d = config.data
     kx, kt = jax.random.split(jax.random.key(seed + 1))
@@ -382,7 +385,8 @@ def run(s: Settings) -> list[dict]:
         raise app.UsageError(f"--batch={batch} must be a multiple of the {mesh.size} devices")
     ours = _compile_ours(s, config, mesh, batch)
     base = dict(benchmark="train", config=name, batch=batch, dtype=config.model.dtype,
-                params=unet.count_params(unet.abstract_model(config)[1]),
+                params=unet.count_params(
+                    unet.abstract_model(unet.ModelSpec.from_config(config))[1]),
                 **common.device_fields(config.model.dtype))
     too_big = s.memory_limit_bytes is not None and any(
         o["memory"] and o["memory"]["peak_bytes"] > s.memory_limit_bytes for o in ours.values())

@@ -43,7 +43,6 @@ from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
-import ml_collections
 import numpy as np
 import optax
 from etils import epath
@@ -223,20 +222,19 @@ class DigitsReference:
                     reference=REFERENCE, reference_n=len(self.test_features), k=K)
 
 
-def _digits_config(data_dir: str | None) -> ml_collections.ConfigDict:
-    return ml_collections.ConfigDict(dict(data=dict(
-        dataset="digits", data_dir=data_dir, image_size=8, channels=1, num_threads=1)))
+def _digits_data(data_dir: str | None) -> datasets.DataSpec:
+    return datasets.DataSpec("digits", 8, 1, data_dir, num_threads=1)
 
 
-def _read_split(config, split: str) -> tuple[np.ndarray, np.ndarray]:
-    source = datasets.open_source(config, split)  # prepares the digits on first use
+def _read_split(data: datasets.DataSpec, split: str) -> tuple[np.ndarray, np.ndarray]:
+    source = datasets.open_source(data, split)  # prepares the digits on first use
     records = [source[i] for i in range(len(source))]
     images = np.stack([np.asarray(r["image"], np.uint8) for r in records])
     return images, np.asarray([int(r["label"]) for r in records], np.int64)
 
 
 def cache_path(data_dir: str | None = None, *, seed: int = SEED) -> epath.Path:
-    builder = datasets.make_builder(_digits_config(data_dir))
+    builder = datasets.make_builder(_digits_data(data_dir))
     return epath.Path(builder.data_dir) / CACHE_DIR / f"recipe{RECIPE}_seed{seed}.npz"
 
 
@@ -270,9 +268,9 @@ def load_reference(data_dir: str | None = None, *, seed: int = SEED) -> DigitsRe
 @functools.lru_cache(maxsize=4)
 def _load_reference(path_str: str, data_dir: str | None, seed: int) -> DigitsReference:
     path = epath.Path(path_str)
-    config = _digits_config(data_dir)
-    train_x, train_y = _read_split(config, "train")
-    test_x, test_y = _read_split(config, "test")
+    data = _digits_data(data_dir)
+    train_x, train_y = _read_split(data, "train")
+    test_x, test_y = _read_split(data, "test")
     data_hash = data_sha256(np.concatenate([train_x, test_x]), np.concatenate([train_y, test_y]))
     if path.exists():
         stored = _load(path)

@@ -156,9 +156,8 @@ UNET2D_DEFAULTS = dict(
 
 def attention_levels(config: ml_collections.ConfigDict) -> list[bool]:
     """Whether each level of the config's U-Net has attention blocks."""
-    res = config.data.image_size // config.model.block_size
-    return [res // 2**i in tuple(config.model.attn_resolutions)
-            for i in range(len(config.model.ch_mult))]
+    model = unet.ModelSpec.from_config(config)
+    return [res in model.attn_resolutions for res in model.levels()]
 
 
 def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
@@ -167,7 +166,7 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
     return dict(
         sample_size=config.data.image_size,
         in_channels=config.data.channels,
-        out_channels=unet.output_channels(config),
+        out_channels=unet.ModelSpec.from_config(config).out_ch,
         block_out_channels=[m.ch * c for c in m.ch_mult],
         layers_per_block=m.num_res_blocks,
         down_block_types=["AttnDownBlock2D" if a else "DownBlock2D" for a in attn],

@@ -18,7 +18,7 @@ from typing import NamedTuple
 import ml_collections
 import numpy as np
 
-from ddpm_jax import config_lib, errors, trees, unet
+from ddpm_jax import errors, trees, unet
 
 
 class WeightsError(errors.UserError, ValueError):
@@ -67,12 +67,12 @@ BATCH_NORM = {"scale": ("weight", SAME), "bias": ("bias", SAME), "mean": ("runni
 # -- plans ---------------------------------------------------------------------------------------
 def expected_params(config: ml_collections.ConfigDict):
     """The config's U-Net parameter tree as ShapeDtypeStructs (memoised: tracing takes seconds)."""
-    return _expected_params(config_lib.to_json(config))
+    return _expected_params(unet.ModelSpec.from_config(config))
 
 
 @functools.lru_cache(maxsize=4)
-def _expected_params(config_json: str):
-    return unet.abstract_model(config_lib.from_json(config_json))[1]
+def _expected_params(model: unet.ModelSpec):
+    return unet.abstract_model(model)[1]
 
 
 def plan(expected, layer: Callable[[str], tuple[tuple[str, ...], Mapping]], *,

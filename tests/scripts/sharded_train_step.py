@@ -17,10 +17,11 @@ def result(devices: str) -> dict:
     mesh = sharding.create_mesh()
     assert mesh.size == int(devices)
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
-    graphdef, abstract_params = unet.abstract_model(config)
-    state = training.create_train_state(config, tx, mesh)
+    graphdef, abstract_params = unet.abstract_model(unet.ModelSpec.from_config(config))
+    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx, mesh)
     step = training.compile_train_step(
-        training.make_train_step(config, graphdef, diffusion.Diffusion.from_config(config), tx),
+        training.make_train_step(config_lib.validate(config), graphdef,
+                                 diffusion.Diffusion.from_config(config), tx),
         mesh, training.abstract_state(abstract_params, tx))
     rng = np.random.default_rng(1)
     batch = rng.integers(0, 256, (8, 8, 8, 1), dtype=np.uint8)
