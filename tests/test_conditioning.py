@@ -173,8 +173,25 @@ def test_the_guidance_benchmark_and_the_class_share(cond_run, tmp_path):
     assert [r["guidance"] for r in rows] == [0.0, 2.0] and os.path.getsize(out) > 1000
     for r in rows:
         assert 0.0 <= r["min_class_share"] <= r["class_share"] <= 1.0 and r["pixel_fd"] > 0
+        assert 0.0 <= r["precision"] <= 1.0 and 0.0 <= r["recall"] <= 1.0
+        assert r["digits_fd"] > 0 and 0.0 < r["digits_confidence"] <= 1.0
     assert rows[0]["pixel_fd"] != rows[1]["pixel_fd"]  # w changes the samples
     assert guidance.table(rows) in stdout
+    # The row of w = 2 is the project's digits metric of those samples.
+    import jax
+
+    import ddpm_jax
+    from ddpm_jax.metrics import digits as dm
+
+    model = ddpm_jax.load(cond_run)
+    images = model.sample(jax.random.key(0), 10, sampler="ddim", num_steps=2,
+                          labels=np.arange(10, dtype=np.int32), guidance=2.0)
+    want = dm.evaluate_digits(images, data_dir=model.config.data.data_dir)
+    for key in ("digits_fd", "digits_fd_ratio", "precision", "recall", "digits_confidence"):
+        assert rows[1][key] == pytest.approx(want[key], rel=1e-6), key
+    probs = dm.digits_features(images, dm.load_reference(model.config.data.data_dir).params)
+    assert rows[1]["class_share"] == pytest.approx(
+        (probs["probs"].argmax(1) == np.arange(10)).mean())
     # The pixel FD of the real digits against themselves is 0; of noise, large.
     real = np.round(guidance.real_pixels() * 255).astype(np.uint8).reshape(-1, 8, 8, 1)
     assert abs(guidance.pixel_fd(real, guidance.real_pixels())) < 1e-6
@@ -189,8 +206,6 @@ def test_the_guidance_benchmark_and_the_class_share(cond_run, tmp_path):
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
     assert result["provenance"]["guidance"] == 1.0 and result["provenance"]["labels"] == "all"
-    import ddpm_jax
-    from ddpm_jax.metrics import digits as dm
 
     with np.load(samples / "samples.npz") as f:
         np.testing.assert_array_equal(f["labels"], np.arange(10))  # class-balanced

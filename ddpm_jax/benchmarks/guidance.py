@@ -6,13 +6,16 @@ For each w of ``--guidance`` it samples ``--num_per_class`` images of every digi
 noise for every w) from a class-conditional digits checkpoint, guided with
 eps = (1 + w) eps(x, y) - w eps(x, null), and reports:
 
-* ``class_share``: the share of samples that the digits classifier (an RBF SVM fitted on the
-  real training digits, ``digits_quality.fit_classifier``) assigns to the class asked for, and
-  its lowest value over the ten classes;
-* ``mean_confidence``: the classifier's mean top probability;
+* ``class_share``: the share of samples that the project's digits network
+  (``ddpm_jax.metrics.digits``, trained once on the real training digits) assigns to the class
+  asked for (``evaluate --metrics=digits_class_share``), and its lowest value over the classes;
+* the digits metric of the same samples (``evaluate --metrics=digits_fd,precision,recall``):
+  ``digits_fd`` (the Fréchet distance to the real test digits in that network's features),
+  ``digits_fd_ratio`` (over the real training digits' distance), ``precision`` and ``recall``
+  (k = 3) and ``digits_confidence`` (the network's mean top probability);
 * ``pixel_fd``: the Fréchet distance between the samples' and the 1,797 real digits' pixels
-  (64 dimensions, scaled to [0, 1], float64): the distribution, not one score. Class-balanced
-  samples against the (nearly balanced) real digits.
+  (64 dimensions, scaled to [0, 1], float64), a second, network-free view of the distribution.
+  Class-balanced samples against the (nearly balanced) real digits.
 
 Prints one JSON line per w and a Markdown table, and writes a two-panel plot to ``--out``.
 """
@@ -26,7 +29,6 @@ import numpy as np
 from absl import flags, logging
 
 from ddpm_jax import cli, errors
-from ddpm_jax.benchmarks import digits_quality
 
 FLAGS = flags.FLAGS
 
@@ -67,30 +69,36 @@ def measure(model, scales, *, num_per_class: int, sampler: str, num_steps: int,
         raise errors.UserError(f"{model.source}: needs a class-conditional digits model "
                                f"(configs/digits_cond.py), got dataset "
                                f"{model.config.data.dataset} with {model.num_classes} classes")
-    clf, _, _ = digits_quality.fit_classifier()
+    from ddpm_jax.metrics import digits as dm  # noqa: PLC0415
+
+    ref = dm.load_reference(model.config.data.data_dir)
     reference = real_pixels()
     labels = np.arange(10 * num_per_class, dtype=np.int32) % 10
     rows = []
     for w in scales:
         images = model.sample(jax.random.key(seed), len(labels), sampler=sampler,
                               num_steps=num_steps, labels=labels, guidance=float(w))
-        proba = clf.predict_proba(images.reshape(len(images), -1) / 255.0)
-        hit = proba.argmax(1) == labels
-        rows.append(dict(guidance=float(w), class_share=float(hit.mean()),
-                         min_class_share=float(min(hit[labels == c].mean() for c in range(10))),
-                         mean_confidence=float(proba.max(1).mean()),
-                         pixel_fd=pixel_fd(images, reference), num_samples=int(len(labels)),
-                         sampler=sampler, num_steps=num_steps))
+        out = dm.digits_features(images, ref.params)
+        scores = dm.scores_from_outputs(out["features"], out["probs"], ref)
+        hit = out["probs"].argmax(1) == labels
+        rows.append(dict(
+            guidance=float(w), class_share=float(hit.mean()),
+            min_class_share=float(min(hit[labels == c].mean() for c in range(10))),
+            **{k: scores[k] for k in ("digits_fd", "digits_fd_ratio", "precision", "recall",
+                                      "digits_confidence")},
+            pixel_fd=pixel_fd(images, reference), num_samples=int(len(labels)),
+            sampler=sampler, num_steps=num_steps))
     return rows
 
 
 def table(rows: list[dict]) -> str:
     lines = ["| w (diffusers scale 1 + w) | in the requested class | lowest class | "
-             "classifier confidence | pixel FD to the real digits |",
-             "|---|---|---|---|---|"]
+             "digits_fd (ratio) | precision | recall | confidence | pixel FD |",
+             "|---|---|---|---|---|---|---|---|"]
     lines += [f"| {r['guidance']:g} ({1 + r['guidance']:g}) | {r['class_share']:.3f} | "
-              f"{r['min_class_share']:.2f} | {r['mean_confidence']:.3f} | {r['pixel_fd']:.3f} |"
-              for r in rows]
+              f"{r['min_class_share']:.2f} | {r['digits_fd']:.1f} ({r['digits_fd_ratio']:.2f}) | "
+              f"{r['precision']:.2f} | {r['recall']:.2f} | {r['digits_confidence']:.3f} | "
+              f"{r['pixel_fd']:.3f} |" for r in rows]
     return "\n".join(lines)
 
 
@@ -101,13 +109,18 @@ def plot(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     w = [r["guidance"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(7, 2.8), dpi=80)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=80)
     a.plot(w, [r["class_share"] for r in rows], "o-", label="all classes")
     a.plot(w, [r["min_class_share"] for r in rows], "s--", label="lowest class")
     a.set(xlabel="guidance w", ylabel="share in the requested class", ylim=(0, 1.02))
     a.legend(loc="lower right", fontsize=8)
-    b.plot(w, [r["pixel_fd"] for r in rows], "o-", color="C3")
-    b.set(xlabel="guidance w", ylabel="pixel FD to the real digits")
+    b.plot(w, [r["digits_fd_ratio"] for r in rows], "o-", color="C3", label="digits_fd ratio")
+    b.set(xlabel="guidance w", ylabel="digits_fd ratio (1 = real digits)")
+    b2 = b.twinx()
+    b2.plot(w, [r["precision"] for r in rows], "s--", color="C2", label="precision")
+    b2.plot(w, [r["recall"] for r in rows], "^:", color="C4", label="recall")
+    b2.set(ylabel="precision, recall", ylim=(0, 1.02))
+    b.legend(handles=b.get_lines() + b2.get_lines(), loc="upper left", fontsize=7)
     fig.suptitle(f"Classifier-free guidance on the digits ({rows[0]['num_samples']} samples, "
                  f"{rows[0]['sampler']} {rows[0]['num_steps']} steps)", fontsize=9)
     fig.tight_layout()
