@@ -109,7 +109,7 @@ def plot(rows: list[dict], path: str) -> str:
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
     w = [r["guidance"] for r in rows]
-    fig, (a, b) = plt.subplots(1, 2, figsize=(7.5, 2.8), dpi=80)
+    fig, (a, b) = plt.subplots(1, 2, figsize=(7.5, 3.2), dpi=80)
     a.plot(w, [r["class_share"] for r in rows], "o-", label="all classes")
     a.plot(w, [r["min_class_share"] for r in rows], "s--", label="lowest class")
     a.set(xlabel="guidance w", ylabel="share in the requested class", ylim=(0, 1.02))
@@ -120,7 +120,8 @@ def plot(rows: list[dict], path: str) -> str:
     b2.plot(w, [r["precision"] for r in rows], "s--", color="C2", label="precision")
     b2.plot(w, [r["recall"] for r in rows], "^:", color="C4", label="recall")
     b2.set(ylabel="precision, recall", ylim=(0, 1.02))
-    b.legend(handles=b.get_lines() + b2.get_lines(), loc="upper left", fontsize=7)
+    b.legend(handles=b.get_lines() + b2.get_lines(), loc="upper center", fontsize=7, ncol=3,
+             bbox_to_anchor=(0.5, -0.22), frameon=False)
     fig.suptitle(f"Classifier-free guidance on the digits ({rows[0]['num_samples']} samples, "
                  f"{rows[0]['sampler']} {rows[0]['num_steps']} steps)", fontsize=9)
     fig.tight_layout()
