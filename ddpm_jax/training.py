@@ -470,7 +470,7 @@ def setup(config, workdir: str, stack: contextlib.ExitStack, *,
     """
     sections = config_lib.validate(config)
     eval_plan = evaluation.plan(config)  # a missing weight file is refused here, in one line
-    for warning in config_lib.warnings(config):
+    for warning in config_lib.warnings(config, backend=jax.default_backend()):
         print(f"warning: {warning}", file=sys.stderr, flush=True)
     path = prepare_workdir(workdir)
     stack.enter_context(lock_workdir(path, take_over=take_over_lock))

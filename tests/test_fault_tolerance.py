@@ -390,6 +390,11 @@ def test_warmup_longer_than_the_run_is_a_warning_not_a_refusal():
     assert warning.startswith("optim.warmup=100 is longer than training.num_train_steps=4")
     config.optim.warmup = 4
     assert config_lib.warnings(config) == []
+    # k steps per call on CPU: a warning there (the loop is ~20x slower), none elsewhere.
+    config.training.steps_per_dispatch = 2
+    (warning,) = config_lib.warnings(config, backend="cpu")
+    assert warning.startswith("training.steps_per_dispatch=2 on CPU") and "\n" not in warning
+    assert config_lib.warnings(config, backend="gpu") == config_lib.warnings(config) == []
 
 
 def test_batch_not_divisible_by_devices_is_refused(digits_dir, tmp_path):
