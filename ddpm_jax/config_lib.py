@@ -20,7 +20,8 @@ from ddpm_jax import datasets, diffusion, errors, schedules, unet
 
 DTYPES = ("float32", "bfloat16", "float16")
 # The samplers (``sampling.VARIANTS`` says what each computes) and step spacings, by name.
-SAMPLERS = ("ancestral", "ddim", "ddim_clipped", "ddim_iddpm", "dpm_solver++", "heun")
+SAMPLERS = ("ancestral", "ddim", "ddim_clipped", "ddim_iddpm", "dpm_solver++", "dpm_solver++_3m",
+            "heun")
 SPACINGS = ("uniform", "quadratic", "linspace", "leading", "trailing", "karras")
 OPTIM_SCHEDULES = ("constant", "cosine")  # the learning rate after the warm-up
 MISSING = object()  # what ``lookup`` returns for a key that is not there
@@ -221,8 +222,9 @@ def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps
     _require(eta == 0.0 or sampler.startswith("ddim"),
              f"{prefix}eta={eta} applies to the DDIM samplers only ({ddims}); add "
              f"{prefix}sampler=ddim or drop {prefix}eta")
-    _require(not thresholding or sampler == "dpm_solver++",
-             f"{prefix}thresholding applies to dpm_solver++ only (the clipped DDIMs are "
+    _require(not thresholding or sampler.startswith("dpm_solver++"),
+             f"{prefix}thresholding applies to the DPM-Solvers only (dpm_solver++, "
+             f"dpm_solver++_3m; the clipped DDIMs are "
              f"ddim_clipped and ddim_iddpm, the ancestral sampler clips with "
              f"sampling.clip_denoised); drop {prefix}thresholding")
 

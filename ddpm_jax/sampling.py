@@ -22,9 +22,9 @@ call time (labels, a guidance scale): traced, so new values never recompile. ``e
 too; only the sampler, the number of steps, the spacing, the shape and the mesh compile.
 
 Samplers (``VARIANTS`` says exactly what each computes; the README cites the papers):
-``ancestral``, ``ddim`` (x0 not clipped), ``ddim_clipped``, ``ddim_iddpm``, ``dpm_solver++``,
-``heun``. Spacings (``spacing_timesteps``): ``uniform``, ``quadratic``, ``linspace``,
-``leading``, ``trailing``, ``karras``.
+``ancestral``, ``ddim`` (x0 not clipped), ``ddim_clipped``, ``ddim_iddpm``, ``dpm_solver++``
+(2M), ``dpm_solver++_3m``, ``heun``. Spacings (``spacing_timesteps``): ``uniform``,
+``quadratic``, ``linspace``, ``leading``, ``trailing``, ``karras``.
 
 Randomness: ``x_T ~ N(0, I)`` is drawn from ``split(key)[0]``, and the noise of the step at
 (model) timestep t from ``fold_in(split(key)[1], t)``; draws do not depend on how the batch is
@@ -177,10 +177,12 @@ def sample_loop(
 
 # The sampler's own spacing when none is given (diffusers defaults DPM-Solver++ to linspace).
 DEFAULT_SPACING = {"ancestral": "uniform", "ddim": "uniform", "ddim_clipped": "uniform",
-                   "ddim_iddpm": "uniform", "dpm_solver++": "linspace", "heun": "karras"}
+                   "ddim_iddpm": "uniform", "dpm_solver++": "linspace",
+                   "dpm_solver++_3m": "linspace", "heun": "karras"}
 # The sampler's own step count when none is given: all T steps, DPM-Solver++ 20 (its authors'
 # "can almost converge"), EDM's Heun 18 (its paper's CIFAR10 setting, 35 network calls).
-DEFAULT_STEPS = {"dpm_solver++": 20, "heun": 18}
+DEFAULT_STEPS = {"dpm_solver++": 20, "dpm_solver++_3m": 20, "heun": 18}
+DPM_SOLVERS = {"dpm_solver++": 2, "dpm_solver++_3m": 3}  # the multistep order of each
 EDM_SIGMA_MIN, EDM_SIGMA_MAX, EDM_RHO = 0.002, 80.0, 7.0
 
 
@@ -207,13 +209,13 @@ def spacing_timesteps(spacing: str, betas64, num_steps: int, sampler: str = "ddi
     twice (quadratic or karras at many steps) is kept once: a DDIM step from t to t is the
     identity, so the chain is unchanged and one network call is saved. ``linspace`` and
     ``leading`` follow the scheduler of the sampler in diffusers: ``DDIMScheduler`` for all but
-    ``dpm_solver++``, whose ``DPMSolverMultistepScheduler`` takes S + 1 points and drops the
+    the DPM-Solvers, whose ``DPMSolverMultistepScheduler`` takes S + 1 points and drops the
     smallest.
     """
     T, S = len(betas64), num_steps
     if not 1 <= S <= T:
         raise ValueError(f"num_steps must be in [1, {T}], got {S}")
-    dpm = sampler == "dpm_solver++"
+    dpm = sampler in DPM_SOLVERS
     if spacing == "uniform" or (spacing == "leading" and not dpm):
         ts = np.arange(S) * (T // S)  # DDIM paper; diffusers leading, steps_offset = 0
     elif spacing == "leading":
@@ -324,22 +326,88 @@ def dpm_solver_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
     return dict(a=a, b=b, c=c)
 
 
-def dpm_solver_step_fn(d: Diffusion, model_fn: ModelFn, *, thresholding: bool = False):
-    """The DPM-Solver++(2M) step ``((x, D_prev), xs_i) -> ((x', D0), D0)``.
+def dpm_solver_3m_orders(num_steps: int) -> np.ndarray:
+    """The order of each step of DPM-Solver++(3M) as diffusers runs it (``solver_order=3``,
+    ``lower_order_final``, ``final_sigmas_type="zero"``): 1 at the first step (no history) and
+    at the last (to sigma = 0), 2 at the second and, below 15 steps, at the second to last; 3
+    everywhere else."""
+    orders = np.full(num_steps, 3)
+    orders[1:2] = 2
+    if num_steps < 15:
+        orders[-2:] = 2
+    orders[0] = orders[-1] = 1
+    return orders
+
+
+def dpm_solver_3m_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
+    """DPM-Solver++(3M) on ``ts`` then to sigma = 0, as float64 ``[S]`` arrays: step i is
+    x <- a x + w0 D_i + w1 D_{i-1} + w2 D_{i-2} over the predicted x0 of this and the two
+    previous steps, at the order of ``dpm_solver_3m_orders``.
+
+    With h = lambda_{i+1} - lambda_i, r0 = h_{i-1} / h, r1 = h_{i-2} / h and E = e^{-h} - 1,
+    third order is x <- a x - alpha' E D0 + alpha' (E / h + 1) D1 - alpha' ((E + h) / h^2 - 1/2)
+    D2, where D1_0 = (D_i - D_{i-1}) / r0, D1_1 = (D_{i-1} - D_{i-2}) / r1,
+    D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) and D2 = (D1_0 - D1_1) / (r0 + r1) (Lu et al. 2022;
+    the authors' ``multistep_dpm_solver_third_update``); second order is 2M's midpoint step.
+    """
+    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
+    s_edm = np.append(np.sqrt((1.0 - abar[ts]) / abar[ts]), 0.0)
+    alpha = 1.0 / np.sqrt(1.0 + s_edm**2)
+    sigma = s_edm * alpha
+    with np.errstate(divide="ignore"):
+        lam = -np.log(s_edm)  # log(alpha / sigma)
+    n = len(ts)
+    a = sigma[1:] / sigma[:-1]
+    w = np.zeros((3, n))
+    for i, order in enumerate(dpm_solver_3m_orders(n)):
+        if order == 1:
+            w[0, i] = alpha[i + 1] * (1.0 - s_edm[i + 1] / s_edm[i])
+            continue
+        h = lam[i + 1] - lam[i]
+        e = np.expm1(-h)
+        r0 = (lam[i] - lam[i - 1]) / h
+        d1_0 = np.array([1.0, -1.0, 0.0]) / r0
+        if order == 2:
+            w[:, i] = -alpha[i + 1] * e * (np.array([1.0, 0.0, 0.0]) + 0.5 * d1_0)
+            continue
+        r1 = (lam[i - 1] - lam[i - 2]) / h
+        d1_1 = np.array([0.0, 1.0, -1.0]) / r1
+        d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+        d2 = (d1_0 - d1_1) / (r0 + r1)
+        w[:, i] = alpha[i + 1] * (-e * np.array([1.0, 0.0, 0.0]) + (e / h + 1.0) * d1
+                                  - ((e + h) / h**2 - 0.5) * d2)
+    return dict(a=a, w0=w[0], w1=w[1], w2=w[2])
+
+
+def dpm_solver_step_fn(d: Diffusion, model_fn: ModelFn, *, thresholding: bool = False,
+                       order: int = 2):
+    """The DPM-Solver++(2M) step ``((x, D_prev), xs_i) -> ((x', D0), D0)``, or with
+    ``order=3`` the (3M) step ``((x, D_prev, D_prev2), xs_i) -> ((x', D0, D_prev), D0)`` (the
+    coefficients of ``dpm_solver_coefficients`` / ``dpm_solver_3m_coefficients``).
 
     ``thresholding``: clip each predicted x0 to [-1, 1] (diffusers' ``thresholding=True`` with
     ``sample_max_value=1``; the paper's thresholding for bounded data).
     """
 
+    def predict(x, t):
+        x0 = _denoise(d, model_fn, x, t)["pred_xstart"]
+        return _clip(x0) if thresholding else x0
+
     def step_fn(carry, xs):
         x, d_prev = carry
-        x0 = _denoise(d, model_fn, x, xs["t"])["pred_xstart"]
-        if thresholding:
-            x0 = _clip(x0)
+        x0 = predict(x, xs["t"])
         x = xs["a"] * x + xs["b"] * x0 + xs["c"] * (x0 - d_prev)
         return (x, x0), x0
 
-    return step_fn
+    def step_fn_3m(carry, xs):
+        x, d_prev, d_prev2 = carry
+        x0 = predict(x, xs["t"])
+        x = xs["a"] * x + xs["w0"] * x0 + xs["w1"] * d_prev + xs["w2"] * d_prev2
+        return (x, x0, d_prev), x0
+
+    if order not in (2, 3):
+        raise ValueError(f"DPM-Solver++ order must be 2 or 3, got {order!r}")
+    return step_fn if order == 2 else step_fn_3m
 
 
 def heun_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
@@ -417,16 +485,20 @@ def ddim_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tup
 def dpm_solver_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array,
                            shape: tuple[int, ...], *, num_steps: int = 20,
                            spacing: str = "linspace", thresholding: bool = False,
-                           x_T: jax.Array | None = None, record_every: int | None = None,
-                           carry_sharding=None, schedule: Schedule64 | None = None):
-    """DPM-Solver++(2M) (Lu et al. 2022) with diffusers' defaults for a DDPM; one scan."""
+                           order: int = 2, x_T: jax.Array | None = None,
+                           record_every: int | None = None, carry_sharding=None,
+                           schedule: Schedule64 | None = None):
+    """DPM-Solver++(2M), or (3M) with ``order=3`` (Lu et al. 2022), with diffusers' defaults
+    for a DDPM; one scan."""
     if x_T is None:
         x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
     betas64 = _schedule(d, schedule).betas
     ts = spacing_timesteps(spacing, betas64, num_steps, "dpm_solver++")
-    step_fn = dpm_solver_step_fn(d, model_fn, thresholding=thresholding)
-    return _chain(step_fn, (x_T, jnp.zeros_like(x_T)),
-                  _as_xs(ts, dpm_solver_coefficients(betas64, ts)), record_every,
+    step_fn = dpm_solver_step_fn(d, model_fn, thresholding=thresholding, order=order)
+    coefficients = (dpm_solver_coefficients if order == 2 else dpm_solver_3m_coefficients)(
+        betas64, ts)
+    history = (jnp.zeros_like(x_T),) * (order - 1)
+    return _chain(step_fn, (x_T, *history), _as_xs(ts, coefficients), record_every,
                   carry_sharding)
 
 
@@ -519,6 +591,10 @@ VARIANTS = {
                   "(Improved DDPM's ddim_sample)",
     "dpm_solver++": "DPM-Solver++(2M), Lu et al. 2022: data prediction, midpoint, first order "
                     "at the first and the last step (diffusers' defaults)",
+    "dpm_solver++_3m": "DPM-Solver++(3M), Lu et al. 2022: data prediction, third order from the "
+                       "third step; first order at the first and the last step, second order "
+                       "at the second and, below 15 steps, the second to last (diffusers' "
+                       "solver_order=3)",
     "heun": "EDM's Heun sampler, Karras et al. 2022 Algorithm 1, S_churn = 0, on trained "
             "sigma levels (iDDPMPrecond)",
 }
@@ -577,7 +653,7 @@ class SamplerSpec:
         extra = ""
         if self.sampler == "ancestral":
             extra = ", x0 clipped" if self.clip_denoised else ", x0 not clipped"
-        elif self.sampler == "dpm_solver++" and self.thresholding:
+        elif self.sampler in DPM_SOLVERS and self.thresholding:
             extra = ", x0 thresholded: clipped to [-1, 1]"
         return VARIANTS[self.sampler] + extra
 
@@ -657,10 +733,11 @@ def chain(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...
         return ddim_sample_loop(d, model_fn, key, shape, num_steps=steps, eta=eta,
                                 spacing=spec.resolved_spacing, variant=spec.sampler,
                                 schedule=schedule, **common)
-    if spec.sampler == "dpm_solver++":
+    if spec.sampler in DPM_SOLVERS:
         return dpm_solver_sample_loop(d, model_fn, key, shape, num_steps=steps,
                                       spacing=spec.resolved_spacing,
-                                      thresholding=spec.thresholding, schedule=schedule,
+                                      thresholding=spec.thresholding,
+                                      order=DPM_SOLVERS[spec.sampler], schedule=schedule,
                                       **common)
     if spec.sampler == "heun":
         return heun_sample(d, model_fn, key, shape, num_steps=steps,

@@ -73,7 +73,8 @@ def test_spacing_names_are_the_config_names():
     assert set(sampling.DEFAULT_SPACING) == set(config_lib.SAMPLERS) == set(sampling.VARIANTS)
     with pytest.raises(config_lib.ConfigError, match="spacing='cosine' is not one of"):
         sampling.SamplerSpec("ddim", 10, spacing="cosine").check(T)
-    with pytest.raises(config_lib.ConfigError, match="thresholding applies to dpm_solver"):
+    with pytest.raises(config_lib.ConfigError,
+                       match="thresholding applies to the DPM-Solvers only"):
         sampling.SamplerSpec("ddim", 10, thresholding=True).check(T)
     with pytest.raises(config_lib.ConfigError, match="eta=0.5 applies to the DDIM samplers"):
         sampling.SamplerSpec("dpm_solver++", 10, eta=0.5).check(T)
@@ -142,6 +143,35 @@ def test_dpm_solver_steps_equal_diffusers(thresholding, spacing):
         x, d_prev = ref, np.asarray(d_prev)
 
 
+# -- DPM-Solver++(3M) against DPMSolverMultistepScheduler(solver_order=3) ---------------------
+@pytest.mark.parametrize("thresholding", [False, True])
+@pytest.mark.parametrize("steps", [8, 14, 15])  # below 15: the second to last is 2nd order
+def test_dpm_solver_3m_steps_equal_diffusers(thresholding, steps):
+    diffusers = pytest.importorskip("diffusers")
+    torch = pytest.importorskip("torch")
+    scheduler = diffusers.DPMSolverMultistepScheduler(
+        num_train_timesteps=T, trained_betas=BETAS, solver_order=3, thresholding=thresholding,
+        sample_max_value=1.0)
+    scheduler.set_timesteps(steps)
+    d = _process()
+    ts = sampling.SamplerSpec("dpm_solver++_3m", steps).timesteps(d)
+    np.testing.assert_array_equal(ts, np.asarray(scheduler.timesteps))
+    orders = sampling.dpm_solver_3m_orders(steps)
+    assert orders[0] == orders[-1] == 1 and orders[1] == 2 and (orders[-2] == 2) == (steps < 15)
+    xs = sampling._as_xs(ts, sampling.dpm_solver_3m_coefficients(BETAS, ts))
+    step = jax.jit(sampling.dpm_solver_step_fn(d, toy_eps, thresholding=thresholding, order=3))
+    x = (2.0 * _x_T(1)).astype(np.float32)
+    history = (np.zeros_like(x), np.zeros_like(x))
+    to_torch = lambda a: torch.from_numpy(np.ascontiguousarray(a)).permute(0, 3, 1, 2)
+    for i, t in enumerate(ts):
+        (ours, *history), _ = step((jnp.asarray(x), *map(jnp.asarray, history)),
+                                   jax.tree.map(lambda a, i=i: a[i], xs))
+        ref = scheduler.step(to_torch(toy_eps(x, t)), int(t), to_torch(x)).prev_sample
+        ref = ref.permute(0, 2, 3, 1).numpy()
+        np.testing.assert_allclose(ours, ref, atol=1e-5, rtol=1e-5, err_msg=f"step {i}")
+        x, history = ref, [np.asarray(h) for h in history]
+
+
 # -- float64 references of whole chains --------------------------------------------------------
 def ddim_reference(x, ts, *, eta=0.0, variant="ddim", noise_fn=None):
     """Song et al. Eq. 12 (and the clipped variants) in float64."""
@@ -183,6 +213,36 @@ def dpm_solver_reference(x, ts, *, thresholding=False):
     return x
 
 
+def dpm_solver_3m_reference(x, ts):
+    """DPM-Solver++(3M) in float64, written from the authors' multistep third-order update
+    (the D1 / D2 differences), orders as ``sampling.dpm_solver_3m_orders``."""
+    alpha, sigma = np.sqrt(ABAR[ts]), np.sqrt(1 - ABAR[ts])
+    lam = np.log(alpha / sigma)
+    n, hist = len(ts), []
+    for i, t in enumerate(ts):
+        m0 = (x - sigma[i] * toy_eps(x, t)) / alpha[i]
+        hist.insert(0, m0)
+        if i + 1 == n:
+            return m0  # to sigma = 0
+        h = lam[i + 1] - lam[i]
+        order = 1 if i == 0 else 2 if (i == 1 or (n < 15 and i == n - 2)) else 3
+        base = sigma[i + 1] / sigma[i] * x - alpha[i + 1] * np.expm1(-h) * m0
+        if order == 1:
+            x = base
+        elif order == 2:
+            r0 = (lam[i] - lam[i - 1]) / h
+            x = base - 0.5 * alpha[i + 1] * np.expm1(-h) * (m0 - hist[1]) / r0
+        else:
+            m1, m2 = hist[1], hist[2]
+            r0, r1 = (lam[i] - lam[i - 1]) / h, (lam[i - 1] - lam[i - 2]) / h
+            d1_0, d1_1 = (m0 - m1) / r0, (m1 - m2) / r1
+            d1 = d1_0 + r0 / (r0 + r1) * (d1_0 - d1_1)
+            d2 = (d1_0 - d1_1) / (r0 + r1)
+            x = (base + alpha[i + 1] * (np.expm1(-h) / h + 1) * d1
+                 - alpha[i + 1] * ((np.expm1(-h) + h) / h**2 - 0.5) * d2)
+    return x
+
+
 def edm_reference(x_T, ts):
     """NVlabs/edm ``edm_sampler`` (S_churn = 0) with iDDPMPrecond's denoiser, float64."""
     sig = np.append(np.sqrt((1 - ABAR[ts]) / ABAR[ts]), 0.0)
@@ -212,6 +272,7 @@ def _run(spec, x_T):
 @pytest.mark.parametrize("sampler,spacing,steps", [
     ("ddim", "quadratic", 10), ("ddim_clipped", "trailing", 10), ("ddim_iddpm", "uniform", 10),
     ("dpm_solver++", "linspace", 10), ("dpm_solver++", "karras", 12), ("heun", "karras", 8),
+    ("dpm_solver++_3m", "linspace", 10), ("dpm_solver++_3m", "trailing", 16),
 ])
 def test_whole_chains_match_float64_references(sampler, spacing, steps):
     x_T = 1.5 * _x_T(2)
@@ -221,6 +282,8 @@ def test_whole_chains_match_float64_references(sampler, spacing, steps):
         ref = ddim_reference(x_T, ts, variant=sampler)
     elif sampler == "dpm_solver++":
         ref = dpm_solver_reference(x_T, ts)
+    elif sampler == "dpm_solver++_3m":
+        ref = dpm_solver_3m_reference(x_T, ts)
     else:
         ref = edm_reference(x_T, ts)[0]
     np.testing.assert_allclose(_run(spec, x_T), ref, atol=2e-5, rtol=1e-5)

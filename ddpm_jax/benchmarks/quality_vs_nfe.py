@@ -54,7 +54,8 @@ def define_flags() -> None:
                       "Samplers; ancestral:fixedsmall respaces with sigma^2 = beta~.")
     flags.DEFINE_list("spacings", ["own"] + list(config_lib.SPACINGS),
                       "Spacings (own = the sampler's default).")
-    flags.DEFINE_list("thresholding", ["false"], "dpm_solver++ with and/or without thresholding.")
+    flags.DEFINE_list("thresholding", ["false"],
+                      "The DPM-Solvers with and/or without thresholding.")
     flags.DEFINE_enum("metric", "digits", ["digits", "fid"], "Quality metric.")
     flags.DEFINE_string("ref_stats", None, "--metric=fid: reference statistics file (.npz).")
     flags.DEFINE_string("inception_weights", None, "--metric=fid: the converted Inception file.")
@@ -159,7 +160,7 @@ def settings(model: ddpm_jax.DDPM, samplers, spacings, nfes, thresholds):
             if not 1 <= steps <= T or (sampler == "heun" and steps < 2):
                 continue
             for spacing in spacings:
-                for th in (thresholds if sampler == "dpm_solver++" else [False]):
+                for th in (thresholds if sampler in sampling.DPM_SOLVERS else [False]):
                     spec = sampling.SamplerSpec(
                         sampler, steps, clip_denoised=model.config.sampling.clip_denoised,
                         spacing=None if spacing == "own" else spacing, thresholding=th)
