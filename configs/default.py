@@ -79,7 +79,8 @@ def get_config() -> ml_collections.ConfigDict:
     sampling.spacing = config_dict.placeholder(str)  # None: the sampler's own
     sampling.eta = 0.0  # DDIM samplers only
     sampling.clip_denoised = True  # the ancestral sampler clips its predicted x_0 (as the paper)
-    sampling.thresholding = False  # dpm_solver++ clips its predicted x_0
+    sampling.thresholding = False  # the DPM-Solvers clip their predicted x_0
+    sampling.churn = 0.0  # heun only: EDM's S_churn (0 = its deterministic sampler)
     sampling.batch_size = 256
     # Classifier-free guidance w of class-conditional sampling (training grids, and sample.py
     # --labels without --guidance): eps = (1 + w) eps(x, y) - w eps(x, null); 0 = no guidance.

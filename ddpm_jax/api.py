@@ -159,7 +159,8 @@ class DDPM:
     def sample(self, key, num_samples: int, *, sampler: str = "ancestral",
                num_steps: int | None = None, eta: float = 0.0, spacing: str | None = None,
                x_T=None, batch_size: int | None = None,
-               thresholding: bool = False, labels=None, guidance: float = 0.0) -> np.ndarray:
+               thresholding: bool = False, churn: float = 0.0, labels=None,
+               guidance: float = 0.0) -> np.ndarray:
         """``num_samples`` images as uint8 ``[N, H, W, C]``.
 
         Runs in chunks of ``batch_size`` (default ``config.sampling.batch_size``); chunk i
@@ -167,15 +168,17 @@ class DDPM:
         ``sampling.Plan``). ``x_T`` (float32 ``[N, H, W, C]``) fixes the starting noise.
         ``sampler``: ``ancestral`` (Algorithm 2; respaced on fewer steps), ``ddim`` (Song et
         al., x0 not clipped), ``ddim_clipped`` / ``ddim_iddpm`` (x0 clipped as diffusers /
-        Improved DDPM), ``dpm_solver++`` (2M), ``heun`` (EDM); ``sampling.VARIANTS`` says
-        exactly what each computes. ``num_steps`` and ``spacing`` (``uniform``, ``quadratic``,
-        ``linspace``, ``leading``, ``trailing``, ``karras``) default to the sampler's own;
-        ``eta`` is DDIM's noise; ``thresholding`` clips DPM-Solver++'s predicted x0.
+        Improved DDPM), ``dpm_solver++`` (2M), ``dpm_solver++_3m`` (3M), ``heun`` (EDM);
+        ``sampling.VARIANTS`` says exactly what each computes. ``num_steps`` and ``spacing``
+        (``uniform``, ``quadratic``, ``linspace``, ``leading``, ``trailing``, ``karras``) default
+        to the sampler's own; ``eta`` is DDIM's noise; ``thresholding`` clips the DPM-Solvers'
+        predicted x0; ``churn`` is EDM's S_churn for ``heun`` (its stochastic sampler).
         ``labels`` (int ``[N]`` in [0, num_classes), a class-conditional model only) asks for
         those classes, with classifier-free guidance w = ``guidance`` (any sampler):
         eps = (1 + w) eps(x, y) - w eps(x, null) (diffusers' guidance_scale is 1 + w).
         """
-        spec = self._spec(sampler, num_steps, eta, spacing=spacing, thresholding=thresholding)
+        spec = self._spec(sampler, num_steps, eta, spacing=spacing, thresholding=thresholding,
+                          churn=churn)
         labels = check_labels(labels, guidance, num_samples, self.num_classes)
         chunks = sampling.plan(num_samples, batch_size or self.config.sampling.batch_size,
                                self.mesh)
@@ -189,9 +192,9 @@ class DDPM:
                                                         chunks, x_T=x_T, labels=labels)))
 
     def _spec(self, sampler, num_steps, eta, record_every=None, *, spacing=None,
-              thresholding=False) -> SamplerSpec:
+              thresholding=False, churn=0.0) -> SamplerSpec:
         spec = SamplerSpec(sampler, num_steps, float(eta), self.config.sampling.clip_denoised,
-                           record_every, spacing, bool(thresholding))
+                           record_every, spacing, bool(thresholding), float(churn))
         spec.check(self.config.diffusion.num_timesteps)
         return spec
 

@@ -103,15 +103,16 @@ def _unknown_override(argv: Sequence[str]) -> str | None:
 
 
 def define_sampler_flags() -> None:
-    """``--sampler``, ``--num_steps``, ``--spacing``, ``--eta`` and ``--thresholding`` (each
-    defaults to ``config.sampling``; the names are ``config_lib.SAMPLERS`` / ``SPACINGS``)."""
+    """``--sampler``, ``--num_steps``, ``--spacing``, ``--eta``, ``--thresholding`` and
+    ``--churn`` (each defaults to ``config.sampling``; the names are ``config_lib.SAMPLERS`` /
+    ``SPACINGS``)."""
     from ddpm_jax import config_lib  # noqa: PLC0415
 
     flags.DEFINE_enum("sampler", None, list(config_lib.SAMPLERS),
                       "Reverse process (default: config.sampling.sampler): ancestral "
                       "(Algorithm 2), ddim (Song et al., x0 not clipped), ddim_clipped / "
                       "ddim_iddpm (x0 clipped as diffusers / Improved DDPM), dpm_solver++ (2M), "
-                      "heun (EDM).")
+                      "dpm_solver++_3m (3M), heun (EDM).")
     flags.DEFINE_integer("num_steps", None, "Steps S (default: config.sampling.num_steps, "
                          "else the sampler's own: T, 20 for dpm_solver++, 18 for heun).")
     flags.DEFINE_enum("spacing", None, list(config_lib.SPACINGS),
@@ -119,15 +120,17 @@ def define_sampler_flags() -> None:
                       "sampler's own: uniform, linspace for dpm_solver++, karras for heun).")
     flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: "
                        "config.sampling.eta).")
-    flags.DEFINE_bool("thresholding", None, "dpm_solver++ clips its predicted x0 to [-1, 1] "
+    flags.DEFINE_bool("thresholding", None, "The DPM-Solvers clip their predicted x0 to [-1, 1] "
                       "(default: config.sampling.thresholding).")
+    flags.DEFINE_float("churn", None, "heun: EDM's S_churn, noise added at every step (0 = "
+                       "deterministic; default: config.sampling.churn).")
 
 
 def sampler_overrides() -> dict:
     """The sampler flags as keywords of ``sampling.spec_from_config``."""
     f = flags.FLAGS
     return dict(sampler=f.sampler, num_steps=f.num_steps, spacing=f.spacing, eta=f.eta,
-                thresholding=f.thresholding)
+                thresholding=f.thresholding, churn=f.churn)
 
 
 def define_process_flags() -> None:

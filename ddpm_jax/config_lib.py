@@ -27,7 +27,8 @@ OPTIM_SCHEDULES = ("constant", "cosine")  # the learning rate after the warm-up
 MISSING = object()  # what ``lookup`` returns for a key that is not there
 # Keys added after runs were already saved: a saved config without them reads as these values
 # (the behaviour those runs had), so old checkpoints still load and resume.
-ADDED_KEYS = {"model.num_classes": 0, "model.cond_drop_prob": 0.1, "sampling.guidance": 0.0}
+ADDED_KEYS = {"model.num_classes": 0, "model.cond_drop_prob": 0.1, "sampling.guidance": 0.0,
+              "sampling.churn": 0.0}
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -198,12 +199,13 @@ def validate(config: ml_collections.ConfigDict) -> Sections:
     _validate_training(config)
     s = config.sampling
     check_sampler(s.sampler, s.num_steps, s.eta, config.diffusion.num_timesteps,
-                  spacing=s.spacing, thresholding=s.thresholding, prefix="sampling.")
+                  spacing=s.spacing, thresholding=s.thresholding, churn=s.churn,
+                  prefix="sampling.")
     return Sections(process, optimizer, model, datasets.DataSpec.from_config(config))
 
 
 def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps: int, *,
-                  spacing: str | None = None, thresholding: bool = False,
+                  spacing: str | None = None, thresholding: bool = False, churn: float = 0.0,
                   prefix: str = "--") -> None:
     """Checks a sampler choice; ``prefix`` names the settings as flags or config keys."""
     _require(sampler in SAMPLERS,
@@ -227,6 +229,13 @@ def check_sampler(sampler: str, num_steps: int | None, eta: float, num_timesteps
              f"dpm_solver++_3m; the clipped DDIMs are "
              f"ddim_clipped and ddim_iddpm, the ancestral sampler clips with "
              f"sampling.clip_denoised); drop {prefix}thresholding")
+    _require(isinstance(churn, int | float) and not isinstance(churn, bool)
+             and math.isfinite(churn) and churn >= 0.0,
+             f"{prefix}churn must be a finite number >= 0 (EDM's S_churn; 0 = deterministic), "
+             f"got {churn!r}")
+    _require(churn == 0.0 or sampler == "heun",
+             f"{prefix}churn={churn} applies to the heun sampler only (EDM's S_churn); add "
+             f"{prefix}sampler=heun or drop {prefix}churn")
 
 
 def _validate_process(d: diffusion.ProcessSpec, betas: np.ndarray) -> None:

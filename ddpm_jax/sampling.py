@@ -410,52 +410,87 @@ def dpm_solver_step_fn(d: Diffusion, model_fn: ModelFn, *, thresholding: bool = 
     return step_fn if order == 2 else step_fn_3m
 
 
-def heun_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
-    """EDM's sigmas of ``ts`` (trained levels) with sigma_N = 0, and each level's input scale
-    c_in = 1 / sqrt(sigma^2 + 1) = sqrt(abar_t): float64 ``[N + 1]``."""
-    sigma = np.append(sigma_levels(betas64)[ts], 0.0)
-    return dict(sigma=sigma, c_in=1.0 / np.sqrt(sigma**2 + 1.0))
+def heun_coefficients(betas64, ts: np.ndarray, churn: float = 0.0) -> dict[str, np.ndarray]:
+    """EDM's sigmas of ``ts`` (trained levels) with sigma_N = 0 and each level's input scale
+    c_in = 1 / sqrt(sigma^2 + 1) = sqrt(abar_t) (float64 ``[N + 1]``); with ``churn``
+    (S_churn), also each step's raised level (``[N]``): gamma = min(S_churn / N, sqrt(2) - 1),
+    sigma_hat = sigma (1 + gamma) rounded to the nearest trained level (iDDPMPrecond's
+    ``round_sigma``) at timestep ``t_hat``, and the noise scale sqrt(sigma_hat^2 - sigma^2)."""
+    levels = sigma_levels(betas64)
+    sigma = np.append(levels[ts], 0.0)
+    out = dict(sigma=sigma, c_in=1.0 / np.sqrt(sigma**2 + 1.0))
+    if churn:
+        gamma = min(churn / len(ts), np.sqrt(2.0) - 1.0)
+        t_hat = np.abs(levels[None, :] - (sigma[:-1] * (1.0 + gamma))[:, None]).argmin(1)
+        s_hat = levels[t_hat]
+        out.update(t_hat=t_hat, sigma_hat=s_hat, c_in_hat=1.0 / np.sqrt(s_hat**2 + 1.0),
+                   noise=np.sqrt(np.maximum(s_hat**2 - sigma[:-1] ** 2, 0.0)))
+    return out
 
 
 def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray,
-                 schedule: Schedule64 | None = None):
-    """EDM's step ``(x, i) -> (x_{i+1}, D(x_i))`` on ``ts`` (Karras et al. 2022, Alg. 1 with
-    S_churn = 0), and the denoiser ``denoise(x, i)``.
+                 schedule: Schedule64 | None = None, *, churn: float = 0.0,
+                 chain_key: jax.Array | None = None):
+    """EDM's step ``(x, i) -> (x_{i+1}, D(x_i))`` on ``ts`` (Karras et al. 2022, Algorithm 1;
+    with ``churn`` > 0, Algorithm 2 with S_churn = ``churn``, S_tmin = 0, S_tmax = inf,
+    S_noise = 1, EDM's ``generate.py`` defaults), and ``final(x)``, the last step to sigma = 0.
 
     On x = x_t / sqrt(abar_t), the denoiser is D(x; sigma_i) = x0_hat(c_in x, t_i) (for an eps
     model: x - sigma_i eps(c_in x, t_i), EDM's ``iDDPMPrecond`` at a trained level). Step i is
-    Euler from sigma_i to sigma_{i+1} with Heun's correction (two network calls).
+    Euler from sigma_i to sigma_{i+1} with Heun's correction (two network calls). With churn,
+    step i first raises x to sigma_hat_i (``heun_coefficients``) with the noise
+    ``N(0, I)`` of ``fold_in(chain_key, t_i)``, and steps from there.
     """
-    k = heun_coefficients(_schedule(d, schedule).betas, ts)
+    k = heun_coefficients(_schedule(d, schedule).betas, ts, churn)
     c_in, sig = (jnp.asarray(k[name], jnp.float32) for name in ("c_in", "sigma"))
     ts_j = jnp.asarray(ts, jnp.int32)
 
     def denoise(x, i):
         return _denoise(d, model_fn, c_in[i] * x, ts_j[i])["pred_xstart"]
 
+    if churn:
+        if chain_key is None:
+            raise ValueError("churn > 0 draws noise: give heun_step_fn a chain_key")
+        c_hat, s_hat_all, noise = (jnp.asarray(k[name], jnp.float32)
+                                   for name in ("c_in_hat", "sigma_hat", "noise"))
+        t_hat = jnp.asarray(k["t_hat"], jnp.int32)
+
+        def raise_level(x, i):
+            z = jax.random.normal(jax.random.fold_in(chain_key, ts_j[i]), x.shape, x.dtype)
+            x = x + noise[i] * z
+            return x, s_hat_all[i], _denoise(d, model_fn, c_hat[i] * x, t_hat[i])["pred_xstart"]
+    else:
+        def raise_level(x, i):
+            return x, sig[i], denoise(x, i)
+
     def step_fn(x, i):
-        s, s_next = sig[i], sig[i + 1]
-        x0 = denoise(x, i)
+        x, s, x0 = raise_level(x, i)
+        s_next = sig[i + 1]
         slope = (x - x0) / s
         x_euler = x + (s_next - s) * slope
         slope_next = (x_euler - denoise(x_euler, i + 1)) / s_next
         return x + (s_next - s) * 0.5 * (slope + slope_next), x0
 
+    def final(x):
+        return raise_level(x, len(ts) - 1)[2]  # x + (0 - s) (x - D) / s = D
+
     step_fn.denoise = denoise
+    step_fn.final = final
     step_fn.sigma = sig
     return step_fn
 
 
 def heun_sample_loop(d: Diffusion, model_fn: ModelFn, x_T: jax.Array, ts: np.ndarray, *,
-                     carry_sharding=None, schedule: Schedule64 | None = None) -> jax.Array:
-    """EDM's deterministic sampler on ``ts`` from x = sigma_0 x_T: a scan over the N - 1 Heun
-    steps (``heun_step_fn``), then Euler to sigma = 0, which is D: 2N - 1 network calls."""
-    step_fn = heun_step_fn(d, model_fn, ts, schedule)
+                     carry_sharding=None, schedule: Schedule64 | None = None,
+                     churn: float = 0.0, chain_key: jax.Array | None = None) -> jax.Array:
+    """EDM's sampler on ``ts`` from x = sigma_0 x_T: a scan over the N - 1 Heun steps
+    (``heun_step_fn``), then Euler to sigma = 0, which is D: 2N - 1 network calls."""
+    step_fn = heun_step_fn(d, model_fn, ts, schedule, churn=churn, chain_key=chain_key)
     pin = (lambda x: x) if carry_sharding is None else (
         lambda x: jax.lax.with_sharding_constraint(x, carry_sharding))
     x, _ = jax.lax.scan(lambda x, i: (pin(step_fn(x, i)[0]), None),
                         pin(step_fn.sigma[0] * x_T), jnp.arange(len(ts) - 1))
-    return step_fn.denoise(x, len(ts) - 1)  # x + (0 - s) (x - D) / s = D
+    return step_fn.final(x)
 
 
 def _as_xs(ts: np.ndarray, coefficients: dict[str, np.ndarray]) -> dict[str, jax.Array]:
@@ -503,15 +538,18 @@ def dpm_solver_sample_loop(d: Diffusion, model_fn: ModelFn, key: jax.Array,
 
 
 def heun_sample(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...], *,
-                num_steps: int = 18, spacing: str = "karras", x_T: jax.Array | None = None,
-                carry_sharding=None, schedule: Schedule64 | None = None) -> jax.Array:
-    """EDM's Heun sampler with N = ``num_steps`` (``heun_sample_loop``), x_T drawn from key."""
+                num_steps: int = 18, spacing: str = "karras", churn: float = 0.0,
+                x_T: jax.Array | None = None, carry_sharding=None,
+                schedule: Schedule64 | None = None) -> jax.Array:
+    """EDM's Heun sampler with N = ``num_steps`` (``heun_sample_loop``), x_T drawn from key
+    (and with ``churn``, each step's noise from the chain key)."""
+    x_key, chain_key = _keys(key)
     if x_T is None:
-        x_T = jax.random.normal(_keys(key)[0], shape, dtype=jnp.float32)
+        x_T = jax.random.normal(x_key, shape, dtype=jnp.float32)
     schedule = _schedule(d, schedule)
     ts = spacing_timesteps(spacing, schedule.betas, num_steps, "heun")
     return heun_sample_loop(d, model_fn, x_T, ts, carry_sharding=carry_sharding,
-                            schedule=schedule)
+                            schedule=schedule, churn=churn, chain_key=chain_key)
 
 def respace(d: Diffusion, timesteps,
             schedule: Schedule64 | None = None) -> tuple[Diffusion, jax.Array]:
@@ -598,6 +636,10 @@ VARIANTS = {
     "heun": "EDM's Heun sampler, Karras et al. 2022 Algorithm 1, S_churn = 0, on trained "
             "sigma levels (iDDPMPrecond)",
 }
+# With churn > 0 (EDM's stochastic sampler) ``heun`` computes this instead.
+HEUN_CHURN_VARIANT = ("EDM's stochastic Heun sampler, Karras et al. 2022 Algorithm 2, "
+                      "S_churn = {churn:g}, S_tmin = 0, S_tmax = inf, S_noise = 1, on trained "
+                      "sigma levels (iDDPMPrecond)")
 DDIM_VARIANTS = ("ddim", "ddim_clipped", "ddim_iddpm")
 
 
@@ -613,7 +655,8 @@ class SamplerSpec:
       clip_denoised: the ancestral sampler clips its predicted x_0 to [-1, 1] (as the original).
       record_every: also return x_t and the predicted x_0 every k steps (progressive).
       spacing: one of ``config_lib.SPACINGS``; None for the sampler's own (``DEFAULT_SPACING``).
-      thresholding: ``dpm_solver++`` clips each predicted x_0 to [-1, 1].
+      thresholding: the DPM-Solvers clip each predicted x_0 to [-1, 1].
+      churn: EDM's S_churn for ``heun`` (0: the deterministic sampler); compiled in.
     """
 
     sampler: str = "ancestral"
@@ -623,11 +666,13 @@ class SamplerSpec:
     record_every: int | None = None
     spacing: str | None = None
     thresholding: bool = False
+    churn: float = 0.0
 
     def check(self, num_timesteps: int) -> None:
         """Raises ConfigError for settings that cannot run on a process of T steps."""
         config_lib.check_sampler(self.sampler, self.num_steps, self.eta, num_timesteps,
-                                 spacing=self.spacing, thresholding=self.thresholding)
+                                 spacing=self.spacing, thresholding=self.thresholding,
+                                 churn=self.churn)
         steps = self.steps(num_timesteps)
         if self.record_every is not None and self.sampler == "heun":
             raise config_lib.ConfigError(
@@ -655,6 +700,8 @@ class SamplerSpec:
             extra = ", x0 clipped" if self.clip_denoised else ", x0 not clipped"
         elif self.sampler in DPM_SOLVERS and self.thresholding:
             extra = ", x0 thresholded: clipped to [-1, 1]"
+        elif self.sampler == "heun" and self.churn:
+            return HEUN_CHURN_VARIANT.format(churn=self.churn)
         return VARIANTS[self.sampler] + extra
 
     def timesteps(self, d: Diffusion | Schedule64) -> np.ndarray:
@@ -670,10 +717,12 @@ class SamplerSpec:
 
     def record(self, d: Diffusion | Schedule64) -> dict:
         """The fields every samples.json and evaluation provenance carries."""
-        return dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
-                    num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta,
-                    thresholding=self.thresholding,
-                    clip_denoised=self.clip_denoised)
+        out = dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
+                   num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta,
+                   thresholding=self.thresholding, clip_denoised=self.clip_denoised)
+        if self.sampler == "heun":
+            out["churn"] = self.churn
+        return out
 
 
 ANCESTRAL = SamplerSpec()  # Algorithm 2 on all T steps, x_0 clipped: the default
@@ -681,22 +730,23 @@ ANCESTRAL = SamplerSpec()  # Algorithm 2 on all T steps, x_0 clipped: the defaul
 
 def spec_from_config(config, *, sampler: str | None = None, num_steps: int | None = None,
                      eta: float | None = None, spacing: str | None = None,
-                     thresholding: bool | None = None,
+                     thresholding: bool | None = None, churn: float | None = None,
                      record_every: int | None = None) -> SamplerSpec:
     """The sampler of ``config.sampling`` with command-line overrides, checked.
 
     A sampler other than the config's starts from its own defaults (its steps and spacing,
-    eta 0, no thresholding) rather than inheriting the config's.
+    eta 0, no thresholding, no churn) rather than inheriting the config's.
     """
     c = config.sampling
     c_spacing, c_threshold = c.get("spacing"), c.get("thresholding", False)  # older runs lack them
+    c_churn = c.get("churn", 0.0)
     same = sampler in (None, c.sampler)
     pick = lambda given, configured, own: given if given is not None else (
         configured if same else own)
     spec = SamplerSpec(
         sampler or c.sampler, pick(num_steps, c.num_steps, None), float(pick(eta, c.eta, 0.0)),
         c.clip_denoised, record_every, pick(spacing, c_spacing, None),
-        bool(pick(thresholding, c_threshold, False)))
+        bool(pick(thresholding, c_threshold, False)), float(pick(churn, c_churn, 0.0)))
     spec.check(config.diffusion.num_timesteps)
     return spec
 
@@ -741,7 +791,7 @@ def chain(d: Diffusion, model_fn: ModelFn, key: jax.Array, shape: tuple[int, ...
                                       **common)
     if spec.sampler == "heun":
         return heun_sample(d, model_fn, key, shape, num_steps=steps,
-                           spacing=spec.resolved_spacing, x_T=x_T,
+                           spacing=spec.resolved_spacing, churn=spec.churn, x_T=x_T,
                            carry_sharding=carry_sharding, schedule=schedule)
     if np.array_equal(ts, np.arange(d.num_timesteps)[::-1]):
         return sample_loop(d, model_fn, key, shape, clip_denoised=spec.clip_denoised, **common)

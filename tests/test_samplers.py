@@ -243,21 +243,31 @@ def dpm_solver_3m_reference(x, ts):
     return x
 
 
-def edm_reference(x_T, ts):
-    """NVlabs/edm ``edm_sampler`` (S_churn = 0) with iDDPMPrecond's denoiser, float64."""
-    sig = np.append(np.sqrt((1 - ABAR[ts]) / ABAR[ts]), 0.0)
+def edm_reference(x_T, ts, *, churn=0.0, noise_fn=None):
+    """NVlabs/edm ``edm_sampler`` with iDDPMPrecond's denoiser and ``round_sigma`` (the nearest
+    trained level), S_churn = ``churn``, S_tmin = 0, S_tmax = inf, S_noise = 1, float64."""
+    levels = np.sqrt((1 - ABAR) / ABAR)
+    sig = np.append(levels[ts], 0.0)
 
-    def denoise(x, i):
-        return x - sig[i] * toy_eps(x / np.sqrt(sig[i] ** 2 + 1), ts[i])
+    def denoise(x, s):
+        t = int(np.argmin(np.abs(levels - s)))  # the trained step of level s
+        return x - s * toy_eps(x / np.sqrt(s**2 + 1), t)
 
     x = x_T * sig[0]
     trace = [x]
     for i in range(len(ts)):
-        d_cur = (x - denoise(x, i)) / sig[i]
-        x_next = x + (sig[i + 1] - sig[i]) * d_cur
+        gamma = min(churn / len(ts), np.sqrt(2) - 1)
+        s_hat = levels[np.argmin(np.abs(levels - (sig[i] + gamma * sig[i])))]
+        x_hat = x
+        if churn:
+            x_hat = x + np.sqrt(s_hat**2 - sig[i] ** 2) * noise_fn(ts[i])
+        else:
+            s_hat = sig[i]
+        d_cur = (x_hat - denoise(x_hat, s_hat)) / s_hat
+        x_next = x_hat + (sig[i + 1] - s_hat) * d_cur
         if i < len(ts) - 1:
-            d_prime = (x_next - denoise(x_next, i + 1)) / sig[i + 1]
-            x_next = x + (sig[i + 1] - sig[i]) * (0.5 * d_cur + 0.5 * d_prime)
+            d_prime = (x_next - denoise(x_next, sig[i + 1])) / sig[i + 1]
+            x_next = x_hat + (sig[i + 1] - s_hat) * (0.5 * d_cur + 0.5 * d_prime)
         x = x_next
         trace.append(x)
     return x, trace
@@ -287,6 +297,27 @@ def test_whole_chains_match_float64_references(sampler, spacing, steps):
     else:
         ref = edm_reference(x_T, ts)[0]
     np.testing.assert_allclose(_run(spec, x_T), ref, atol=2e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("churn", [3.0, 40.0])  # 40 / 8 steps: gamma capped at sqrt(2) - 1
+def test_heun_with_churn_matches_edm_stochastic_sampler_in_float64(churn):
+    x_T, key = 1.5 * _x_T(6), jax.random.key(8)
+    chain_key = jax.random.split(key)[1]
+    noise = lambda t: np.asarray(jax.random.normal(jax.random.fold_in(chain_key, int(t)), SHAPE))
+    spec = sampling.SamplerSpec("heun", 8, churn=churn)
+    ts = spec.timesteps(_process())
+    d = _process()
+    ours = np.asarray(jax.jit(lambda k, x: sampling.chain(d, toy_eps, k, SHAPE, spec, x_T=x))(
+        key, jnp.asarray(x_T, jnp.float32)))
+    ref = edm_reference(x_T, ts, churn=churn, noise_fn=noise)[0]
+    np.testing.assert_allclose(ours, ref, atol=2e-5, rtol=1e-5)
+    assert np.abs(ours - edm_reference(x_T, ts)[0]).max() > 1e-2  # the churn was applied
+    assert "Algorithm 2, S_churn = " in spec.variant and spec.record(d)["churn"] == churn
+    assert "churn" not in sampling.SamplerSpec("ddim", 8).record(d)  # heun's records only
+    with pytest.raises(config_lib.ConfigError, match="churn=1.0 applies to the heun sampler"):
+        sampling.SamplerSpec("ddim", 8, churn=1.0).check(T)
+    with pytest.raises(config_lib.ConfigError, match="churn must be a finite number >= 0"):
+        sampling.SamplerSpec("heun", 8, churn=-1.0).check(T)
 
 
 def test_ddim_with_eta_matches_float64_and_eta_is_not_compiled_in():
