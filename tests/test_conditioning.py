@@ -155,6 +155,20 @@ def test_sample_py_writes_the_labels_and_refuses_bad_ones(cond_run, tmp_path):
         np.testing.assert_array_equal(f["labels"], np.arange(10))
     made = json.load(open(os.path.join(out, "samples.json")))
     assert made["guidance"] == 2.0 and made["labels"] == "all" and made["num_classes"] == K
+    # --churn reaches EDM's stochastic sampler and the record; elsewhere it is refused.
+    churned = str(tmp_path / "churned")
+    code, _, err = run_script_here("sample.py", f"--workdir={cond_run}",
+                                   f"--output_dir={churned}", "--num_samples=10",
+                                   "--labels=all", "--sampler=heun", "--num_steps=2",
+                                   "--churn=1.5")
+    assert code == 0, err[-3000:]
+    made = json.load(open(os.path.join(churned, "samples.json")))
+    assert made["churn"] == 1.5 and "Algorithm 2, S_churn = 1.5" in made["variant"]
+    code, _, err = run_script_here("sample.py", f"--workdir={cond_run}",
+                                   f"--output_dir={churned}", "--num_samples=10",
+                                   "--sampler=ddim", "--churn=1")
+    assert code == 2 and err.strip().splitlines()[-1].startswith(
+        "error: --churn=1.0 applies to the heun sampler only")
     code, _, err = run_script_here("sample.py", f"--workdir={cond_run}", f"--output_dir={out}",
                                    "--num_samples=10", "--labels=10")
     assert code == 2
