@@ -46,12 +46,16 @@ class CheckpointError(errors.UserError, RuntimeError):
 BACKGROUND_ERRORS: list[str] = []
 
 
+# Orbax's warnings that a read-only manager is read-only: what opening for reading asked for.
+_READ_ONLY_NOTICES = ("CheckpointManagerOptions.read_only=True", "Given directory is read only")
+
+
 def _gather_background_errors(record: logging.LogRecord) -> bool:
     from_orbax = "orbax" in (record.pathname or "") or record.name == "asyncio"
     if from_orbax and record.levelno >= logging.ERROR:
         BACKGROUND_ERRORS.append(record.getMessage()[:500])
         return False
-    return True
+    return not (from_orbax and record.getMessage().startswith(_READ_ONLY_NOTICES))
 
 
 logging.getLogger("absl").addFilter(_gather_background_errors)

@@ -382,6 +382,16 @@ def test_bad_config_is_refused_before_anything_is_written(test_cfg, tmp_path, ke
     assert not (workdir / "checkpoints").exists() or not os.listdir(workdir / "checkpoints")
 
 
+def test_loading_a_checkpoint_logs_no_warning(trained, caplog):
+    import logging
+
+    import ddpm_jax
+
+    caplog.set_level(logging.WARNING)
+    ddpm_jax.load(trained[1])  # read-only: Orbax's notices that it is read-only are dropped
+    assert [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING] == []
+
+
 def test_warmup_longer_than_the_run_is_a_warning_not_a_refusal():
     config = test_config.get_config()
     config.optim.warmup = 100  # the test config trains 4 steps
