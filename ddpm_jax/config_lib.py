@@ -190,9 +190,9 @@ def validate(config: ml_collections.ConfigDict) -> Sections:
     except schedules.ScheduleError as e:
         raise ConfigError(str(e)) from None
     _validate_process(process, betas)
+    _validate_conditioning(config.model)  # the raw values, before the section converts them
     model = unet.ModelSpec.from_config(config)
     _validate_model(model)
-    _validate_conditioning(model)
     check_guidance(config.sampling.guidance, prefix="sampling.")
     optimizer = OptimizerSpec.from_config(config)
     optimizer.check()
@@ -278,7 +278,7 @@ def _validate_model(m: unet.ModelSpec) -> None:
              f"{sorted(channels)}")
 
 
-def _validate_conditioning(m: unet.ModelSpec) -> None:
+def _validate_conditioning(m) -> None:
     _require(isinstance(m.num_classes, int) and not isinstance(m.num_classes, bool)
              and m.num_classes >= 0,
              f"model.num_classes must be a non-negative integer (0 = unconditional), got "

@@ -720,7 +720,7 @@ class SamplerSpec:
         out = dict(sampler=self.sampler, variant=self.variant, spacing=self.resolved_spacing,
                    num_steps=self.steps(d.num_timesteps), nfe=self.nfe(d), eta=self.eta,
                    thresholding=self.thresholding, clip_denoised=self.clip_denoised)
-        if self.sampler == "heun":
+        if self.churn:  # only then: records of deterministic heun runs stay as they were
             out["churn"] = self.churn
         return out
 
