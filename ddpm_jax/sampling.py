@@ -192,6 +192,12 @@ def sigma_levels(betas64) -> np.ndarray:
     return np.sqrt((1.0 - abar) / abar)
 
 
+def nearest_levels(levels: np.ndarray, sigmas: np.ndarray) -> np.ndarray:
+    """The index of the trained level nearest to each sigma (EDM iDDPMPrecond's
+    ``round_sigma``): int ``[len(sigmas)]``."""
+    return np.abs(np.asarray(sigmas)[:, None] - levels[None, :]).argmin(1)
+
+
 def karras_sigmas(levels: np.ndarray, n: int) -> np.ndarray:
     """EDM's rho = 7 spacing between max(0.002, sigma_0) and min(80, sigma_{T-1}): ``[n]``.
 
@@ -228,7 +234,7 @@ def spacing_timesteps(spacing: str, betas64, num_steps: int, sampler: str = "ddi
         ts = np.round(np.arange(T, 0, -T / S)) - 1
     elif spacing == "karras":  # each EDM sigma rounded to the nearest trained level
         levels = sigma_levels(betas64)
-        ts = np.abs(karras_sigmas(levels, S)[:, None] - levels[None, :]).argmin(1)
+        ts = nearest_levels(levels, karras_sigmas(levels, S))
     else:
         raise ValueError(f"unknown spacing {spacing!r}; choose one of "
                          f"{', '.join(config_lib.SPACINGS)}")
@@ -302,6 +308,14 @@ def ddim_step_fn(d: Diffusion, model_fn: ModelFn, chain_key: jax.Array, eta, *,
     return step_fn
 
 
+def _dpm_points(betas64, ts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(EDM sigma, alpha = sqrt(abar), sigma = sqrt(1 - abar)) at ``ts`` and then at sigma = 0:
+    float64 ``[S + 1]``, the points the DPM-Solvers step between."""
+    s_edm = np.append(sigma_levels(betas64)[ts], 0.0)
+    alpha = 1.0 / np.sqrt(1.0 + s_edm**2)
+    return s_edm, alpha, s_edm * alpha
+
+
 def dpm_solver_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
     """DPM-Solver++(2M) on ``ts`` then to sigma = 0, midpoint form, as float64 ``[S]`` arrays.
 
@@ -311,10 +325,7 @@ def dpm_solver_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]:
     eta 0) and c = b / (2 r), r = h_{i-1} / h (second order, Lu et al. 2022 Alg. 2); c = 0 at
     the first step (no history) and at the last (to sigma = 0; diffusers' ``lower_order_final``).
     """
-    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
-    s_edm = np.append(np.sqrt((1.0 - abar[ts]) / abar[ts]), 0.0)  # EDM sigma; e^{-h} = ratio
-    alpha = 1.0 / np.sqrt(1.0 + s_edm**2)
-    sigma = s_edm * alpha
+    s_edm, alpha, sigma = _dpm_points(betas64, ts)
     ratio = s_edm[1:] / s_edm[:-1]  # e^{-h_i}
     a = sigma[1:] / sigma[:-1]
     b = alpha[1:] * (1.0 - ratio)
@@ -350,10 +361,7 @@ def dpm_solver_3m_coefficients(betas64, ts: np.ndarray) -> dict[str, np.ndarray]
     D1 = D1_0 + r0 / (r0 + r1) (D1_0 - D1_1) and D2 = (D1_0 - D1_1) / (r0 + r1) (Lu et al. 2022;
     the authors' ``multistep_dpm_solver_third_update``); second order is 2M's midpoint step.
     """
-    abar = np.cumprod(1.0 - np.asarray(betas64, np.float64))
-    s_edm = np.append(np.sqrt((1.0 - abar[ts]) / abar[ts]), 0.0)
-    alpha = 1.0 / np.sqrt(1.0 + s_edm**2)
-    sigma = s_edm * alpha
+    s_edm, alpha, sigma = _dpm_points(betas64, ts)
     with np.errstate(divide="ignore"):
         lam = -np.log(s_edm)  # log(alpha / sigma)
     n = len(ts)
@@ -421,7 +429,7 @@ def heun_coefficients(betas64, ts: np.ndarray, churn: float = 0.0) -> dict[str, 
     out = dict(sigma=sigma, c_in=1.0 / np.sqrt(sigma**2 + 1.0))
     if churn:
         gamma = min(churn / len(ts), np.sqrt(2.0) - 1.0)
-        t_hat = np.abs(levels[None, :] - (sigma[:-1] * (1.0 + gamma))[:, None]).argmin(1)
+        t_hat = nearest_levels(levels, sigma[:-1] * (1.0 + gamma))
         s_hat = levels[t_hat]
         out.update(t_hat=t_hat, sigma_hat=s_hat, c_in_hat=1.0 / np.sqrt(s_hat**2 + 1.0),
                    noise=np.sqrt(np.maximum(s_hat**2 - sigma[:-1] ** 2, 0.0)))
@@ -445,8 +453,11 @@ def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray,
     c_in, sig = (jnp.asarray(k[name], jnp.float32) for name in ("c_in", "sigma"))
     ts_j = jnp.asarray(ts, jnp.int32)
 
+    def denoise_at(x, scale, t):
+        return _denoise(d, model_fn, scale * x, t)["pred_xstart"]
+
     def denoise(x, i):
-        return _denoise(d, model_fn, c_in[i] * x, ts_j[i])["pred_xstart"]
+        return denoise_at(x, c_in[i], ts_j[i])
 
     if churn:
         if chain_key is None:
@@ -458,7 +469,7 @@ def heun_step_fn(d: Diffusion, model_fn: ModelFn, ts: np.ndarray,
         def raise_level(x, i):
             z = jax.random.normal(jax.random.fold_in(chain_key, ts_j[i]), x.shape, x.dtype)
             x = x + noise[i] * z
-            return x, s_hat_all[i], _denoise(d, model_fn, c_hat[i] * x, t_hat[i])["pred_xstart"]
+            return x, s_hat_all[i], denoise_at(x, c_hat[i], t_hat[i])
     else:
         def raise_level(x, i):
             return x, sig[i], denoise(x, i)
