@@ -45,7 +45,7 @@ def main():
 
     if (FLAGS.workdir is None) == (FLAGS.checkpoint is None):
         cli.fail("give exactly one of --workdir or --checkpoint")
-    logging.set_verbosity(logging.ERROR)  # Orbax reports every file, and read-only opens
+    logging.set_verbosity(logging.ERROR)  # Orbax reports every file it reads
     cli.start_processes()
     model = api.load(FLAGS.workdir or FLAGS.checkpoint, ema=not FLAGS.raw)
     spec = sampling.spec_from_config(

@@ -114,10 +114,10 @@ def define_sampler_flags() -> None:
                       "ddim_iddpm (x0 clipped as diffusers / Improved DDPM), dpm_solver++ (2M), "
                       "dpm_solver++_3m (3M), heun (EDM).")
     flags.DEFINE_integer("num_steps", None, "Steps S (default: config.sampling.num_steps, "
-                         "else the sampler's own: T, 20 for dpm_solver++, 18 for heun).")
+                         "else the sampler's own: T, 20 for the DPM-Solvers, 18 for heun).")
     flags.DEFINE_enum("spacing", None, list(config_lib.SPACINGS),
                       "Which S of the T steps (default: config.sampling.spacing, else the "
-                      "sampler's own: uniform, linspace for dpm_solver++, karras for heun).")
+                      "sampler's own: uniform, linspace for the DPM-Solvers, karras for heun).")
     flags.DEFINE_float("eta", None, "DDIM noise, 0 = deterministic (default: "
                        "config.sampling.eta).")
     flags.DEFINE_bool("thresholding", None, "The DPM-Solvers clip their predicted x0 to [-1, 1] "

@@ -598,7 +598,7 @@ def main():
     if FLAGS.workdir is None:
         cli.fail("--workdir is required")
     spec = spec_from_flags()
-    logging.set_verbosity(logging.ERROR)  # Orbax warns on every read-only open
+    logging.set_verbosity(logging.ERROR)  # Orbax reports every file it reads
     cli.start_processes()
     model = with_data_dir(api.load(FLAGS.workdir, ema=not FLAGS.raw), FLAGS.data_dir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json")

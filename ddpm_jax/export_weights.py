@@ -75,7 +75,7 @@ def main() -> None:
 
     f = flags.FLAGS
     if not f["verbosity"].present:
-        logging.set_verbosity(logging.ERROR)  # Orbax warns that a read-only restore is read-only
+        logging.set_verbosity(logging.ERROR)  # Orbax reports every file it reads
     info = checkpoint.export_checkpoint(f.workdir, f.out, ema=not f.raw, step=f.step)
     lines = [f"exported {info['num_params']:,} parameters ({'EMA' if info['ema'] else 'raw'} "
              f"weights of step {info['step']}) from {info['source']} to {info['out']} "

@@ -1,5 +1,6 @@
 """The reverse chains, each one ``lax.scan``: ancestral (Algorithm 2, respaced), DDIM and its
-clipped variants, DPM-Solver++(2M), EDM's Heun; spacings, progressive, interpolation.
+clipped variants, DPM-Solver++(2M) and (3M), EDM's Heun (deterministic, or stochastic with
+churn); spacings, progressive, interpolation.
 
 Every sampler is a pure function of (diffusion, model_fn, key, ...) that compiles to a single
 scan over its steps: one dispatch for the whole chain, no Python loop and no ``lax.cond`` per
@@ -19,7 +20,8 @@ read it through ``diffusion.p_mean_variance``, so a wrapper that returns the sam
 the compiled chain (``get_sampling_fn``) the model_fn is built inside the jit by
 ``build_model_fn(graphdef, params, model_args)``, where ``model_args`` is any pytree passed at
 call time (labels, a guidance scale): traced, so new values never recompile. ``eta`` is traced
-too; only the sampler, the number of steps, the spacing, the shape and the mesh compile.
+too; only the sampler, the number of steps, the spacing, thresholding, churn, the shape and the
+mesh compile.
 
 Samplers (``VARIANTS`` says exactly what each computes; the README cites the papers):
 ``ancestral``, ``ddim`` (x0 not clipped), ``ddim_clipped``, ``ddim_iddpm``, ``dpm_solver++``
