@@ -114,6 +114,21 @@ def test_configs_that_cannot_train_are_refused(changes, message):
     assert message in _one_line(e)
 
 
+@pytest.mark.parametrize("key, value, message", [
+    ("num_classes", 2.7, "model.num_classes must be a non-negative integer"),
+    ("num_classes", True, "model.num_classes must be a non-negative integer"),
+    ("num_classes", "10", "model.num_classes must be a non-negative integer"),
+    ("num_classes", -1, "model.num_classes must be a non-negative integer"),
+    ("cond_drop_prob", 1.0, "model.cond_drop_prob must be in [0, 1)"),
+])
+def test_class_settings_of_a_saved_config_are_checked_as_written(key, value, message):
+    tree = config_lib.to_dict(test_config.get_config())  # as a config.json holds it
+    tree["model"][key] = value
+    with pytest.raises(config_lib.ConfigError) as e:
+        config_lib.validate(config_lib.from_dict(tree))
+    assert message in _one_line(e)
+
+
 def test_schedules_that_train_still_pass():
     for schedule in ("linear", "quad", "const", "warmup10", "cosine"):
         config = test_config.get_config()
