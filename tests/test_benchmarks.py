@@ -192,6 +192,18 @@ def test_state_comparison_sees_one_ulp():
     assert not r["bit_identical"] and 0 < r["max_abs_diff"] < 1e-6
 
 
+def test_only_the_one_step_train_variants_time_the_peer(monkeypatch):
+    settings = []
+    monkeypatch.setattr(accelerator.train_bench, "run",
+                        lambda s: settings.append(s) or [dict(step_s=0.5)])
+    for variant, peer in ((("float32", 1), True), (("bfloat16", 2), True),
+                          (("float32", 1), False)):
+        (r,) = accelerator.train_part(accelerator.TINY, variant, peer)
+        assert r["part"] == "train" and r["steps_per_s"] == 2.0
+    assert [(s.dtype, s.steps_per_dispatch, s.vs_diffusers) for s in settings] == [
+        ("float32", 1, True), ("bfloat16", 2, False), ("float32", 1, False)]
+
+
 def test_the_full_plan_fits_the_machine_it_is_for():
     plan = accelerator.Plan()
     assert plan.batch == 128 and plan.big_batch == 64 and plan.big_dtype == "bfloat16"
@@ -282,8 +294,13 @@ def _check_accelerator(rows, out):
     assert fid["images_per_s"] > 0
     big = [r for r in records if r["part"] == "big"]
     assert big and big[0]["memory"]["peak_bytes"] > 0
-    if _have("diffusers", "torch"):
-        assert {r["dtype"] for r in records if r.get("impl") == "diffusers"} == {"float32"}
+    # The peer (the train benchmark's, run with it by COMMANDS["train"]) is left out here; which
+    # variants time it: test_only_the_one_step_train_variants_time_the_peer.
+    assert not [r for r in records if r.get("impl") == "diffusers"]
+    (skipped,) = [r for r in records if r["part"] == "skipped"]
+    assert skipped["what"] == "diffusers peer" and skipped["reason"] == (
+        "--novs_diffusers" if _have("diffusers", "torch") else
+        "diffusers or torch is not installed")
     table = open(os.path.join(out, "accelerator.txt")).read()
     for part in ("determinism", "train", "sampling", "inception", "big"):
         assert part in table
@@ -311,7 +328,7 @@ COMMANDS = {
                   _check_inception),
     "digits_quality": (["--workdir={workdir}", "--num_samples=8", "--samplers=ddim:5"],
                        _check_digits_quality),
-    "accelerator": (["--out={out}", "--tiny"], _check_accelerator),
+    "accelerator": (["--out={out}", "--tiny", "--novs_diffusers"], _check_accelerator),
 }
 
 

@@ -345,7 +345,8 @@ def run(plan: Plan, out: str, plan_args: list[str], parts: Sequence[str],
     rec.environment.update(common.device_fields())
     if child is not None:
         rec.add([dict(determinism, part_s=rec.elapsed())])
-    have_peer = peer and importlib_find("diffusers") and importlib_find("torch")
+    installed = importlib_find("diffusers") and importlib_find("torch")
+    have_peer = peer and installed
     # One step per dispatch first (with the peer), then what else the budget allows, most
     # wanted first; several steps per dispatch last.
     if "train" in parts:
@@ -353,7 +354,8 @@ def run(plan: Plan, out: str, plan_args: list[str], parts: Sequence[str],
             rec.part(f"train {variant[0]}:{variant[1]}", train_part, plan, variant, have_peer)
         if not have_peer:
             rec.add([dict(part="skipped", what="diffusers peer",
-                          reason="diffusers or torch is not installed")])
+                          reason="--novs_diffusers" if installed else
+                          "diffusers or torch is not installed")])
     if "sampling" in parts:
         for dtype in plan.sampling_dtypes:
             for batch in plan.sampling_batches:

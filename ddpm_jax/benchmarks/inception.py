@@ -58,18 +58,18 @@ def random_tensors(seed: int = 0) -> dict[str, np.ndarray]:
     """The 472 tensors (PyTorch names and layout) with random He-scaled convolutions, identity
     BatchNorm statistics and a random fc layer: float32."""
     rng = np.random.default_rng(seed)
+    normal = lambda shape, scale: rng.standard_normal(shape, np.float32) * np.float32(scale)
     out = {}
     for name, shape in weights.expected_tensors().items():
         leaf = name.rsplit(".", 1)[1]
         if leaf in ("running_mean", "bias"):
-            out[name] = (0.1 * rng.standard_normal(shape)).astype(np.float32)
+            out[name] = normal(shape, 0.1)
         elif leaf in ("running_var",):
             out[name] = np.ones(shape, np.float32)
         elif name.endswith("bn.weight"):
             out[name] = rng.uniform(0.8, 1.2, shape).astype(np.float32)
         else:  # conv or fc weight [out, in, ...]
-            fan_in = int(np.prod(shape[1:]))
-            out[name] = (rng.standard_normal(shape) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+            out[name] = normal(shape, np.sqrt(2.0 / int(np.prod(shape[1:]))))
     return out
 
 
