@@ -110,9 +110,8 @@ def lookup(tree: Any, key: str, default: Any = MISSING) -> Any:
 
 
 def num_classes(config: Any) -> int:
-    """``model.num_classes`` of a config: 0 (unconditional) when it has no such key."""
-    value = lookup(config, "model.num_classes", 0)
-    return int(value or 0)
+    """``model.num_classes`` of a config: 0 for an unconditional model."""
+    return int(config.model.num_classes)
 
 
 def differences(old: Any, new: Any, prefix: str = "") -> list[tuple[str, Any, Any]]:

@@ -114,11 +114,11 @@ class DataSpec:
 
     @classmethod
     def from_config(cls, config: Any) -> DataSpec:
-        """The section of ``config`` (configs saved before conditioning: no labels)."""
+        """The section of ``config``, with the classes its model asks for."""
         d = config.data
-        classes = int(config.get("model", {}).get("num_classes", 0) or 0)
         return cls(d.dataset, d.image_size, d.channels, d.data_dir, d.split, d.eval_split,
-                   bool(d.random_flip), int(d.prefetch), max(1, int(d.num_threads)), classes)
+                   bool(d.random_flip), int(d.prefetch), max(1, int(d.num_threads)),
+                   int(config.model.num_classes))
 
 
 _SPECS: dict[str, DatasetSpec] = {

@@ -13,6 +13,7 @@ and sample steps take the parameters as a plain dict pytree and rebuild the modu
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from typing import Any
 
@@ -351,13 +352,14 @@ class ModelSpec:
 
     @classmethod
     def from_config(cls, config: Any) -> ModelSpec:
-        """The section of ``config`` (configs saved before conditioning: unconditional)."""
+        """The section of ``config`` (``config_lib.from_dict`` gives the keys added since a
+        saved config was written their defaults)."""
         m, data = config.model, config.data
         learned = diffusion.is_learned_variance(config.diffusion.model_var_type)
         return cls(m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions),
                    m.dropout, m.resamp_with_conv, data.image_size, data.channels,
                    data.channels * (2 if learned else 1), m.block_size,
-                   int(m.get("num_classes", 0) or 0), m.get("cond_drop_prob", 0.1), m.dtype)
+                   int(m.num_classes), float(m.cond_drop_prob), m.dtype)
 
     def levels(self) -> list[int]:
         """The resolution of each level, from the input's (after space-to-depth) down."""
@@ -393,7 +395,15 @@ def conditioning(graphdef, params) -> tuple[int, int | None]:
 
 
 def abstract_model(spec: ModelSpec):
-    """(graphdef, params as ShapeDtypeStructs) without allocating or initialising weights."""
+    """(graphdef, params as ShapeDtypeStructs) without allocating or initialising weights.
+
+    Traced once per spec (the 256x256 network takes seconds); each call gets its own dicts."""
+    graphdef, params = _abstract_model(spec)
+    return graphdef, jax.tree.map(lambda leaf: leaf, params)
+
+
+@functools.lru_cache(maxsize=8)
+def _abstract_model(spec: ModelSpec):
     graphdef, state = nnx.split(nnx.eval_shape(lambda: create_model(spec)))
     return graphdef, nnx.to_pure_dict(state)
 

@@ -139,12 +139,17 @@ def test_validate_gives_each_module_its_own_typed_section():
     assert hash(m) == hash(unet.ModelSpec.from_config(config))
     labels = 11 * 512  # [K + 1, 4 ch]
     assert unet.count_params(unet.abstract_model(m)[1]) == 35_749_766 + labels
-    # A config saved before conditioning: unconditional, the default drop rate.
-    old = cifar10.get_config()
-    with old.unlocked():
-        del old.model["num_classes"], old.model["cond_drop_prob"]
-    assert (unet.ModelSpec.from_config(old).num_classes,
-            datasets.DataSpec.from_config(old).num_classes) == (0, 0)
+    # A config saved before conditioning, read back as a run's config.json is: unconditional,
+    # the default drop rate.
+    saved = config_lib.to_dict(cifar10.get_config())
+    del saved["model"]["num_classes"], saved["model"]["cond_drop_prob"]
+    old = config_lib.from_dict(saved)
+    assert (unet.ModelSpec.from_config(old).num_classes, unet.ModelSpec.from_config(
+        old).cond_drop_prob, datasets.DataSpec.from_config(old).num_classes) == (0, 0.1, 0)
+    # Each call of abstract_model gets its own dicts (the traced network is cached per spec).
+    a, b = unet.abstract_model(m)[1], unet.abstract_model(m)[1]
+    a.pop("conv_in")
+    assert "conv_in" in b and "conv_in" in unet.abstract_model(m)[1]
 
 
 def test_parameter_tree_matches_the_original_variable_list():

@@ -24,6 +24,8 @@ One-channel images are repeated over the three colour channels first.
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -301,7 +303,14 @@ class InceptionV3(nnx.Module):
 
 
 def abstract_model():
-    """(graphdef, parameters as a pure dict of ShapeDtypeStructs), nothing allocated."""
+    """(graphdef, parameters as a pure dict of ShapeDtypeStructs), nothing allocated; traced
+    once per process, each call gets its own dicts."""
+    graphdef, params = _abstract_model()
+    return graphdef, jax.tree.map(lambda leaf: leaf, params)
+
+
+@functools.cache
+def _abstract_model():
     graphdef, state = nnx.split(nnx.eval_shape(lambda: InceptionV3(rngs=nnx.Rngs(0))))
     return graphdef, nnx.to_pure_dict(state)
 
