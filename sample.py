@@ -35,6 +35,7 @@ flags.DEFINE_string("labels", None, "Classes to sample from a class-conditional 
 flags.DEFINE_float("guidance", None, "Classifier-free guidance w >= 0 with --labels: eps = "
                    "(1 + w) eps(x, y) - w eps(x, null), diffusers' guidance_scale = 1 + w "
                    "(default: config.sampling.guidance).")
+cli.define_lock_flag("output folder")
 cli.define_process_flags()
 
 
@@ -58,7 +59,7 @@ def main():
     path = generate.generate(model, out, num_samples=FLAGS.num_samples, seed=FLAGS.seed,
                              spec=dataclasses.replace(spec, record_every=None),
                              batch_size=FLAGS.batch_size, labels=FLAGS.labels,
-                             guidance=FLAGS.guidance)
+                             guidance=FLAGS.guidance, take_over_lock=FLAGS.take_over_lock)
     extra = ""
     if FLAGS.progressive:
         p1, p2 = generate.write_progressive(model, out, seed=FLAGS.seed, spec=spec)

@@ -22,9 +22,7 @@ config_flags.DEFINE_config_file("config", None, "Experiment config file (configs
                                 lock_config=True)
 flags.DEFINE_string("workdir", None, "Directory (or gs:// path) for checkpoints, logs and "
                     "samples.")
-flags.DEFINE_bool("take_over_lock", False, "Take over the workdir's lock held by a run on "
-                  "another host that is gone (a run on this host that no longer runs is "
-                  "detected by itself).")
+cli.define_lock_flag("workdir")
 flags.mark_flags_as_required(["config", "workdir"])
 cli.define_process_flags()
 

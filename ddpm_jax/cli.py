@@ -146,6 +146,13 @@ def define_process_flags() -> None:
                          "join before giving up.", lower_bound=1)
 
 
+def define_lock_flag(folder: str) -> None:
+    """``--take_over_lock``: take over ``folder``'s lock held by a run on another host."""
+    flags.DEFINE_bool("take_over_lock", False, f"Take over the {folder}'s lock held by a run on "
+                      "another host that is gone (a run on this host that no longer runs is "
+                      "detected by itself).")
+
+
 def start_processes() -> None:
     """Joins the other processes, as the process flags and the environment describe."""
     from ddpm_jax import distributed  # noqa: PLC0415

@@ -121,6 +121,7 @@ def define_flags() -> None:
     flags.DEFINE_integer("num_examples", None, "First N images of --split for bpd (default: all).",
                          lower_bound=1)
     flags.DEFINE_integer("batch_size", 64, "Images per compiled batch of the bound.", lower_bound=1)
+    cli.define_lock_flag("samples folder")
     cli.define_process_flags()
 
 
@@ -395,7 +396,8 @@ def samples_record(model: api.DDPM, spec: EvalSpec, sampler: sampling.SamplerSpe
 
 
 def prepare_samples(model: api.DDPM, spec: EvalSpec, sampler: sampling.SamplerSpec,
-                    samples_dir, provenance: dict) -> epath.Path:
+                    samples_dir, provenance: dict, *, take_over_lock: bool = False
+                    ) -> epath.Path:
     """``samples.npz`` in ``samples_dir`` of at least ``spec.num_samples`` images, reused
     (``generate.find_reusable``) or made; its description goes into ``provenance``."""
     n, samples_dir = spec.num_samples, epath.Path(samples_dir)
@@ -403,7 +405,7 @@ def prepare_samples(model: api.DDPM, spec: EvalSpec, sampler: sampling.SamplerSp
     if made is None:
         generate.generate(model, str(samples_dir), num_samples=n, seed=spec.seed, spec=sampler,
                           batch_size=spec.sample_batch_size, labels=spec.sample_labels(model),
-                          guidance=spec.sample_guidance(model))
+                          guidance=spec.sample_guidance(model), take_over_lock=take_over_lock)
         made = files.read_json(samples_dir / "samples.json")
     else:
         print(f"reusing {samples_dir / 'samples.npz'} ({made['num_samples']} images, seed "
@@ -426,15 +428,18 @@ def sample_rows(samples: epath.Path, n: int, image_shape, chunk: int):
 
 
 # -- the metrics -----------------------------------------------------------------------------------
-def evaluate(model: api.DDPM, spec: EvalSpec, *, samples_dir, checked: Plan | None = None) -> dict:
+def evaluate(model: api.DDPM, spec: EvalSpec, *, samples_dir, checked: Plan | None = None,
+             take_over_lock: bool = False) -> dict:
     """The metrics of ``spec`` for ``model`` (samples reused or made in ``samples_dir``):
-    ``{metric: value, ..., "provenance": {...}}``; ``checked``: ``plan(model, spec)``, if made."""
+    ``{metric: value, ..., "provenance": {...}}``; ``checked``: ``plan(model, spec)``, if made;
+    ``take_over_lock``: as ``generate.generate``'s."""
     p = plan(model, spec) if checked is None else checked
     provenance = dict(checkpoint=str(model.source), checkpoint_step=model.step, ema=model.ema,
                       metrics=list(spec.metrics))
     result = {}
     if spec.wants_samples:
-        samples = prepare_samples(model, spec, p.sampler, samples_dir, provenance)
+        samples = prepare_samples(model, spec, p.sampler, samples_dir, provenance,
+                                  take_over_lock=take_over_lock)
         result.update(sample_metrics(model, spec, p, samples, provenance))
     if spec.wants("bpd"):
         bpd = evaluation.bits_per_dim(model.bound_terms, p.bpd_images,
@@ -603,7 +608,8 @@ def main():
     model = with_data_dir(api.load(FLAGS.workdir, ema=not FLAGS.raw), FLAGS.data_dir)
     out = FLAGS.out or os.path.join(FLAGS.workdir, "evaluation.json")
     p = plan(model, spec)  # everything is checked and opened before anything compiles
-    result = evaluate(model, spec, samples_dir=FLAGS.samples_dir or FLAGS.workdir, checked=p)
+    result = evaluate(model, spec, samples_dir=FLAGS.samples_dir or FLAGS.workdir, checked=p,
+                      take_over_lock=FLAGS.take_over_lock)
     write_results(model, result, out)
 
 

@@ -209,8 +209,12 @@ def _move_aside(output_dir: epath.Path,
 def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
              spec: sampling.SamplerSpec = sampling.ANCESTRAL,
              batch_size: int | None = None, progress: bool = True,
-             labels: str | None = None, guidance: float | None = None) -> str:
+             labels: str | None = None, guidance: float | None = None,
+             take_over_lock: bool = False) -> str:
     """Samples ``num_samples`` images into ``output_dir``; returns the path of samples.npz.
+
+    The folder is locked while it is written (``.samples.lock``): a second run on it is refused;
+    ``take_over_lock`` takes over a lock held by a run on another host that is gone.
 
     ``labels`` ("3", "0,1,2" or "all", see ``parse_labels``) samples those classes of a
     class-conditional model with guidance w = ``guidance`` (default
@@ -231,7 +235,8 @@ def generate(model: DDPM, output_dir: str, *, num_samples: int, seed: int = 0,
     if jax.process_index() == 0:
         files.check_writable(out, "output folder", "choose another output folder")
     with files.FolderLock(out, "samples", what=f"output folder {out}", program="sample.py",
-                          leader=jax.process_index() == 0, broadcast=distributed.broadcast_int):
+                          take_over=take_over_lock, leader=jax.process_index() == 0,
+                          broadcast=distributed.broadcast_int):
         return _generate(model, out, chunk_plan, spec, seed, description, progress, label_array,
                          guidance)
 

@@ -249,3 +249,31 @@ def test_junk_or_truncated_weights_file_is_one_line(tmp_path, damage):
         diffusers._read_tensors(epath.Path(path))
     assert "is not a readable .safetensors file" in _one_line(e) and str(path) in str(e.value)
     assert path.read_bytes() == data
+
+
+@pytest.mark.parametrize("command", ["sample.py", "evaluate"])
+def test_sample_and_evaluate_name_and_honour_take_over_lock(command, digits_dir, tmp_path):
+    from conftest import initial_params, run_script_here
+
+    from ddpm_jax import checkpoints
+
+    config = test_config.get_config()
+    config.data.data_dir = digits_dir
+    workdir, out = str(tmp_path / "run"), tmp_path / "out"
+    checkpoints.save_weights(workdir, config, initial_params(config, 0))
+    os.makedirs(out)
+    _lock_file(out, "samples", host="elsewhere-7", pid=123)
+    before = snapshot(out)
+    args = ([command] if command == "sample.py" else ["-m", "ddpm_jax.evaluate"]) + [
+        f"--workdir={workdir}", "--num_samples=4", "--sampler=ddim", "--num_steps=2",
+        *((f"--output_dir={out}", "--batch_size=4") if command == "sample.py" else
+          (f"--samples_dir={out}", "--sample_batch_size=4", "--metrics=digits_fd",
+           f"--out={tmp_path / 'eval.json'}"))]
+    code, _, err = run_script_here(*args)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "elsewhere-7" in line and "rerun with --take_over_lock" in line, err
+    assert snapshot(out) == before and not os.path.exists(tmp_path / "eval.json")
+    code, _, err = run_script_here(*args, "--take_over_lock")
+    assert code == 0, err[-3000:]
+    assert "taken over" in err and not os.path.exists(out / ".samples.lock")  # then released
+    assert np.load(out / "samples.npz")["images"].shape == (4, 8, 8, 1)
