@@ -279,9 +279,8 @@ class UNet(nnx.Module):
         )
         nk = lambda: next(keys, None)
         bs = self.block_size
-        if bs > 1:  # space-to-depth
-            x = x.reshape(B, H // bs, bs, W // bs, bs, -1).transpose(0, 1, 3, 2, 4, 5)
-            x = x.reshape(B, H // bs, W // bs, -1)
+        if bs > 1:
+            x = space_to_depth(x, bs)
         temb = self.temb(get_timestep_embedding(t, self.ch).astype(self.dtype))
         if self.num_classes:
             if labels is None:
@@ -314,10 +313,25 @@ class UNet(nnx.Module):
                 h = level.upsample(h)
         assert not hs, "every skip connection is used exactly once"
         h = self.conv_out(nnx.swish(self.norm_out(h))).astype(jnp.float32)
-        if bs > 1:  # depth-to-space
-            h = h.reshape(B, H // bs, W // bs, bs, bs, -1).transpose(0, 1, 3, 2, 4, 5)
-            h = h.reshape(B, H, W, -1)
+        if bs > 1:
+            h = depth_to_space(h, bs)
         return h
+
+
+def space_to_depth(x: jax.Array, bs: int) -> jax.Array:
+    """``[B, H, W, C] -> [B, H / bs, W / bs, bs * bs * C]`` in ``tf.nn.space_to_depth``'s order:
+    output channel ``(dy * bs + dx) * C + c`` holds input pixel ``(bs * i + dy, bs * j + dx)``,
+    channel ``c``."""
+    B, H, W, _ = x.shape
+    x = x.reshape(B, H // bs, bs, W // bs, bs, -1).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, H // bs, W // bs, -1)
+
+
+def depth_to_space(x: jax.Array, bs: int) -> jax.Array:
+    """The inverse of ``space_to_depth`` (``tf.nn.depth_to_space``)."""
+    B, h, w, _ = x.shape
+    x = x.reshape(B, h, w, bs, bs, -1).transpose(0, 1, 3, 2, 4, 5)
+    return x.reshape(B, h * bs, w * bs, -1)
 
 
 @dataclasses.dataclass(frozen=True)

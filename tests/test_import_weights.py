@@ -102,17 +102,30 @@ def fake_state_dict(config, seed=0):
             for path, (names, layout) in diffusers_format.diffusers_plan(config).items()}
 
 
+def original_names(config) -> dict[str, str]:
+    """Our leaf path -> the original TF variable name, from the hand-written variable list of
+    test_unet.py (not from the importer's tables)."""
+    from test_unet import _original_variable_shapes
+
+    m, d = config.model, config.data
+    args = (m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions), d.image_size,
+            d.channels, d.channels)
+    ours = _original_variable_shapes(*args)
+    tf = _original_variable_shapes(*args, tf_names=True)
+    assert list(ours.values()) == list(tf.values())  # the same variables, in the same order
+    return {path: f"model/{name}" for path, name in zip(ours, tf, strict=True)}
+
+
 def tf_variables(config, raw, ema=None):
-    """Original TF variable names -> arrays, as the released checkpoints store them."""
-    flat_raw = trees.flatten(raw)
+    """Original TF variable names -> arrays, as the released checkpoints store them (the EMA
+    copy under ``<name>/ExponentialMovingAverage``); names from ``original_names``."""
+    names = original_names(config)
     out = {}
-    for ema_on, tree in ((False, raw), (True, ema)):
-        if tree is None:
-            continue
-        flat = trees.flatten(tree)
-        for path, (names, _) in tf_format.tf_plan(config, raw, ema=ema_on).items():
-            out[names[0]] = np.asarray(flat[path])
-    assert len(out) == len(flat_raw) * (1 if ema is None else 2)
+    for suffix, tree in (("", raw), ("/ExponentialMovingAverage", ema)):
+        if tree is not None:
+            flat = trees.flatten(tree)
+            assert flat.keys() == names.keys()
+            out.update({names[p] + suffix: np.asarray(v) for p, v in flat.items()})
     return out
 
 
@@ -404,6 +417,12 @@ def test_tf_checkpoint_imports_ema_by_default_and_raw_with_no_ema(tmp_path):
 def test_tf_names_and_layouts_are_the_originals():
     config = tiny_config()
     plan = tf_format.tf_plan(config)
+    # Every name of the importer's table is the hand-written original's, for both kinds of
+    # network: a misnamed variable would be missing from the checkpoint it reads.
+    for c in (config, cifar10.get_config()):
+        want = original_names(c)
+        got = {path: names[0] for path, (names, _) in tf_format.tf_plan(c, ema=False).items()}
+        assert got == want
     assert plan["down_1/block_0/nin_shortcut/kernel"][0] == (
         "model/down_1/block_0/nin_shortcut/W/ExponentialMovingAverage",)
     assert plan["mid/attn_1/norm/scale"][0] == ("model/mid/attn_1/norm/gamma/"

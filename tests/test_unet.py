@@ -51,23 +51,25 @@ def test_learned_variance_adds_exactly_one_output_conv_worth_of_channels():
 
 
 def _original_variable_shapes(ch, ch_mult, num_res_blocks, attn_resolutions, resolution,
-                              in_ch, out_ch):
+                              in_ch, out_ch, *, tf_names: bool = False):
     """The original TF variable list (the released checkpoints' names), derived by hand from the
     paper's architecture description, with Flax leaf names (W -> kernel, b -> bias, gamma ->
-    scale, beta -> bias)."""
+    scale, beta -> bias), or with the TF leaf names themselves (``tf_names``; the scope
+    ``model/`` left out). Both lists come in the same order."""
     shapes = {}
+    leaf = (lambda _, tf: tf) if tf_names else (lambda flax, _: flax)
 
     def dense(name, cin, cout):
-        shapes[f"{name}/kernel"] = (cin, cout)
-        shapes[f"{name}/bias"] = (cout,)
+        shapes[f"{name}/{leaf('kernel', 'W')}"] = (cin, cout)
+        shapes[f"{name}/{leaf('bias', 'b')}"] = (cout,)
 
     def conv(name, cin, cout):
-        shapes[f"{name}/kernel"] = (3, 3, cin, cout)
-        shapes[f"{name}/bias"] = (cout,)
+        shapes[f"{name}/{leaf('kernel', 'W')}"] = (3, 3, cin, cout)
+        shapes[f"{name}/{leaf('bias', 'b')}"] = (cout,)
 
     def norm(name, c):
-        shapes[f"{name}/scale"] = (c,)
-        shapes[f"{name}/bias"] = (c,)
+        shapes[f"{name}/{leaf('scale', 'gamma')}"] = (c,)
+        shapes[f"{name}/{leaf('bias', 'beta')}"] = (c,)
 
     def block(name, cin, cout):
         norm(f"{name}/norm1", cin)
@@ -284,3 +286,26 @@ def test_space_to_depth_block_size():
     assert "attn_0" in params["down_0"]  # attention at the level's resolution, 4x4
     out = unet.apply(graphdef, params, jnp.ones((1, 8, 8, 1)), jnp.array([0]))
     assert out.shape == (1, 8, 8, 1)
+
+
+def test_space_to_depth_is_tf_order_and_the_unet_wraps_itself_in_it(monkeypatch):
+    # tf.nn.space_to_depth written out pixel by pixel: out[b, i, j, (dy * bs + dx) * C + c]
+    # = in[b, bs * i + dy, bs * j + dx, c].
+    bs, (B, H, W, C) = 2, (2, 4, 6, 3)
+    x = np.arange(B * H * W * C, dtype=np.float32).reshape(B, H, W, C)
+    want = np.zeros((B, H // bs, W // bs, bs * bs * C), np.float32)
+    for b, i, j, dy, dx, c in np.ndindex(B, H // bs, W // bs, bs, bs, C):
+        want[b, i, j, (dy * bs + dx) * C + c] = x[b, bs * i + dy, bs * j + dx, c]
+    np.testing.assert_array_equal(unet.space_to_depth(jnp.asarray(x), bs), want)
+    np.testing.assert_array_equal(unet.depth_to_space(jnp.asarray(want), bs), x)
+    # The network applies it to its input and its inverse to its output.
+    seen = []
+    for name in ("space_to_depth", "depth_to_space"):
+        real = getattr(unet, name)
+        monkeypatch.setattr(unet, name, lambda v, k, real=real, name=name: seen.append(
+            (name, v.shape, k)) or real(v, k))
+    config = test_config.get_config()
+    config.model.block_size, config.model.attn_resolutions = 2, (4,)
+    graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config)))
+    unet.apply(graphdef, params, jnp.ones((1, 8, 8, 1)), jnp.array([0]))
+    assert seen == [("space_to_depth", (1, 8, 8, 1), 2), ("depth_to_space", (1, 4, 4, 4), 2)]
