@@ -14,8 +14,10 @@ On CPU, collectives between processes use gloo, so several processes on one mach
 its own simulated devices) work; that is how the tests run. Joining is bounded by ``timeout``
 seconds: a process other than 0 first waits for the coordinator's port to accept connections,
 and a coordinator that never answers is a one-line ``DistributedError`` (exit code 2), not a
-hang. Past that point JAX's own service takes over: processes that never join, or a process that
-dies later, make the others stop (JAX aborts them with its own message) within ``timeout`` or
+hang. Before JAX's service starts, every process says hello to process 0 on the coordinator's
+port (explicit addresses only), so a process that never joins is one line and exit code 2 on
+every process, within ``timeout``. Past that point JAX's own service takes over: a process that
+dies later makes the others stop (JAX aborts them with its own message) within
 ``min(timeout, 100)`` seconds (its heartbeat).
 """
 
@@ -80,6 +82,13 @@ def initialize(*, coordinator_address: str | None = None, num_processes: int | N
             f"missing {', '.join(missing)}")
     if index is not None and count is not None and not 0 <= index < count:
         raise DistributedError(f"--process_id={index} is not in [0, {count})")
+    if address is not None and count is not None and index is not None:
+        # Everyone present before JAX's service starts: its client aborts process 0 (a C++
+        # check failure) when a peer never registers, where this gives every process one line.
+        if index == 0:
+            _gather_peers(address, count, timeout)
+        else:
+            _join_process_0(address, index, count, timeout)
     if address is not None and index not in (None, 0):
         _wait_for_coordinator(address, timeout)
     try:
@@ -115,16 +124,20 @@ def _symmetric_compiles() -> None:
               "from the cache", file=sys.stderr, flush=True)
 
 
-def _wait_for_coordinator(address: str, timeout: float) -> None:
-    """Waits until process 0's coordinator accepts connections at ``host:port``."""
+def _host_port(address: str) -> tuple[str, int]:
     host, _, port = address.rpartition(":")
     if not port.isdigit():
         raise DistributedError(f"--coordinator_address={address!r} is not host:port")
+    return host.strip("[]"), int(port)
+
+
+def _connect(address: str, timeout: float) -> socket.socket:
+    """A connection to process 0 at ``host:port``, retried for ``timeout`` seconds."""
+    host, port = _host_port(address)
     deadline = time.monotonic() + timeout
     while True:
         try:
-            with socket.create_connection((host.strip("[]"), int(port)), timeout=2):
-                return
+            return socket.create_connection((host, port), timeout=2)
         except OSError as e:
             if time.monotonic() > deadline:
                 raise DistributedError(
@@ -132,6 +145,102 @@ def _wait_for_coordinator(address: str, timeout: float) -> None:
                     "process 0 with the same --coordinator_address, or raise "
                     "--distributed_timeout") from None
             time.sleep(0.5)
+
+
+def _wait_for_coordinator(address: str, timeout: float) -> None:
+    """Waits until process 0's coordinator accepts connections at ``host:port``."""
+    _connect(address, timeout).close()
+
+
+_HELLO = "ddpm_jax join"  # a joining process's line: "ddpm_jax join <process id> <count>"
+
+
+def _readline(conn: socket.socket, limit: int = 256) -> str:
+    data = b""
+    while not data.endswith(b"\n") and len(data) < limit:
+        chunk = conn.recv(limit - len(data))
+        if not chunk:
+            break
+        data += chunk
+    return data.decode("ascii", "replace").strip()
+
+
+def _gather_peers(address: str, count: int, timeout: float) -> None:
+    """Process 0: waits on the coordinator's port until processes 1 .. count - 1 have said
+    hello, then frees the port (for JAX's service) and lets them go; a process that never
+    comes is a one-line ``DistributedError`` here, and the others hear that process 0 gave up."""
+    _, port = _host_port(address)
+    deadline = time.monotonic() + timeout
+    joined: dict[int, socket.socket] = {}
+    dual = socket.has_dualstack_ipv6()
+    try:
+        server = socket.create_server(("", port), family=socket.AF_INET6 if dual else
+                                      socket.AF_INET, dualstack_ipv6=dual)
+    except OSError as e:
+        raise DistributedError(f"process 0 could not listen on {address} ({e}); choose a free "
+                               "port for --coordinator_address") from None
+    try:
+        with server:
+            server.settimeout(0.2)
+            while len(joined) < count - 1:
+                if time.monotonic() > deadline:
+                    missing = ", ".join(map(str, sorted(set(range(1, count)) - set(joined))))
+                    raise DistributedError(
+                        f"process(es) {missing} of {count} did not join within {timeout:g} s "
+                        f"(coordinator {address}); start every process with the same "
+                        "--coordinator_address and --num_processes, or raise "
+                        "--distributed_timeout")
+                try:
+                    conn, _ = server.accept()
+                except TimeoutError:
+                    continue
+                conn.settimeout(2)
+                try:
+                    words = _readline(conn).split()
+                except OSError:
+                    words = []
+                ok = len(words) == 4 and " ".join(words[:2]) == _HELLO and words[2].isdigit()
+                if ok and words[3] != str(count):
+                    conn.sendall(f"count {count}\n".encode())
+                if not ok or words[3] != str(count) or int(words[2]) in joined:
+                    conn.close()
+                    continue
+                joined[int(words[2])] = conn
+        for conn in joined.values():  # the port is free now
+            try:
+                conn.sendall(b"go\n")
+            except OSError:  # gone since: JAX's service reports it
+                pass
+        for conn in joined.values():  # they close first: the port keeps no TIME_WAIT
+            try:
+                conn.settimeout(5)
+                conn.recv(1)
+            except OSError:
+                pass
+    finally:
+        for conn in joined.values():
+            conn.close()
+
+
+def _join_process_0(address: str, index: int, count: int, timeout: float) -> None:
+    """Processes other than 0: says hello to process 0 and waits until every process has."""
+    with _connect(address, timeout) as conn:
+        conn.sendall(f"{_HELLO} {index} {count}\n".encode())
+        conn.settimeout(timeout + 5)
+        try:
+            reply = _readline(conn)
+        except OSError:
+            reply = ""
+    if reply == "go":
+        return
+    if reply.startswith("count "):
+        raise DistributedError(f"process 0 runs {reply.split()[1]} processes, this one was "
+                               f"started with --num_processes={count}; start every process "
+                               "with the same count")
+    raise DistributedError(f"process 0 ({address}) gave up waiting for the other processes "
+                           f"(its own error line names them); start every process with the same "
+                           "--coordinator_address and --num_processes, or raise "
+                           "--distributed_timeout")
 
 
 def broadcast_int(value: int) -> int:

@@ -132,12 +132,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def start_processes(args, *, num_processes: int, devices: int, env=None):
+def start_processes(args, *, num_processes: int, devices: int, env=None,
+                    started: int | None = None):
     """Starts ``python args...`` as ``num_processes`` JAX processes on 127.0.0.1 (a free port),
-    each with ``devices`` simulated CPU devices; returns the Popen objects."""
+    each with ``devices`` simulated CPU devices; returns the Popen objects. ``started``: only
+    the first that many are started (the others never join)."""
     port = free_port()
     procs = []
-    for i in range(num_processes):
+    for i in range(num_processes if started is None else started):
         cluster = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                        JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
         procs.append(popen_python(args, devices=devices, env={**cluster, **(env or {})}))

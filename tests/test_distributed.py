@@ -145,6 +145,24 @@ def test_a_coordinator_that_never_answers_is_one_line_and_exit_code_2(tmp_path):
     assert not os.path.exists(tmp_path / "w")  # nothing was written
 
 
+def test_a_process_that_never_joins_is_one_line_and_exit_code_2_on_every_process(tmp_path):
+    # Three processes expected, two started: process 0 names the missing one, process 1 hears
+    # that process 0 gave up; neither aborts, and nothing is written.
+    start = time.time()
+    procs = start_processes(["train.py", "--config=configs/test.py", f"--workdir={tmp_path / 'w'}",
+                             "--distributed_timeout=4"], num_processes=3, devices=1, started=2)
+    results = finish(procs, timeout=120)
+    assert time.time() - start < 90
+    lines = []
+    for code, _, err in results:
+        assert code == 2 and "Traceback" not in err and "Check failure" not in err, err[-2000:]
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        lines.append(line)
+    assert "process(es) 2 of 3 did not join within 4 s" in lines[0]
+    assert "process 0 (127.0.0.1:" in lines[1] and "gave up waiting" in lines[1]
+    assert not os.path.exists(tmp_path / "w")
+
+
 def test_incomplete_process_flags_are_refused():
     code, _, err = run_script_here("train.py", "--config=configs/test.py",
                                    "--workdir=/nonexistent/w", "--num_processes=2")
