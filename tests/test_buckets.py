@@ -109,10 +109,23 @@ def test_train_resume_sample_and_load_in_a_bucket(bucket_env, digits_dir, tmp_pa
     assert (model.step, model.num_params, model.source) == (8, 643841, "gs://bkt/run/checkpoints")
     assert _object(bucket_env, "run/samples/step_0000008.png").startswith(b"\x89PNG")
     assert _object(bucket_env, "run/config.json")
+    # The runs released their lock in the bucket; one held there by another host stops
+    # sample.py in one line naming the flag that takes it over.
+    from etils import epath
+
+    from ddpm_jax import files
+
+    assert not epath.Path("gs://bkt/run/.train.lock").exists()
+    files.write_json("gs://bkt/run/.samples.lock", dict(host="elsewhere-7", pid=123, token="t"))
+    sample = ["sample.py", "--num_samples=5", "--batch_size=4", "--sampler=ddim",
+              "--num_steps=5", "--workdir=gs://bkt/run"]
+    code, _, err = run_script_here(*sample)
+    (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert code == 2 and "elsewhere-7" in line and "--take_over_lock" in line, err[-3000:]
     # sample.py reads the bucket and writes samples into it.
-    code, _, err = run_script_here("sample.py", "--num_samples=5", "--batch_size=4",
-                                   "--sampler=ddim", "--num_steps=5", "--workdir=gs://bkt/run")
+    code, _, err = run_script_here(*sample, "--take_over_lock")
     assert code == 0, err[-3000:]
+    assert not epath.Path("gs://bkt/run/.samples.lock").exists()
     sample_here(local, local, num_samples=5, batch_size=4, sampler="ddim", num_steps=5)
     npz = tmp_path / "bucket.npz"
     npz.write_bytes(_object(bucket_env, "run/samples.npz"))
