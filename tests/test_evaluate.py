@@ -119,6 +119,22 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     np.testing.assert_allclose(spatial.mu, s_ref.mean(0), rtol=1e-4, atol=1e-6)
     assert (result["precision"], result["recall"]) == pytest.approx(
         metrics.precision_recall(ref_feats["pool3"], feats["pool3"], k=3), abs=1e-9)
+    # The cached pool3 statistics are those of the reference images' own features, and KID is
+    # the unbiased cubic-kernel MMD^2 of the samples' and the references' features over the
+    # recorded subsets (the draws: samples first, then references, default_rng(seed)).
+    r64, f64 = ref_feats["pool3"].astype(np.float64), feats["pool3"].astype(np.float64)
+    np.testing.assert_allclose(ref.mu, r64.mean(0), rtol=1e-4, atol=1e-6)
+    np.testing.assert_allclose(ref.sigma, np.cov(r64, rowvar=False), rtol=1e-3, atol=1e-6)
+    rng, m, d = np.random.default_rng(p["kid_seed"]), p["kid_subset_size"], r64.shape[1]
+    mmd2 = []
+    for _ in range(p["kid_subsets"]):
+        x, y = f64[rng.choice(len(f64), m, replace=False)], r64[rng.choice(20, m, replace=False)]
+        k = lambda a, b: (a @ b.T / d + 1.0) ** 3
+        kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
+        off = lambda q: (q.sum() - np.trace(q)) / (m * (m - 1))
+        mmd2.append(off(kxx) + off(kyy) - 2 * kxy.mean())
+    np.testing.assert_allclose((result["kid_mean"], result["kid_std"]),
+                               (np.mean(mmd2), np.std(mmd2)), rtol=1e-6, atol=1e-12)
 
     # Again, through the library (no flags): the samples and the reference statistics are
     # reused, and the numbers are the same.
