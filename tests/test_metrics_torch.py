@@ -192,3 +192,18 @@ def test_metrics_match_torch_fidelity():
     theirs = kid_mod.kernel_mmd(x, y)  # their defaults: poly, degree 3, gamma 1/d, coef0 1
     ours = scores.polynomial_mmd2(x, y)
     assert abs(ours - theirs) <= 1e-9 * abs(theirs)
+
+
+def test_the_torch_free_reference_is_torch_fidelity_s(tmp_path):
+    import os
+    import sys
+
+    here = os.path.dirname(__file__)
+    sys.path.insert(0, os.path.join(here, "scripts"))
+    import inception_reference as ir
+
+    fresh = ir.torch_outputs(str(tmp_path / "w.pth"))
+    with np.load(os.path.join(here, "data", "inception_reference.npz"),
+                 allow_pickle=False) as ref:
+        for key in ir.OUTPUTS:
+            np.testing.assert_allclose(ref[key], fresh[key], rtol=0, atol=1e-6, err_msg=key)
