@@ -144,7 +144,7 @@ def _connect(address: str, timeout: float) -> socket.socket:
                     f"the coordinator {address} did not answer within {timeout} s ({e}); start "
                     "process 0 with the same --coordinator_address, or raise "
                     "--distributed_timeout") from None
-            time.sleep(0.5)
+            time.sleep(0.1)
 
 
 def _wait_for_coordinator(address: str, timeout: float) -> None:
