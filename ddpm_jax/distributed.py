@@ -199,13 +199,14 @@ def _gather_peers(address: str, count: int, timeout: float) -> None:
                     words = _readline(conn).split()
                 except OSError:
                     words = []
-                ok = len(words) == 4 and " ".join(words[:2]) == _HELLO and words[2].isdigit()
-                if ok and words[3] != str(count):
-                    conn.sendall(f"count {count}\n".encode())
-                if not ok or words[3] != str(count) or int(words[2]) in joined:
+                if len(words) == 4 and " ".join(words[:2]) == _HELLO and words[3] != str(count):
+                    conn.sendall(f"count {count}\n".encode())  # the joiner names the mismatch
+                index = int(words[2]) if len(words) == 4 and words[2].isdigit() else 0
+                if " ".join(words) != f"{_HELLO} {index} {count}" or not 0 < index < count \
+                        or index in joined:
                     conn.close()
                     continue
-                joined[int(words[2])] = conn
+                joined[index] = conn
         for conn in joined.values():  # the port is free now
             try:
                 conn.sendall(b"go\n")

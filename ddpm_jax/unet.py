@@ -270,7 +270,7 @@ class UNet(nnx.Module):
         """Args: x ``[B, H, W, C]``, t ``int [B]`` (0-based), labels ``int [B]`` in
         [0, num_classes] (a class-conditional model only; ``num_classes`` is the null class,
         and None means the null class for every row), dropout_key (None = eval)."""
-        B, H, W, _ = x.shape
+        B = x.shape[0]
         nlev = len(self.ch_mult)
         keys = iter(
             jax.random.split(dropout_key, 2 * (nlev * (2 * self.num_res_blocks + 1) + 2))

@@ -163,6 +163,23 @@ def test_a_process_that_never_joins_is_one_line_and_exit_code_2_on_every_process
     assert not os.path.exists(tmp_path / "w")
 
 
+def test_processes_started_with_other_counts_are_one_line_each(tmp_path):
+    from conftest import free_port, popen_python
+
+    address = f"127.0.0.1:{free_port()}"
+    procs = [popen_python(["train.py", "--config=configs/test.py", f"--workdir={tmp_path / 'w'}",
+                           f"--coordinator_address={address}", f"--num_processes={n}",
+                           f"--process_id={i}", "--distributed_timeout=4"])
+             for i, n in ((0, 2), (1, 3))]
+    lines = []
+    for code, _, err in finish(procs, timeout=120):
+        assert code == 2 and "Traceback" not in err, err[-2000:]
+        (line,) = [ln for ln in err.splitlines() if ln.startswith("error:")]
+        lines.append(line)
+    assert "process(es) 1 of 2 did not join within 4 s" in lines[0]
+    assert "process 0 runs 2 processes, this one was started with --num_processes=3" in lines[1]
+
+
 def test_incomplete_process_flags_are_refused():
     code, _, err = run_script_here("train.py", "--config=configs/test.py",
                                    "--workdir=/nonexistent/w", "--num_processes=2")
