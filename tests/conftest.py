@@ -109,6 +109,17 @@ def run_script(name: str, *args, devices: int = 1, timeout: int = 600) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def script_module(name: str):
+    """``tests/scripts/<name>.py`` imported as a module (its helpers, not its ``__main__``)."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location(
+        name, os.path.join(ROOT, "tests", "scripts", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def wait_until(predicate, procs, timeout: float = 300.0, poll: float = 0.05) -> bool:
     """Polls ``predicate()`` until it holds (True), a process in ``procs`` exits or ``timeout``
     seconds pass (False)."""

@@ -497,18 +497,14 @@ def test_fid_network_matches_torch_fidelity_without_torch(tmp_path):
     # tests/data/inception_reference.npz: torch-fidelity's outputs for two images under weights
     # drawn from a seed (tests/scripts/inception_reference.py writes it; test_metrics_torch.py
     # checks that it still does). The two preprocessing modes differ by ~5e-4 here.
-    import sys
+    from conftest import script_module
 
     from ddpm_jax.metrics import weights as weights_lib
 
-    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "scripts"))
-    import inception_reference as ir
-
+    ir = script_module("inception_reference")
     path = str(tmp_path / "w.safetensors")
     weights_lib.save_tensors(ir.weights(), path, "random-weights")
     ours = metrics.inception_features(ir.images(), weights=path, batch_size=2)
-    with np.load(os.path.join(os.path.dirname(__file__), "data", "inception_reference.npz"),
-                 allow_pickle=False) as ref:
-        for key in ir.OUTPUTS:
-            r = ref[key].astype(np.float64)
-            assert np.abs(ours[key] - r).max() / np.abs(r).max() < 5e-6, key
+    for key, ref in ir.reference().items():
+        r = ref.astype(np.float64)
+        assert np.abs(ours[key] - r).max() / np.abs(r).max() < 5e-6, key

@@ -195,15 +195,9 @@ def test_metrics_match_torch_fidelity():
 
 
 def test_the_torch_free_reference_is_torch_fidelity_s(tmp_path):
-    import os
-    import sys
+    from conftest import script_module
 
-    here = os.path.dirname(__file__)
-    sys.path.insert(0, os.path.join(here, "scripts"))
-    import inception_reference as ir
-
+    ir = script_module("inception_reference")
     fresh = ir.torch_outputs(str(tmp_path / "w.pth"))
-    with np.load(os.path.join(here, "data", "inception_reference.npz"),
-                 allow_pickle=False) as ref:
-        for key in ir.OUTPUTS:
-            np.testing.assert_allclose(ref[key], fresh[key], rtol=0, atol=1e-6, err_msg=key)
+    for key, ref in ir.reference().items():
+        np.testing.assert_allclose(ref, fresh[key], rtol=0, atol=1e-6, err_msg=key)

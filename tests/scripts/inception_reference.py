@@ -5,12 +5,21 @@ the torch extra and torch-fidelity to write the file again:
   python tests/scripts/inception_reference.py tests/data/inception_reference.npz
 """
 
+import os
 import sys
 
 import numpy as np
 
 SEED, IMAGE_SEED = 3, 4
 OUTPUTS = ("pool3", "logits_unbiased", "logits")
+REFERENCE = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "data",
+                         "inception_reference.npz")
+
+
+def reference() -> dict[str, np.ndarray]:
+    """The committed outputs (``REFERENCE``)."""
+    with np.load(REFERENCE, allow_pickle=False) as f:
+        return {k: f[k] for k in OUTPUTS}
 
 
 def weights() -> dict[str, np.ndarray]:
@@ -43,7 +52,6 @@ def torch_outputs(pth: str) -> dict[str, np.ndarray]:
 
 
 if __name__ == "__main__":
-    import os
     import tempfile
 
     with tempfile.TemporaryDirectory() as tmp:
