@@ -31,6 +31,9 @@ def get_config() -> ml_collections.ConfigDict:
     model.resamp_with_conv = True
     model.block_size = 1  # space-to-depth factor (memory saving for 256px models)
     model.dtype = "float32"  # activation dtype; parameters are always float32
+    # GroupNorm groups of every norm: the paper's 32. With ch = 32 a group is one channel, and
+    # the norm after a block's time-embedding shift removes that shift (configs/digits.py).
+    model.num_groups = 32
     # Class conditioning: 0 = unconditional (the paper's model). K > 0: a label embedding of K
     # classes plus a learned null class; during training a label becomes the null class with
     # probability cond_drop_prob (classifier-free guidance; 0.1 in Ho and Salimans 2021).

@@ -20,6 +20,11 @@ def get_config():
     config.model.num_res_blocks = 1
     config.model.attn_resolutions = (4,)
     config.model.dropout = 0.0
+    # GroupNorm(8), not the paper's 32: with 32 groups the 32 channels of the 8x8 level are one
+    # per group, and the norm after each block's time-embedding shift subtracts that shift, so
+    # those blocks cannot see t. Measured (README, the quick start's table; 500 samples, training
+    # seeds 0 and 1): Fréchet ratio 1.07 and 1.11 against 1.15 and 1.18, at the same cost.
+    config.model.num_groups = 8
     # 800 steps at batch 64: the quick start trains and samples in under two minutes on a
     # 2-core CPU; 2,000 steps give slightly more confident digits (see the README).
     config.optim.lr = 2e-3

@@ -28,7 +28,7 @@ MISSING = object()  # what ``lookup`` returns for a key that is not there
 # Keys added after runs were already saved: a saved config without them reads as these values
 # (the behaviour those runs had), so old checkpoints still load and resume.
 ADDED_KEYS = {"model.num_classes": 0, "model.cond_drop_prob": 0.1, "sampling.guidance": 0.0,
-              "sampling.churn": 0.0}
+              "sampling.churn": 0.0, "model.num_groups": 32}
 
 
 class ConfigError(errors.UserError, ValueError):
@@ -272,9 +272,12 @@ def _validate_model(m: unet.ModelSpec) -> None:
     _require(not bad, f"model.attn_resolutions {tuple(bad)} are not resolutions of this U-Net "
              f"(it has {resolutions})")
     channels = {m.ch} | {m.ch * c for c in m.ch_mult}
-    _require(all(c % 32 == 0 for c in channels),
-             f"model.ch * ch_mult must be multiples of 32 for GroupNorm(32), got "
-             f"{sorted(channels)}")
+    g = m.num_groups
+    _require(isinstance(g, int) and g > 0,
+             f"model.num_groups must be a positive integer (the paper's 32), got {g!r}")
+    _require(all(c % g == 0 for c in channels),
+             f"model.ch * ch_mult must be multiples of model.num_groups={g} for GroupNorm, got "
+             f"{sorted(channels)}; change model.ch or model.num_groups")
 
 
 def _validate_conditioning(m) -> None:
@@ -311,6 +314,12 @@ def warnings(config: ml_collections.ConfigDict, *, backend: str | None = None) -
     if o.warmup > t.num_train_steps:
         out.append(f"optim.warmup={o.warmup} is longer than training.num_train_steps="
                    f"{t.num_train_steps}: the learning rate never reaches optim.lr={o.lr}")
+    m = config.model
+    single = sorted({m.ch * c for c in m.ch_mult if m.ch * c == m.num_groups})
+    if single:
+        out.append(f"model.num_groups={m.num_groups} puts one channel in each group at "
+                   f"{single[0]} channels: GroupNorm then removes the time embedding's shift "
+                   "in those blocks; use fewer groups (configs/digits.py uses 8)")
     if backend == "cpu" and t.steps_per_dispatch > 1:
         out.append(f"training.steps_per_dispatch={t.steps_per_dispatch} on CPU: XLA:CPU runs "
                    "the convolutions' weight gradients inside the step loop about 20x slower "

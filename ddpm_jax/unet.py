@@ -32,7 +32,7 @@ def _init(scale: float = 1.0):
 
 
 NEAR_ZERO_SCALE = 1e-10
-NUM_GROUPS = 32
+NUM_GROUPS = 32  # the paper's GroupNorm (model.num_groups' default)
 GN_EPS = 1e-6
 
 
@@ -71,8 +71,8 @@ def _dense(cin, cout, rngs, dtype, *, scale=1.0):
     )
 
 
-def _norm(c, rngs, dtype):
-    return nnx.GroupNorm(c, num_groups=NUM_GROUPS, epsilon=GN_EPS, dtype=dtype, rngs=rngs)
+def _norm(c, groups, rngs, dtype):
+    return nnx.GroupNorm(c, num_groups=groups, epsilon=GN_EPS, dtype=dtype, rngs=rngs)
 
 
 def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
@@ -86,12 +86,12 @@ def _dropout(x: jax.Array, rate: float, key: jax.Array | None) -> jax.Array:
 class ResnetBlock(nnx.Module):
     """GN, swish, conv3x3, + Dense(swish(temb)), GN, swish, dropout, conv3x3 (~0 init); skip."""
 
-    def __init__(self, cin, cout, temb_ch, *, dropout, rngs, dtype):
+    def __init__(self, cin, cout, temb_ch, *, dropout, groups, rngs, dtype):
         self.dropout = dropout
-        self.norm1 = _norm(cin, rngs, dtype)
+        self.norm1 = _norm(cin, groups, rngs, dtype)
         self.conv1 = _conv(cin, cout, rngs, dtype)
         self.temb_proj = _dense(temb_ch, cout, rngs, dtype)
-        self.norm2 = _norm(cout, rngs, dtype)
+        self.norm2 = _norm(cout, groups, rngs, dtype)
         self.conv2 = _conv(cout, cout, rngs, dtype, scale=NEAR_ZERO_SCALE)
         if cin != cout:
             self.nin_shortcut = _dense(cin, cout, rngs, dtype)
@@ -110,8 +110,8 @@ class ResnetBlock(nnx.Module):
 class AttnBlock(nnx.Module):
     """Single-head self-attention over the H*W positions with a residual connection."""
 
-    def __init__(self, c, *, rngs, dtype):
-        self.norm = _norm(c, rngs, dtype)
+    def __init__(self, c, *, groups, rngs, dtype):
+        self.norm = _norm(c, groups, rngs, dtype)
         self.q = _dense(c, c, rngs, dtype)
         self.k = _dense(c, c, rngs, dtype)
         self.v = _dense(c, c, rngs, dtype)
@@ -192,10 +192,11 @@ class LabelEmbedding(nnx.Module):
 
 
 class Mid(nnx.Module):
-    def __init__(self, c, temb_ch, *, dropout, rngs, dtype):
-        self.block_1 = ResnetBlock(c, c, temb_ch, dropout=dropout, rngs=rngs, dtype=dtype)
-        self.attn_1 = AttnBlock(c, rngs=rngs, dtype=dtype)
-        self.block_2 = ResnetBlock(c, c, temb_ch, dropout=dropout, rngs=rngs, dtype=dtype)
+    def __init__(self, c, temb_ch, *, dropout, groups, rngs, dtype):
+        kw = dict(groups=groups, rngs=rngs, dtype=dtype)
+        self.block_1 = ResnetBlock(c, c, temb_ch, dropout=dropout, **kw)
+        self.attn_1 = AttnBlock(c, **kw)
+        self.block_2 = ResnetBlock(c, c, temb_ch, dropout=dropout, **kw)
 
 
 class UNet(nnx.Module):
@@ -215,6 +216,7 @@ class UNet(nnx.Module):
         out_ch: int = 3,
         block_size: int = 1,
         num_classes: int = 0,
+        num_groups: int = NUM_GROUPS,
         dtype: Any = jnp.float32,
         rngs: nnx.Rngs,
     ):
@@ -223,6 +225,7 @@ class UNet(nnx.Module):
         self.attn_resolutions = tuple(attn_resolutions)
         self.block_size, self.out_ch, self.dtype = block_size, out_ch, dtype
         kw = dict(rngs=rngs, dtype=dtype)
+        nkw = dict(groups=num_groups, **kw)  # the blocks that normalise
         temb_ch = 4 * ch
         self.temb = TimeEmbedding(ch, **kw)
         self.conv_in = _conv(in_ch * block_size**2, ch, **kw)
@@ -233,10 +236,10 @@ class UNet(nnx.Module):
         for i, mult in enumerate(ch_mult):
             blocks, attns = [], {}
             for j in range(num_res_blocks):
-                blocks.append(ResnetBlock(cur, ch * mult, temb_ch, dropout=dropout, **kw))
+                blocks.append(ResnetBlock(cur, ch * mult, temb_ch, dropout=dropout, **nkw))
                 cur = ch * mult
                 if res in self.attn_resolutions:
-                    attns[j] = AttnBlock(cur, **kw)
+                    attns[j] = AttnBlock(cur, **nkw)
                 skip_chs.append(cur)
             down = None
             if i != nlev - 1:
@@ -244,22 +247,22 @@ class UNet(nnx.Module):
                 skip_chs.append(cur)
                 res //= 2
             setattr(self, f"down_{i}", Level(blocks, attns, down))
-        self.mid = Mid(cur, temb_ch, dropout=dropout, **kw)
+        self.mid = Mid(cur, temb_ch, dropout=dropout, **nkw)
         # Up path: num_res_blocks + 1 blocks per level on concat(h, skip).
         for i in reversed(range(nlev)):
             blocks, attns = [], {}
             for j in range(num_res_blocks + 1):
                 cin = cur + skip_chs.pop()
-                blocks.append(ResnetBlock(cin, ch * ch_mult[i], temb_ch, dropout=dropout, **kw))
+                blocks.append(ResnetBlock(cin, ch * ch_mult[i], temb_ch, dropout=dropout, **nkw))
                 cur = ch * ch_mult[i]
                 if res in self.attn_resolutions:
-                    attns[j] = AttnBlock(cur, **kw)
+                    attns[j] = AttnBlock(cur, **nkw)
             up = None
             if i != 0:
                 up = ("upsample", Upsample(cur, with_conv=resamp_with_conv, **kw))
                 res *= 2
             setattr(self, f"up_{i}", Level(blocks, attns, up))
-        self.norm_out = _norm(cur, **kw)
+        self.norm_out = _norm(cur, **nkw)
         self.conv_out = _conv(cur, out_ch * block_size**2, **kw, scale=NEAR_ZERO_SCALE)
         if num_classes:
             # Created last, so every other parameter draws what the unconditional model draws.
@@ -348,6 +351,7 @@ class ModelSpec:
       num_classes: 0 (unconditional) or K labels plus a null class.
       cond_drop_prob: how often training drops a label to the null class.
       dtype: the activation dtype's name; parameters are always float32.
+      num_groups: the GroupNorm groups of every norm (the paper's 32).
     """
 
     ch: int = 128
@@ -363,6 +367,7 @@ class ModelSpec:
     num_classes: int = 0
     cond_drop_prob: float = 0.1
     dtype: str = "float32"
+    num_groups: int = NUM_GROUPS
 
     @classmethod
     def from_config(cls, config: Any) -> ModelSpec:
@@ -373,7 +378,8 @@ class ModelSpec:
         return cls(m.ch, tuple(m.ch_mult), m.num_res_blocks, tuple(m.attn_resolutions),
                    m.dropout, m.resamp_with_conv, data.image_size, data.channels,
                    data.channels * (2 if learned else 1), m.block_size,
-                   int(m.num_classes), float(m.cond_drop_prob), m.dtype)
+                   int(m.num_classes), float(m.cond_drop_prob), m.dtype,
+                   num_groups=int(m.num_groups))
 
     def levels(self) -> list[int]:
         """The resolution of each level, from the input's (after space-to-depth) down."""

@@ -45,10 +45,12 @@ DDPM_CIFAR10_32 = dict(
     dropout=0.0,
 )
 # The 256px layout (ch_mult 1,1,2,2,4,4, attention at 16) at ch 32 and 64x64: resolutions
-# 64, 32, 16, 8, 4, 2, so the attention level is 2 (level 4 at 256x256).
+# 64, 32, 16, 8, 4, 2, so the attention level is 2 (level 4 at 256x256). GroupNorm(8): a
+# model.num_groups other than the paper's 32 maps to norm_num_groups.
 SMALL_256 = dict(
     DDPM_CIFAR10_32,
     sample_size=64,
+    norm_num_groups=8,
     block_out_channels=[32, 32, 64, 64, 128, 128],
     down_block_types=["DownBlock2D", "DownBlock2D", "AttnDownBlock2D"] + ["DownBlock2D"] * 3,
     up_block_types=["UpBlock2D"] * 3 + ["AttnUpBlock2D", "UpBlock2D", "UpBlock2D"],
@@ -59,6 +61,7 @@ TIMESTEPS = ([0, 999], [1, 500])
 def small_256_config():
     config = celebahq.get_config()
     config.model.ch = 32
+    config.model.num_groups = 8
     config.data.image_size = 64
     config.sampling.batch_size = 2
     return config
@@ -455,3 +458,7 @@ def test_tf_errors_are_one_clear_line():
     assert "unused model/up_0/attn_0/extra/W (2, 2)" in msg
     with pytest.raises(layout.WeightsError, match="holds no variables under model/"):
         tf_format.convert_tf({"net/conv_in/W": np.zeros(3)}, config, ema=False)
+    config.model.num_groups = 8
+    with pytest.raises(layout.WeightsError, match=r"GroupNorm\(32\) but the config has "
+                       "model.num_groups=8; use 32"):
+        tf_format.convert_tf(variables, config, ema=False)

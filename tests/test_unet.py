@@ -145,13 +145,46 @@ def test_validate_gives_each_module_its_own_typed_section():
     # the default drop rate.
     saved = config_lib.to_dict(cifar10.get_config())
     del saved["model"]["num_classes"], saved["model"]["cond_drop_prob"]
+    del saved["model"]["num_groups"]
     old = config_lib.from_dict(saved)
-    assert (unet.ModelSpec.from_config(old).num_classes, unet.ModelSpec.from_config(
-        old).cond_drop_prob, datasets.DataSpec.from_config(old).num_classes) == (0, 0.1, 0)
+    spec = unet.ModelSpec.from_config(old)
+    assert (spec.num_classes, spec.cond_drop_prob, spec.num_groups,
+            datasets.DataSpec.from_config(old).num_classes) == (0, 0.1, 32, 0)
     # Each call of abstract_model gets its own dicts (the traced network is cached per spec).
     a, b = unet.abstract_model(m)[1], unet.abstract_model(m)[1]
     a.pop("conv_in")
     assert "conv_in" in b and "conv_in" in unet.abstract_model(m)[1]
+
+
+def test_one_channel_per_group_removes_the_time_shift_and_fewer_groups_keep_it():
+    """GroupNorm after the time-embedding shift: with one channel per group it subtracts each
+    channel's spatial mean, the shift included, so the block cannot see t (configs/digits.py's
+    32 channels under the paper's 32 groups); 8 groups keep the shift's differences."""
+    from flax import nnx
+
+    from ddpm_jax import config_lib
+
+    rng = np.random.default_rng(0)
+    x = jnp.asarray(rng.standard_normal((2, 8, 8, 32)), jnp.float32)
+    temb = jnp.asarray(rng.standard_normal((2, 128)), jnp.float32)
+    change = {}
+    for groups in (32, 8):
+        block = unet.ResnetBlock(32, 32, 128, dropout=0.0, groups=groups,
+                                 rngs=nnx.Rngs(params=0), dtype=jnp.float32)
+        block.conv2.kernel.value = block.conv2.kernel.value * 1e10  # undo the ~0 init
+        out = [np.asarray(block(x, e, None)) for e in (temb, 3.0 * temb[::-1])]
+        change[groups] = float(np.abs(out[0] - out[1]).max() / np.abs(out[0]).max())
+    assert change[32] < 1e-5 < 0.01 < change[8]
+    # validate and the warnings say so, naming the key.
+    config = test_config.get_config()
+    config.model.ch, config.model.ch_mult = 32, (1, 2)
+    assert any("one channel in each group at 32 channels" in w
+               for w in config_lib.warnings(config))
+    config.model.num_groups = 8
+    assert not any("num_groups" in w for w in config_lib.warnings(config))
+    config.model.num_groups = 48
+    with pytest.raises(config_lib.ConfigError, match="multiples of model.num_groups=48"):
+        config_lib.validate(config)
 
 
 def test_parameter_tree_matches_the_original_variable_list():

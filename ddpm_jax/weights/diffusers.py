@@ -174,7 +174,7 @@ def diffusers_config(config: ml_collections.ConfigDict) -> dict[str, Any]:
         mid_block_type="UNetMidBlock2D",
         add_attention=True,
         act_fn="silu",
-        norm_num_groups=unet.NUM_GROUPS,
+        norm_num_groups=m.num_groups,
         norm_eps=unet.GN_EPS,
         attention_head_dim=None,  # one head over all channels
         time_embedding_type="positional",
@@ -223,7 +223,7 @@ def _equivalent(field: str, have, want, config) -> bool:
     if field == "time_embedding_dim":
         return have == 4 * config.model.ch
     if field == "attn_norm_num_groups":
-        return have == unet.NUM_GROUPS
+        return have == config.model.num_groups
     if field == "attention_head_dim":  # one head when the head dim is every attention's width
         m, attn = config.model, attention_levels(config)
         widths = {m.ch * c for c, a in zip(m.ch_mult, attn, strict=True) if a}

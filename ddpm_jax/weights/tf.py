@@ -15,7 +15,7 @@ import ml_collections
 import numpy as np
 from etils import epath
 
-from ddpm_jax import datasets, trees
+from ddpm_jax import datasets, trees, unet
 from ddpm_jax.weights import layout
 from ddpm_jax.weights.layout import SAME, Transform, WeightsError, expected_params, listing
 
@@ -68,8 +68,13 @@ def convert_tf(reader_or_dict, config: ml_collections.ConfigDict, *, ema: bool =
       what: the source, for messages.
 
     Raises:
-      WeightsError: no EMA shadows, or wrong shapes, missing or unused variables.
+      WeightsError: no EMA shadows, or wrong shapes, missing or unused variables, or a config
+        whose GroupNorm is not the original's.
     """
+    groups = config.model.num_groups
+    if groups != unet.NUM_GROUPS:
+        raise WeightsError(f"the original TF models normalise with GroupNorm({unet.NUM_GROUPS}) "
+                           f"but the config has model.num_groups={groups}; use {unet.NUM_GROUPS}")
     if isinstance(reader_or_dict, Mapping):
         all_shapes = {k: tuple(np.shape(v)) for k, v in reader_or_dict.items()}
         get = reader_or_dict.__getitem__
