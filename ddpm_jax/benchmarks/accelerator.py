@@ -88,7 +88,7 @@ TINY = Plan(config="test", batch=8, train_variants=(("float32", 1), ("bfloat16",
             num_runs=1, sampling_batches=(4,), sampling_dtypes=("bfloat16",),
             sampling_timed_steps=2, num_samples=64, samplers=(("ancestral", 50), ("heun", 5)),
             fid_images=2, fid_batch=2, fid_size=8, big_config="test", big_batch=8,
-            big_dtype="float32",  # the float32 variant's program again (the compilation cache)
+            big_dtype="float32",  # the float32 variant's program again (compiled once)
             budget_s=1e9, determinism_timeout_s=1200.0)  # no budget: plain JSON numbers
 
 
@@ -164,23 +164,30 @@ def finish_determinism(proc: subprocess.Popen, out: str, timeout: float) -> dict
         return json.load(f)
 
 
-def train_part(plan: Plan, variant: tuple[str, int], peer: bool) -> list[dict]:
+def train_part(plan: Plan, variant: tuple[str, int], peer: bool,
+               programs: dict | None = None) -> list[dict]:
     dtype, k = variant
     settings = train_bench.Settings(
         config=plan.config, batch=plan.batch, dtype=dtype, steps_per_dispatch=k,
         measure=("train",), vs_diffusers=peer and k == 1, num_runs=plan.num_runs, warmup=1)
-    records = train_bench.run(settings)
+    records = train_bench.run(settings, programs)
     for r in records:
         r.update(part="train", steps_per_s=1.0 / r["step_s"])
     return records
 
 
-def repeat_check(plan: Plan) -> dict:
-    """Two 3-step runs of the float32 step with this process's XLA flags, compared."""
+def repeat_check(plan: Plan, programs: dict | None = None) -> dict:
+    """Two 3-step runs of the float32 step with this process's XLA flags, compared: the program
+    the float32 train part timed when ``programs`` holds it."""
     config = common.load_config(plan.config, "float32")
-    a, b = three_step_states(config, plan.batch, plan.determinism_steps)
+    key = train_bench.program_key(common.config_name(plan.config), "float32", "train", 1,
+                                  plan.batch, "project")
+    timed = (programs or {}).get(key)
+    a, b = three_step_states(config, plan.batch, plan.determinism_steps,
+                             compiled=timed and timed["compiled"])
     return dict(part="repeat", xla_flags=os.environ.get("XLA_FLAGS", ""),
-                steps=plan.determinism_steps, **compare_states(a, b))
+                steps=plan.determinism_steps, reused_program=timed is not None,
+                **compare_states(a, b))
 
 
 def sampling_part(plan: Plan, dtype: str, batch: int) -> dict:
@@ -229,12 +236,12 @@ def inception_part(plan: Plan) -> dict:
                 **common.device_fields("float32"))
 
 
-def big_part(plan: Plan) -> list[dict]:
+def big_part(plan: Plan, programs: dict | None = None) -> list[dict]:
     limit = (common.device_memory() or {}).get("bytes_limit")
     settings = train_bench.Settings(
         config=plan.big_config, batch=plan.big_batch, dtype=plan.big_dtype, measure=("train",),
         num_runs=max(1, plan.num_runs // 2), warmup=1, memory_limit_bytes=limit)
-    records = train_bench.run(settings)
+    records = train_bench.run(settings, programs)
     for r in records:
         r.update(part="big", device_bytes_limit=limit)
         if "step_s" in r:
@@ -345,13 +352,15 @@ def run(plan: Plan, out: str, plan_args: list[str], parts: Sequence[str],
     rec.environment.update(common.device_fields())
     if child is not None:
         rec.add([dict(determinism, part_s=rec.elapsed())])
+    programs: dict = {}  # compiled once: the repeat check (and TINY's big part) reuse them
     installed = importlib_find("diffusers") and importlib_find("torch")
     have_peer = peer and installed
     # One step per dispatch first (with the peer), then what else the budget allows, most
     # wanted first; several steps per dispatch last.
     if "train" in parts:
         for variant in [v for v in plan.train_variants if v[1] == 1]:
-            rec.part(f"train {variant[0]}:{variant[1]}", train_part, plan, variant, have_peer)
+            rec.part(f"train {variant[0]}:{variant[1]}", train_part, plan, variant, have_peer,
+                     programs)
         if not have_peer:
             rec.add([dict(part="skipped", what="diffusers peer",
                           reason="--novs_diffusers" if installed else
@@ -361,13 +370,14 @@ def run(plan: Plan, out: str, plan_args: list[str], parts: Sequence[str],
             for batch in plan.sampling_batches:
                 rec.part(f"sampling {dtype} b{batch}", sampling_part, plan, dtype, batch)
     if "big" in parts:
-        rec.part("big", big_part, plan)
+        rec.part("big", big_part, plan, programs)
     if "inception" in parts:
         rec.part("inception", inception_part, plan)
     if "train" in parts:
         for variant in [v for v in plan.train_variants if v[1] > 1]:
-            rec.part(f"train {variant[0]}:{variant[1]}", train_part, plan, variant, have_peer)
-        rec.part("repeat", repeat_check, plan)
+            rec.part(f"train {variant[0]}:{variant[1]}", train_part, plan, variant, have_peer,
+                     programs)
+        rec.part("repeat", repeat_check, plan, programs)
     print(table(rec.records), flush=True)
     print(f"{rec.elapsed():.0f} s in all; {out}/accelerator.json", flush=True)
     return rec.records

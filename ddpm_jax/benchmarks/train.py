@@ -295,11 +295,25 @@ class Settings:
     seed: int = 0
 
 
-def _compile_ours(s: Settings, config, mesh, batch: int) -> dict:
-    """Per (measurement, xla setting): the compiled function and its static figures."""
+def program_key(config_name: str, dtype: str, measurement: str, k: int, batch: int,
+                setting: str) -> tuple:
+    """What identifies a compiled program in the ``programs`` dict of ``run``."""
+    return config_name, dtype, measurement, k, batch, setting
+
+
+def _compile_ours(s: Settings, config, mesh, batch: int, programs: dict | None = None) -> dict:
+    """Per (measurement, xla setting): the compiled function and its static figures, taken from
+    ``programs`` when it holds them (a program compiled earlier in this process) and added to
+    it otherwise."""
     out = {}
     for m in s.measure:
         k = s.steps_per_dispatch if m == "train" else 1
+        keys = {setting: program_key(common.config_name(s.config), config.model.dtype, m, k,
+                                     batch, setting) for setting in s.xla_options}
+        if programs is not None and all(key in programs for key in keys.values()):
+            out.update({(m, setting): dict(programs[key], reused=True)
+                        for setting, key in keys.items()})
+            continue
         if m == "train":
             lowered, _, lower_s = lower_train(config, mesh, k, batch)
         else:
@@ -312,7 +326,9 @@ def _compile_ours(s: Settings, config, mesh, batch: int) -> dict:
             memory = common.memory_stats(compiled)
             out[m, setting] = dict(compiled=compiled, compile_s=lower_s + compile_s,
                                    gflops_per_image=flops / batch / 1e9, compiler_options=options,
-                                   memory=memory, steps=k)
+                                   memory=memory, steps=k, reused=False)
+            if programs is not None:
+                programs[keys[setting]] = out[m, setting]
     return out
 
 
@@ -337,6 +353,7 @@ def _runners(s: Settings, config, mesh, batch: int, ours: dict, peer) -> dict[st
 def _our_record(s, name, config, batch, m, setting, o, timing, base) -> dict:
     r = dict(base, measurement=m, impl="ddpm_jax", xla_options=setting,
              compiler_options=o["compiler_options"], compile_s=o["compile_s"],
+             reused_program=o["reused"],  # compiled by an earlier run in this process
              gflops_per_image=o["gflops_per_image"], memory=o["memory"],
              steps_per_dispatch=o["steps"])
     if m == "forward" and name in REFERENCE_GFLOPS:
@@ -375,15 +392,18 @@ def _peer_record(config, batch, m, peer, timing, gflops_per_image, base) -> dict
                 num_runs=len(timing.times["diffusers"]))
 
 
-def run(s: Settings) -> list[dict]:
-    """Compiles (and unless ``memory_only`` times) the steps of ``s``; one record each."""
+def run(s: Settings, programs: dict | None = None) -> list[dict]:
+    """Compiles (and unless ``memory_only`` times) the steps of ``s``; one record each.
+
+    ``programs``: a dict that keeps the compiled programs between runs in one process
+    (``program_key``), so that a later run of the same program does not compile it again."""
     name = common.config_name(s.config)
     config = common.load_config(s.config, s.dtype)
     batch = s.batch or config.training.batch_size
     mesh = sharding.create_mesh()
     if batch % mesh.size:
         raise app.UsageError(f"--batch={batch} must be a multiple of the {mesh.size} devices")
-    ours = _compile_ours(s, config, mesh, batch)
+    ours = _compile_ours(s, config, mesh, batch, programs)
     base = dict(benchmark="train", config=name, batch=batch, dtype=config.model.dtype,
                 params=unet.count_params(
                     unet.abstract_model(unet.ModelSpec.from_config(config))[1]),
