@@ -195,7 +195,7 @@ def test_state_comparison_sees_one_ulp():
 def test_only_the_one_step_train_variants_time_the_peer(monkeypatch):
     settings = []
     monkeypatch.setattr(accelerator.train_bench, "run",
-                        lambda s: settings.append(s) or [dict(step_s=0.5)])
+                        lambda s, programs=None: settings.append(s) or [dict(step_s=0.5)])
     for variant, peer in ((("float32", 1), True), (("bfloat16", 2), True),
                           (("float32", 1), False)):
         (r,) = accelerator.train_part(accelerator.TINY, variant, peer)
