@@ -273,7 +273,7 @@ def _validate_model(m: unet.ModelSpec) -> None:
              f"(it has {resolutions})")
     channels = {m.ch} | {m.ch * c for c in m.ch_mult}
     g = m.num_groups
-    _require(isinstance(g, int) and g > 0,
+    _require(isinstance(g, int) and not isinstance(g, bool) and g > 0,
              f"model.num_groups must be a positive integer (the paper's 32), got {g!r}")
     _require(all(c % g == 0 for c in channels),
              f"model.ch * ch_mult must be multiples of model.num_groups={g} for GroupNorm, got "

@@ -379,7 +379,7 @@ class ModelSpec:
                    m.dropout, m.resamp_with_conv, data.image_size, data.channels,
                    data.channels * (2 if learned else 1), m.block_size,
                    int(m.num_classes), float(m.cond_drop_prob), m.dtype,
-                   num_groups=int(m.num_groups))
+                   num_groups=m.num_groups)
 
     def levels(self) -> list[int]:
         """The resolution of each level, from the input's (after space-to-depth) down."""

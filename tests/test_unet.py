@@ -185,6 +185,9 @@ def test_one_channel_per_group_removes_the_time_shift_and_fewer_groups_keep_it()
     config.model.num_groups = 48
     with pytest.raises(config_lib.ConfigError, match="multiples of model.num_groups=48"):
         config_lib.validate(config)
+    config.model.num_groups = True  # a bool is not a group count (ml_collections takes it)
+    with pytest.raises(config_lib.ConfigError, match="num_groups must be a positive integer"):
+        config_lib.validate(config)
 
 
 def test_parameter_tree_matches_the_original_variable_list():
