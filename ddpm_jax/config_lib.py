@@ -315,10 +315,9 @@ def warnings(config: ml_collections.ConfigDict, *, backend: str | None = None) -
         out.append(f"optim.warmup={o.warmup} is longer than training.num_train_steps="
                    f"{t.num_train_steps}: the learning rate never reaches optim.lr={o.lr}")
     m = config.model
-    single = sorted({m.ch * c for c in m.ch_mult if m.ch * c == m.num_groups})
-    if single:
+    if m.num_groups in {m.ch * c for c in m.ch_mult}:  # a level as wide as the group count
         out.append(f"model.num_groups={m.num_groups} puts one channel in each group at "
-                   f"{single[0]} channels: GroupNorm then removes the time embedding's shift "
+                   f"{m.num_groups} channels: GroupNorm then removes the time embedding's shift "
                    "in those blocks; use fewer groups (configs/digits.py uses 8)")
     if backend == "cpu" and t.steps_per_dispatch > 1:
         out.append(f"training.steps_per_dispatch={t.steps_per_dispatch} on CPU: XLA:CPU runs "

@@ -184,7 +184,7 @@ def repeat_check(plan: Plan, programs: dict | None = None) -> dict:
                                   plan.batch, "project")
     timed = (programs or {}).get(key)
     a, b = three_step_states(config, plan.batch, plan.determinism_steps,
-                             compiled=timed and timed["compiled"])
+                             compiled=timed["compiled"] if timed else None)
     return dict(part="repeat", xla_flags=os.environ.get("XLA_FLAGS", ""),
                 steps=plan.determinism_steps, reused_program=timed is not None,
                 **compare_states(a, b))
