@@ -13,7 +13,7 @@ import pytest
 from conftest import initial_params, run_command_here
 
 from configs import test as test_config
-from ddpm_jax import diffusion, unet, xla_cpu
+from ddpm_jax import diffusion, rng, unet, xla_cpu
 from ddpm_jax.benchmarks import accelerator, common
 from ddpm_jax.benchmarks import train as train_bench
 
@@ -62,15 +62,13 @@ def small():
     config = test_config.get_config()
     graphdef, _ = unet.abstract_model(unet.ModelSpec.from_config(config))
 
-    @jax.jit
-    def init():
-        # Non-trivial weights: the near-zero layers would hide most of the network.
-        leaves, tree = jax.tree.flatten(initial_params(config, 0))
-        keys = jax.random.split(jax.random.key(1), len(leaves))
-        return jax.tree.unflatten(tree, [p + 0.05 * jax.random.normal(k, p.shape)
-                                         for p, k in zip(leaves, keys, strict=True)])
-
-    params = init()
+    # Non-trivial weights: the near-zero layers would hide most of the network (one draw of
+    # noise for all of them).
+    leaves, tree = jax.tree.flatten(initial_params(config, 0))
+    noise = rng.normal(jax.random.key(1), (sum(p.size for p in leaves),))
+    ends = np.cumsum([p.size for p in leaves])
+    params = jax.tree.unflatten(tree, [p + 0.05 * n.reshape(p.shape) for p, n in zip(
+        leaves, np.split(np.asarray(noise), ends[:-1]), strict=True)])
     x0 = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1), minval=-1.0, maxval=1.0)
     return config, graphdef, params, x0
 
