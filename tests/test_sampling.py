@@ -46,9 +46,9 @@ def test_scan_equals_python_loop_step_for_step(model):
     x_key, chain_key = jax.random.split(key)
     x = jax.random.normal(x_key, shape)
     step = jax.jit(lambda x, t, z: sampling.p_sample(d, model_fn, x, t, z)[0])
+    noise = jax.jit(lambda t: jax.random.normal(jax.random.fold_in(chain_key, t), shape))
     for i, t in enumerate(range(d.num_timesteps - 1, -1, -1)):
-        z = jax.random.normal(jax.random.fold_in(chain_key, t), shape)
-        x = step(x, jnp.full((3,), t, jnp.int32), z)
+        x = step(x, jnp.full((3,), t, jnp.int32), noise(t))
         np.testing.assert_allclose(xs[i], x, atol=1e-5, rtol=1e-5)
     np.testing.assert_allclose(x_final, x, atol=1e-5, rtol=1e-5)
 
