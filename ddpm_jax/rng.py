@@ -5,7 +5,7 @@ the draw of its flat size, reshaped: the same bits, so the same numbers. XLA:CPU
 flat form several times faster (``jax.random.normal`` of an [8, 8, 8, 3] array: 0.74 s, flat
 0.16 s; jaxlib 0.10 on 2 cores). The U-Net's parameters and dropout masks come from here:
 building the test config's U-Net went from 5.1 s to 2.2 s and CIFAR10's from 8.1 s to 3.7 s, the
-parameters and every trained state bit for bit the same (``tests/test_unet.py``).
+parameters bit for bit the same (``tests/test_unet.py``), and so the trained states.
 
 A normal draw compiled inside a larger program can fuse with what consumes it differently in
 the two forms and round differently, so the noise of the train step and of the sampling chains

@@ -61,6 +61,21 @@ def initial_params(config, seed: int = 0) -> dict:
     return unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))[1]
 
 
+def perturbed(params, key, scale: float = 0.05):
+    """``params`` plus ``scale`` times N(0, 1) noise: non-trivial weights (the near-zero layers
+    would hide most of the network). One flat draw for all leaves: one small compile."""
+    import jax
+    import numpy as np
+
+    from ddpm_jax import rng
+
+    leaves, tree = jax.tree.flatten(params)
+    noise = np.asarray(rng.normal(key, (sum(p.size for p in leaves),)))
+    parts = np.split(noise, np.cumsum([p.size for p in leaves])[:-1])
+    return jax.tree.unflatten(tree, [p + scale * n.reshape(p.shape).astype(p.dtype)
+                                     for p, n in zip(leaves, parts, strict=True)])
+
+
 def python_env(devices: int = 1, env=None) -> dict:
     """The environment of a child Python: ``devices`` simulated CPU devices, the repo importable,
     TensorFlow quiet; ``env`` on top."""

@@ -10,10 +10,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import initial_params, run_command_here
+from conftest import initial_params, perturbed, run_command_here
 
 from configs import test as test_config
-from ddpm_jax import diffusion, rng, unet, xla_cpu
+from ddpm_jax import diffusion, unet, xla_cpu
 from ddpm_jax.benchmarks import accelerator, common
 from ddpm_jax.benchmarks import train as train_bench
 
@@ -62,13 +62,7 @@ def small():
     config = test_config.get_config()
     graphdef, _ = unet.abstract_model(unet.ModelSpec.from_config(config))
 
-    # Non-trivial weights: the near-zero layers would hide most of the network (one draw of
-    # noise for all of them).
-    leaves, tree = jax.tree.flatten(initial_params(config, 0))
-    noise = rng.normal(jax.random.key(1), (sum(p.size for p in leaves),))
-    ends = np.cumsum([p.size for p in leaves])
-    params = jax.tree.unflatten(tree, [p + 0.05 * n.reshape(p.shape) for p, n in zip(
-        leaves, np.split(np.asarray(noise), ends[:-1]), strict=True)])
+    params = perturbed(initial_params(config, 0), jax.random.key(1))
     x0 = jax.random.uniform(jax.random.key(2), (4, 8, 8, 1), minval=-1.0, maxval=1.0)
     return config, graphdef, params, x0
 

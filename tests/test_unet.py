@@ -6,7 +6,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import initial_params
+from conftest import initial_params, perturbed
 
 from configs import celebahq, cifar10, lsun_bedroom, lsun_cat, lsun_church
 from configs import test as test_config
@@ -260,17 +260,9 @@ def test_initialisation_follows_the_original(small_model):
         assert 0 < np.abs(np.asarray(leaf)).max() < 1e-4
 
 
-def _perturbed(params, key):
-    """Non-trivial weights: the zero-initialised layers would hide most of the network."""
-    leaves, tree = jax.tree.flatten(params)
-    keys = jax.random.split(key, len(leaves))
-    return jax.tree.unflatten(
-        tree, [p + 0.05 * rng.normal(k, p.shape) for p, k in zip(leaves, keys, strict=True)])
-
-
 def test_dropout_only_with_a_key_and_deterministic_given_the_key(small_model):
     config, (graphdef, params) = small_model
-    params = _perturbed(params, jax.random.key(1))
+    params = perturbed(params, jax.random.key(1))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     t = jnp.array([3, 30])
     f = jax.jit(lambda p, x, t, k: unet.apply(graphdef, p, x, t, dropout_key=k))
@@ -328,7 +320,7 @@ def test_bfloat16_activations_keep_float32_params_and_track_float32(small_model)
     graphdef16, params16 = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=0))
     assert all(p.dtype == jnp.float32 for p in jax.tree.leaves(params16))
     graphdef32, _ = small_model[1]
-    params = _perturbed(params16, jax.random.key(2))
+    params = perturbed(params16, jax.random.key(2))
     x = jax.random.normal(jax.random.key(0), (2, 8, 8, 1))
     t = jnp.array([1, 40])
     out16 = jax.jit(lambda p: unet.apply(graphdef16, p, x, t))(params)
