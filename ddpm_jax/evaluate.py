@@ -27,7 +27,9 @@ paper: 50,000 from the full ancestral chain) with the FID Inception-v3 of ``ddpm
 ``digits_fd`` (8x8x1 digits models) replaces the Inception by the digits' own feature network
 (``ddpm_jax.metrics.digits``, trained once on ``digits:train`` and cached beside the prepared
 data): the Fréchet distance from the samples to the real test digits, ``digits_fd_real`` (real
-train to real test), ``digits_fd_ratio``, ``digits_confidence`` and ``digits_classes``; with it,
+train to real test), ``digits_fd_ratio``, ``digits_fd_ratio_real_n`` (the ratio of as many real
+training digits as samples: the figure to read the ratio against, since few samples bias the
+distance upwards), ``digits_confidence`` and ``digits_classes``; with it,
 ``precision`` and ``recall`` (k = 3) are measured in that feature space against the real test
 digits. Without ``digits_fd`` they are measured in the Inception's pool3 against ``--ref``.
 No Inception weights are needed for the digits metrics.

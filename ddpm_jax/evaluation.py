@@ -209,7 +209,8 @@ class Evaluator:
 
             out = dm.digits_features(images, self.digits_ref.params, mesh=self.mesh)
             scores = dm.scores_from_outputs(out["features"], out["probs"], self.digits_ref)
-            keep = ["digits_fd", "digits_fd_ratio", "digits_confidence"] + [
+            keep = ["digits_fd", "digits_fd_ratio", "digits_fd_ratio_real_n",
+                    "digits_confidence"] + [
                 m for m in ("precision", "recall") if m in self.plan.metrics]
             row.update({k: float(scores[k]) for k in keep})
         if set(INCEPTION_METRICS) & set(self.plan.metrics):

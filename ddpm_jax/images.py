@@ -145,8 +145,13 @@ def save_quality_curve(path: str, rows: list[dict], seconds: dict, *, width: int
     keys = [k for k in QUALITY_KEYS if all(k in r for r in rows)]
     for k in keys:
         values = [r[k] for r in rows]
-        by_step.plot(steps, values, "o-", label=k)
+        (line,) = by_step.plot(steps, values, "o-", label=k)
         by_time.plot(times, values, "o-", label=k)
+        floor = f"{k}_real_n"  # what as many real training digits score
+        if all(floor in r for r in rows):
+            for ax, x in ((by_step, steps), (by_time, times)):
+                ax.plot(x, [r[floor] for r in rows], "--", color=line.get_color(),
+                        label=f"{k} of as many real digits" if ax is by_step else None)
     by_step.set_xlabel("training step")
     by_time.set_xlabel("training seconds (evaluations left out)")
     for ax in (by_step, by_time):

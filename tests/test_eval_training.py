@@ -9,8 +9,8 @@ import pytest
 
 from ddpm_jax import config_lib, training
 
-EVAL_KEYS = {"digits_fd", "digits_fd_ratio", "digits_confidence", "precision", "recall",
-             "eval_seconds"}
+EVAL_KEYS = {"digits_fd", "digits_fd_ratio", "digits_fd_ratio_real_n", "digits_confidence",
+             "precision", "recall", "eval_seconds"}
 
 
 def _eval_config(test_cfg, steps=4):
@@ -49,10 +49,11 @@ def uninterrupted(digits_dir, tmp_path_factory):
     return workdir
 
 
-def test_metric_rows_at_their_steps_tensorboard_and_best_checkpoint(uninterrupted):
+def test_metric_rows_at_their_steps_tensorboard_and_best_checkpoint(uninterrupted, digits_dir):
     from test_training import _tensorboard_events
 
     import ddpm_jax
+    from ddpm_jax.metrics import digits as dm
 
     workdir = uninterrupted
     rows = _rows(workdir)
@@ -63,6 +64,9 @@ def test_metric_rows_at_their_steps_tensorboard_and_best_checkpoint(uninterrupte
         assert set(r) == {"step"} | EVAL_KEYS and r["digits_fd"] > 0
         assert 0 <= r["precision"] <= 1 and 0 <= r["recall"] <= 1
         assert r["digits_fd_ratio"] > 1  # four steps of training make no digits
+        # beside it, what as many (16) real training digits score
+        assert r["digits_fd_ratio_real_n"] == pytest.approx(
+            dm.real_n_ratio(dm.load_reference(digits_dir), 16), rel=1e-9)
     events = _tensorboard_events(os.path.join(workdir, "tensorboard"))
     assert {("digits_fd", 2), ("digits_fd", 4)} <= {(t, s) for t, s, _ in events}
     # The best step by digits_fd is kept in best/, beside the latest, whatever max_to_keep says.

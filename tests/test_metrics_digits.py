@@ -3,6 +3,7 @@ and improved precision and recall against a float64 reference of their definitio
 
 import json
 import os
+import warnings
 
 import numpy as np
 import pytest
@@ -134,6 +135,39 @@ def test_the_frechet_ratio_orders_real_noisy_and_collapsed_digits(reference, rea
         dm.evaluate_digits(np.zeros((4, 32, 32, 3), np.uint8), data_dir=digits_dir)
 
 
+def _scipy_frechet(a, b):
+    """Float64 Fréchet distance of two feature sets with scipy's matrix square root."""
+    from scipy import linalg
+
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
+    with warnings.catch_warnings():  # units that never fire make S1 S2 singular; sqrtm is fine
+        warnings.simplefilter("ignore", linalg.LinAlgWarning)
+        covmean = linalg.sqrtm(s1 @ s2).real
+    d = a.mean(0) - b.mean(0)
+    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+
+
+def test_the_ratio_of_as_many_real_digits_is_the_mean_over_its_documented_subsets(
+        reference, real_digits, digits_dir):
+    """digits_fd_ratio_real_n: N real training digits' ratio, the figure a generator of the
+    training digits would get with N samples, recomputed from the images with scipy."""
+    images = real_digits[0]
+    train, test = images[:1497], images[1497:]
+    feats = lambda x: dm.digits_features(x, reference.params)["features"]  # noqa: E731
+    test_feats = feats(test)
+    unit = _scipy_frechet(feats(train), test_feats)
+    assert unit == pytest.approx(reference.fd_real, rel=1e-6)
+    # The documented subsets: the first 200 of default_rng([200, i])'s permutation, i < 8.
+    subsets = [np.random.default_rng([200, i]).permutation(1497)[:200] for i in range(8)]
+    want = np.mean([_scipy_frechet(feats(train[i]), test_feats) for i in subsets]) / unit
+    got = dm.evaluate_digits(train[:200], data_dir=digits_dir)
+    assert got["digits_fd_ratio_real_n"] == pytest.approx(want, rel=1e-6)
+    # Few samples bias the distance upwards; the whole training split is the unit.
+    assert dm.real_n_ratio(reference, 200) > dm.real_n_ratio(reference, 500) > 1.02
+    assert dm.real_n_ratio(reference, 1497) == pytest.approx(1.0, rel=1e-9)
+
+
 def test_evaluate_command_digits_fd_precision_recall_on_two_devices(reference, digits_dir,
                                                                     tmp_path):
     """The command's whole path (samples made and streamed, features sharded over 2 devices,
@@ -153,7 +187,8 @@ def test_evaluate_command_digits_fd_precision_recall_on_two_devices(reference, d
     result = json.loads(out.read_text())
     samples = np.load(os.path.join(workdir, "samples.npz"))["images"]
     want = dm.evaluate_digits(samples[:40], data_dir=digits_dir)
-    for key in ("digits_fd", "digits_fd_ratio", "precision", "recall", "digits_confidence"):
+    for key in ("digits_fd", "digits_fd_ratio", "digits_fd_ratio_real_n", "precision", "recall",
+                "digits_confidence"):
         assert result[key] == pytest.approx(want[key], rel=1e-5), key
     assert result["digits_classes"] == want["digits_classes"]
     p = result["provenance"]
