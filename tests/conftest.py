@@ -76,6 +76,21 @@ def perturbed(params, key, scale: float = 0.05):
                                      for p, n in zip(leaves, parts, strict=True)])
 
 
+def train_program(train_step, state):
+    """``train_step`` compiled as train.py compiles it (``training.compile_train_step`` on this
+    process's devices), so that the suite's compilation cache holds one program for the test
+    config's step instead of one per test; called on a copy of the state, which that program
+    donates, so a test may keep using the state it passed."""
+    import jax
+    import numpy as np
+
+    from ddpm_jax import sharding, training
+
+    step = training.compile_train_step(train_step, sharding.create_mesh(), state)
+    return lambda state, batch, key: step(
+        jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state), batch, key)
+
+
 def python_env(devices: int = 1, env=None) -> dict:
     """The environment of a child Python: ``devices`` simulated CPU devices, the repo importable,
     TensorFlow quiet; ``env`` on top."""

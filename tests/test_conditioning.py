@@ -8,7 +8,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from conftest import completed_here, run_command_here, run_script_here
+from conftest import completed_here, run_command_here, run_script_here, train_program
 from test_export_weights import assert_same_tree, random_params
 
 import ddpm_jax
@@ -99,20 +99,26 @@ def test_label_drops_follow_the_key_at_the_configured_rate():
 
 
 def test_conditional_train_step_drops_the_labels_the_step_key_says(cond_model):
-    config = cond_config(model__cond_drop_prob=0.5)
+    config = cond_config()  # cond_run's config: train.py's compiled step (one in the cache)
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     d = diffusion.Diffusion.from_config(config)
     sections = config_lib.validate(config)
-    step = jax.jit(training.make_train_step(sections, cond_model.graphdef, d, tx))
     state = training.init_train_state(jax.device_get(cond_model.params), tx)
+    step = train_program(training.make_train_step(sections, cond_model.graphdef, d, tx), state)
     images = np.random.default_rng(0).integers(0, 256, (8, 8, 8, 1)).astype(np.uint8)
     labels = np.arange(8, dtype=np.int32)
-    base_key = jax.random.key(3)
+
+    def dropped_by(base_key):  # the rows that step 0 drops
+        step_key = jax.random.fold_in(base_key, 0)
+        return np.asarray(training.drop_labels(
+            labels, K, config.model.cond_drop_prob,
+            jax.random.fold_in(step_key, training.LABEL_DROP_STREAM))) == K
+
+    # The first key whose step drops some rows and keeps others (both kinds are needed).
+    base_key = next(k for k in map(jax.random.key, range(100))
+                    if 0 < dropped_by(k).sum() < 8)
+    dropped = dropped_by(base_key)
     loss = lambda y: float(step(state, (images, y), base_key)[1]["loss"])
-    step_key = jax.random.fold_in(base_key, 0)  # the key of step 0
-    dropped = np.asarray(training.drop_labels(
-        labels, K, 0.5, jax.random.fold_in(step_key, training.LABEL_DROP_STREAM))) == K
-    assert 0 < dropped.sum() < 8  # both kinds of row (true for this key)
     changed_dropped = np.where(dropped, (labels + 1) % K, labels)
     changed_kept = np.where(np.arange(8) == np.flatnonzero(~dropped)[0], (labels + 1) % K,
                             labels)

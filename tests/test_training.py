@@ -11,7 +11,7 @@ import numpy as np
 import optax
 import pytest
 import tensorflow_datasets as tfds
-from conftest import run_script
+from conftest import run_script, train_program
 from PIL import Image
 
 from configs import test as test_config
@@ -88,7 +88,8 @@ def _setup(config, seed=0):
     if key not in _STEPS:
         d = diffusion.Diffusion.from_config(config)
         sections = config_lib.validate(config)
-        _STEPS[key] = jax.jit(training.make_train_step(sections, graphdef, d, tx))
+        _STEPS[key] = train_program(training.make_train_step(sections, graphdef, d, tx),
+                                    training.init_train_state(params, tx))
     return _STEPS[key], training.init_train_state(params, tx)
 
 
@@ -183,8 +184,7 @@ def test_non_finite_update_is_not_applied(test_cfg):
 def test_k_steps_per_dispatch_equal_k_single_steps_bit_for_bit(test_cfg):
     train_step = training.make_train_step(config_lib.validate(test_cfg), *_parts(test_cfg))
     multi = jax.jit(training.make_multi_step(train_step))  # compiled for k = 1 and k = 3
-    plain = jax.jit(train_step)
-    _, state = _setup(test_cfg)
+    plain, state = _setup(test_cfg)  # train.py's one step per dispatch
     batch = _fixed_batch(test_cfg, 8)
     batches = jnp.stack([batch[::-1], batch, batch[::2].repeat(2, axis=0)])
     key = jax.random.key(7)
