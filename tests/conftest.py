@@ -79,16 +79,20 @@ def perturbed(params, key, scale: float = 0.05):
 def train_program(train_step, state):
     """``train_step`` compiled as train.py compiles it (``training.compile_train_step`` on this
     process's devices), so that the suite's compilation cache holds one program for the test
-    config's step instead of one per test; called on a copy of the state, which that program
-    donates, so a test may keep using the state it passed."""
+    config's step instead of one per test. It is called on a copy of the state laid out as
+    train.py lays it out: the program donates its state, so a test may keep using the state it
+    passed, and uncommitted arrays would lower to other StableHLO (other names of deduplicated
+    functions), which the cache would not find."""
     import jax
     import numpy as np
 
     from ddpm_jax import sharding, training
 
-    step = training.compile_train_step(train_step, sharding.create_mesh(), state)
+    mesh = sharding.create_mesh()
+    step = training.compile_train_step(train_step, mesh, state)
+    layout = sharding.train_state_shardings(mesh, state)
     return lambda state, batch, key: step(
-        jax.tree.map(lambda x: jax.device_put(np.asarray(x)), state), batch, key)
+        jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), state, layout), batch, key)
 
 
 def python_env(devices: int = 1, env=None) -> dict:
