@@ -92,7 +92,7 @@ def train_program(train_step, state):
     step = training.compile_train_step(train_step, mesh, state)
     layout = sharding.train_state_shardings(mesh, state)
     return lambda state, batch, key: step(
-        jax.tree.map(lambda x, s: jax.device_put(np.asarray(x), s), state, layout), batch, key)
+        jax.device_put(jax.tree.map(np.asarray, state), layout), batch, key)
 
 
 def python_env(devices: int = 1, env=None) -> dict:

@@ -136,16 +136,15 @@ def test_the_frechet_ratio_orders_real_noisy_and_collapsed_digits(reference, rea
 
 
 def _scipy_frechet(a, b):
-    """Float64 Fréchet distance of two feature sets with scipy's matrix square root."""
+    """Float64 Fréchet distance of two feature sets by scipy's matrix square root (the FID
+    tests' reference formula)."""
     from scipy import linalg
+    from test_metrics import _fid_sqrtm
 
     a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    s1, s2 = np.cov(a, rowvar=False), np.cov(b, rowvar=False)
     with warnings.catch_warnings():  # units that never fire make S1 S2 singular; sqrtm is fine
         warnings.simplefilter("ignore", linalg.LinAlgWarning)
-        covmean = linalg.sqrtm(s1 @ s2).real
-    d = a.mean(0) - b.mean(0)
-    return float(d @ d + np.trace(s1) + np.trace(s2) - 2 * np.trace(covmean))
+        return _fid_sqrtm(a.mean(0), np.cov(a, rowvar=False), b.mean(0), np.cov(b, rowvar=False))
 
 
 def test_the_ratio_of_as_many_real_digits_is_the_mean_over_its_documented_subsets(

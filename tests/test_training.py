@@ -84,13 +84,12 @@ def _setup(config, seed=0):
 
     graphdef, params = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
-    key = config_lib.to_json(config)
+    key, state = config_lib.to_json(config), training.init_train_state(params, tx)
     if key not in _STEPS:
         d = diffusion.Diffusion.from_config(config)
         sections = config_lib.validate(config)
-        _STEPS[key] = train_program(training.make_train_step(sections, graphdef, d, tx),
-                                    training.init_train_state(params, tx))
-    return _STEPS[key], training.init_train_state(params, tx)
+        _STEPS[key] = train_program(training.make_train_step(sections, graphdef, d, tx), state)
+    return _STEPS[key], state
 
 
 def _fixed_batch(config, n=8):
