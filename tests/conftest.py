@@ -91,8 +91,10 @@ def train_program(train_step, state):
     mesh = sharding.create_mesh()
     step = training.compile_train_step(train_step, mesh, state)
     layout = sharding.train_state_shardings(mesh, state)
+    data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
     return lambda state, batch, key: step(
-        jax.device_put(jax.tree.map(np.asarray, state), layout), batch, key)
+        jax.device_put(jax.tree.map(np.asarray, state), layout), jax.device_put(batch, data),
+        sharding.put(key, replicated))
 
 
 def python_env(devices: int = 1, env=None) -> dict:
