@@ -188,8 +188,10 @@ class Checkpointer:
         mesh, whatever mesh wrote the checkpoint), or of numpy arrays (read onto the host).
         Shapes are checked first, so a mismatch is reported by path before anything is read.
         """
+        return self._restore(step, abstract, self._item_metadata(step))
+
+    def _restore(self, step: int, abstract: dict[str, Any], stored: dict[str, Any]):
         path = self.step_dir(step)
-        stored = self._item_metadata(step)
         for item, tree in abstract.items():
             if stored.get(item) is None:
                 present = sorted(k for k, v in stored.items() if v is not None)
@@ -213,14 +215,22 @@ class Checkpointer:
         ShapeDtypeStructs, e.g. the config's parameter tree) is the tree the item must match,
         checked as ``restore`` checks; by default the item is read as stored.
         """
-        stored = self._item_metadata(step).get(item)
-        if stored is None:
-            raise CheckpointError(f"checkpoint {self.step_dir(step)} has no {item!r}")
-        # numpy leaves make Orbax restore numpy arrays (stride-0 views: nothing allocated here).
-        host = jax.tree.map(lambda m: np.broadcast_to(np.zeros((), m.dtype), tuple(m.shape)),
-                            stored if like is None else like)
-        restored, _ = self.restore(step, {item: host})
-        return restored[item]
+        return self.read_items(step, item, like={item: like})[item]
+
+    def read_items(self, step: int, *items: str, like: dict | None = None) -> dict[str, Any]:
+        """Several array items of a step (``read_arrays`` of each) in one read, the metadata
+        read once; ``like`` maps item names to the trees they must match."""
+        metadata = self._item_metadata(step)
+        host = {}
+        for item in items:
+            if metadata.get(item) is None:
+                raise CheckpointError(f"checkpoint {self.step_dir(step)} has no {item!r}")
+            tree = (like or {}).get(item)
+            # numpy leaves make Orbax restore numpy arrays (stride-0 views: nothing allocated).
+            host[item] = jax.tree.map(
+                lambda m: np.broadcast_to(np.zeros((), m.dtype), tuple(m.shape)),
+                metadata[item] if tree is None else tree)
+        return self._restore(step, host, metadata)[0]
 
     def _item_metadata(self, step: int) -> dict[str, Any]:
         try:

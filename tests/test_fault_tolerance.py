@@ -35,8 +35,7 @@ def _leaves(workdir, step):
     """Every array of a committed step, read back with Orbax as stored (no config needed)."""
     out = {}
     with checkpoints.Checkpointer.open(workdir) as ckpt:
-        for item in checkpoints.ARRAY_ITEMS:
-            restored = ckpt.read_arrays(step, item)
+        for item, restored in ckpt.read_items(step, *checkpoints.ARRAY_ITEMS).items():
             for path, leaf in jax.tree_util.tree_flatten_with_path(restored)[0]:
                 out[f"{item}{jax.tree_util.keystr(path)}"] = np.asarray(leaf)
         (meta,) = ckpt.read_json(step, "meta")

@@ -18,8 +18,7 @@ def result(workdir: str, step: str) -> dict:
     step = int(step)
     leaves = {}
     with checkpoints.Checkpointer.open(workdir) as ckpt:
-        for item in checkpoints.ARRAY_ITEMS:
-            tree = ckpt.read_arrays(step, item)
+        for item, tree in ckpt.read_items(step, *checkpoints.ARRAY_ITEMS).items():
             for path, leaf in jax.tree_util.tree_flatten_with_path(tree)[0]:
                 leaves[item + jax.tree_util.keystr(path)] = [
                     str(leaf.dtype), list(leaf.shape), hashlib.sha256(leaf.tobytes()).hexdigest()]
