@@ -144,24 +144,25 @@ def lower_forward(config, mesh, batch: int):
 
 
 def train_inputs(config, mesh, k: int, batch: int, seed: int, tx):
-    """The initial train state (``training.create_train_state``), random uint8 batches, a key."""
+    """The initial train state (``training.create_train_state``), random uint8 batches (drawn
+    on the host: nothing to compile), a key."""
     state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx,
                                         mesh)
     spec = abstract_batches(config, mesh, k, batch)
-    batches = jax.random.randint(jax.random.key(seed + 1), spec.shape, 0, 256, jnp.int32)
-    batches = sharding.put(batches.astype(jnp.uint8), spec.sharding)
+    batches = np.random.default_rng(seed + 1).integers(0, 256, spec.shape, dtype=np.uint8)
+    batches = sharding.put(batches, spec.sharding)
     key = sharding.put(jax.random.key(seed + 2), sharding.replicated(mesh))
     return state, batches, key
 
 
 def forward_inputs(config, mesh, batch: int, seed: int):
-    """Parameters of ``create_model``, x ~ N(0, I) and t uniform in [0, T)."""
+    """Parameters of ``create_model``, x ~ N(0, I) and t uniform in [0, T) (drawn on the
+    host)."""
     params = unet.split(unet.create_model(unet.ModelSpec.from_config(config), seed=seed))[1]
     params = sharding.put(params, sharding.replicated(mesh))
-    d = config.data
-    kx, kt = jax.random.split(jax.random.key(seed + 1))
-    x = jax.random.normal(kx, (batch, d.image_size, d.image_size, d.channels), jnp.float32)
-    t = jax.random.randint(kt, (batch,), 0, config.diffusion.num_timesteps, jnp.int32)
+    d, rng = config.data, np.random.default_rng(seed + 1)
+    x = rng.standard_normal((batch, d.image_size, d.image_size, d.channels), np.float32)
+    t = rng.integers(0, config.diffusion.num_timesteps, (batch,), dtype=np.int32)
     data = sharding.data_sharding(mesh)
     return params, sharding.put(x, data), sharding.put(t, data)
 
