@@ -66,7 +66,9 @@ def preempted(digits_dir, tmp_path_factory):
     steps, the stopped workdir, the resumed workdir)."""
     root = tmp_path_factory.mktemp("preempted")
     workdir, resumed = str(root / "preempted"), str(root / "resumed")
-    long = ("--config.training.num_train_steps=100000", "--config.training.checkpoint_every=2")
+    # No grid before the signal (the resumed run writes its final grid on both processes).
+    long = ("--config.training.num_train_steps=100000", "--config.training.checkpoint_every=2",
+            "--config.training.sample_every=100000")
     procs = start_processes(_train(workdir, digits_dir, *long), num_processes=2, devices=2)
     try:
         assert _wait_for_rows(os.path.join(workdir, "metrics.jsonl"), 3, procs)

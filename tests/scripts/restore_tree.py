@@ -1,9 +1,12 @@
 """The train state of a committed run as restored on however many devices there are, as JSON
-(every value of the parameters, the EMA and the optimiser state; compared across device counts
-by the tests). ``restore_tree.py DATA_DIR WORKDIR DEVICES [--train]``: with ``--train``, first
-trains the run's 2 steps (batch 8) on those devices."""
+(dtype, shape and SHA-256 of the bytes of every array of the parameters, the EMA and the
+optimiser state; compared across device counts by the tests).
+
+``restore_tree.py DATA_DIR WORKDIR DEVICES [--train]``: with ``--train``, first trains the run's
+2 steps (batch 8) on those devices."""
 
 import contextlib
+import hashlib
 import json
 import sys
 
@@ -35,7 +38,9 @@ def result(data_dir, workdir, devices, *flags):
         assert all(len(x.sharding.device_set) == int(devices) for x in jax.tree.leaves(state))
         leaves = jax.tree_util.tree_flatten_with_path(
             dict(params=state.params, ema=state.ema_params, opt=state.opt_state))[0]
-        return {jax.tree_util.keystr(p): np.asarray(v).tolist() for p, v in leaves}
+        return {jax.tree_util.keystr(p): [str(v.dtype), list(v.shape),
+                                          hashlib.sha256(np.asarray(v).tobytes()).hexdigest()]
+                for p, v in leaves}
 
 
 if __name__ == "__main__":

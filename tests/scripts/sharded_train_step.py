@@ -18,7 +18,11 @@ def result(devices: str) -> dict:
     assert mesh.size == int(devices)
     tx = training.create_optimizer(config_lib.OptimizerSpec.from_config(config))
     graphdef, abstract_params = unet.abstract_model(unet.ModelSpec.from_config(config))
-    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx, mesh)
+    # Initialised on one device (the program every test shares) and laid out over the mesh as
+    # train.py lays out its state: the initialisation over 8 devices is the same draws.
+    one = sharding.create_mesh(jax.devices()[:1])
+    state = training.create_train_state(unet.ModelSpec.from_config(config), config.seed, tx, one)
+    state = jax.device_put(state, sharding.train_state_shardings(mesh, state))
     step = training.compile_train_step(
         training.make_train_step(config_lib.validate(config), graphdef,
                                  diffusion.Diffusion.from_config(config), tx),
