@@ -97,29 +97,33 @@ def train_program(train_step, state):
         sharding.put(key, replicated))
 
 
-def python_env(devices: int = 1, env=None) -> dict:
-    """The environment of a child Python: ``devices`` simulated CPU devices, the repo importable,
-    TensorFlow quiet; ``env`` on top."""
-    out = dict(os.environ, XLA_FLAGS=f"--xla_force_host_platform_device_count={devices}",
-               JAX_PLATFORMS="cpu", PYTHONPATH=ROOT, TF_CPP_MIN_LOG_LEVEL="3")
+def python_env(devices: int = 1, env=None, xla_flags: str = "") -> dict:
+    """The environment of a child Python: ``devices`` simulated CPU devices (and ``xla_flags``),
+    the repo importable, TensorFlow quiet; ``env`` on top."""
+    flags = f"--xla_force_host_platform_device_count={devices} {xla_flags}".strip()
+    out = dict(os.environ, XLA_FLAGS=flags, JAX_PLATFORMS="cpu", PYTHONPATH=ROOT,
+               TF_CPP_MIN_LOG_LEVEL="3")
     out.update(env or {})
     return out
 
 
-def popen_python(args, *, devices: int = 1, env=None):
+def popen_python(args, *, devices: int = 1, env=None, xla_flags: str = ""):
     """Starts ``python args...`` from the repo root (text pipes for stdout and stderr)."""
     import subprocess
 
     return subprocess.Popen([sys.executable, *map(str, args)], cwd=ROOT,
-                            env=python_env(devices, env), text=True, stdout=subprocess.PIPE,
+                            env=python_env(devices, env, xla_flags), text=True,
+                            stdout=subprocess.PIPE,
                             stderr=subprocess.PIPE)
 
 
-def run_python(args, *, devices: int = 1, timeout: int = 600, env=None, **kwargs):
+def run_python(args, *, devices: int = 1, timeout: int = 600, env=None, xla_flags: str = "",
+               **kwargs):
     """Runs ``python args...`` from the repo root with ``devices`` simulated CPU devices."""
     import subprocess
 
-    return subprocess.run([sys.executable, *args], cwd=ROOT, env=python_env(devices, env),
+    return subprocess.run([sys.executable, *args], cwd=ROOT,
+                          env=python_env(devices, env, xla_flags),
                           text=True, capture_output=True, timeout=timeout, **kwargs)
 
 
@@ -180,7 +184,7 @@ def free_port() -> int:
 
 
 def start_processes(args, *, num_processes: int, devices: int, env=None,
-                    started: int | None = None):
+                    started: int | None = None, xla_flags: str = ""):
     """Starts ``python args...`` as ``num_processes`` JAX processes on 127.0.0.1 (a free port),
     each with ``devices`` simulated CPU devices; returns the Popen objects. ``started``: only
     the first that many are started (the others never join)."""
@@ -189,7 +193,8 @@ def start_processes(args, *, num_processes: int, devices: int, env=None,
     for i in range(num_processes if started is None else started):
         cluster = dict(JAX_COORDINATOR_ADDRESS=f"127.0.0.1:{port}",
                        JAX_NUM_PROCESSES=str(num_processes), JAX_PROCESS_ID=str(i))
-        procs.append(popen_python(args, devices=devices, env={**cluster, **(env or {})}))
+        procs.append(popen_python(args, devices=devices, env={**cluster, **(env or {})},
+                                  xla_flags=xla_flags))
     return procs
 
 
@@ -213,10 +218,10 @@ def finish(procs, timeout: float = 600):
 
 
 def run_processes(args, *, num_processes: int = 2, devices: int = 2, timeout: float = 600,
-                  env=None):
+                  env=None, xla_flags: str = ""):
     """``start_processes`` then ``finish``; asserts that every process succeeded."""
-    results = finish(start_processes(args, num_processes=num_processes, devices=devices, env=env),
-                     timeout)
+    results = finish(start_processes(args, num_processes=num_processes, devices=devices, env=env,
+                                     xla_flags=xla_flags), timeout)
     for i, (code, _, err) in enumerate(results):
         assert code == 0, f"process {i} exited {code}: {err[-3000:]}"
     return results
