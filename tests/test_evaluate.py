@@ -38,6 +38,7 @@ def test_evaluate_refuses_a_missing_checkpoint(tmp_path):
 LIBRARY_SAMPLES = dict(num_samples=12, sample_batch_size=12, inception_batch_size=16, is_splits=2,
                        kid_subsets=4, kid_subset_size=10)
 SAMPLE_FLAGS = [f"--{k}={v}" for k, v in LIBRARY_SAMPLES.items()]
+REF_N = 12  # reference images: as many as samples, enough for KID's subsets of 10
 
 
 @pytest.fixture(scope="module")
@@ -84,7 +85,7 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     out = os.path.join(workdir, "eval1.json")
     proc = _evaluate(f"--workdir={workdir}", "--metrics=fid,is,kid,bpd,sfid,precision,recall",
                      *SAMPLE_FLAGS,
-                     "--ref=digits:train", "--ref_num_examples=20", "--num_examples=4",
+                     "--ref=digits:train", f"--ref_num_examples={REF_N}", "--num_examples=4",
                      "--batch_size=4", f"--out={out}", weights=weights)
     assert proc.returncode == 0, proc.stderr[-3000:]
     result = json.load(open(out))
@@ -97,14 +98,14 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     assert p["sampler"] == "ancestral" and p["num_steps"] == 50 and p["sample_seed"] == 0
     assert p["mode"] == "tf1" and p["inception_weights_sha256"] == "0" * 64
     assert p["is_splits"] == 2 and p["kid_subsets"] == 4 and p["kid_subset_size"] == 10
-    assert p["reference"]["n"] == 20 and p["reference"]["reused_cache"] is False
+    assert p["reference"]["n"] == REF_N and p["reference"]["reused_cache"] is False
     assert "not comparable with published" in proc.stdout
     # The samples are sample.py's file, and the scores are those of the library on them.
     samples = np.load(os.path.join(workdir, "samples.npz"))["images"]
     assert samples.shape == (12, 8, 8, 1)
     cache = p["reference"]["stats_file"]
     ref = metrics.load_reference_stats(cache, mode="tf1", weights_sha256="0" * 64)
-    assert ref.n == 20
+    assert ref.n == REF_N
     # The command's batch of 16: the programs it compiled (the persistent cache).
     feats = metrics.inception_features(samples, weights=weights, batch_size=16)
     np.testing.assert_allclose(result["fid"], _frechet_few(feats["pool3"], ref.mu, ref.sigma),
@@ -117,12 +118,12 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     assert p["precision_recall_features"] == "inception_pool3" and p["precision_recall_k"] == 3
     spatial = metrics.load_reference_stats(p["sfid_stats_file"], dim=2023, mode="tf1",
                                            weights_sha256="0" * 64)
-    assert spatial.n == 20
+    assert spatial.n == REF_N
     np.testing.assert_allclose(result["sfid"],
                                _frechet_few(feats["spatial"], spatial.mu, spatial.sigma), rtol=1e-5)
     ref_config = test_config.get_config()
     ref_config.data.data_dir = data_dir
-    ref_images = datasets.load_split(datasets.DataSpec.from_config(ref_config), "train", 20)
+    ref_images = datasets.load_split(datasets.DataSpec.from_config(ref_config), "train", REF_N)
     ref_feats = metrics.inception_features(ref_images, weights=weights, batch_size=16)
     s_ref = ref_feats["spatial"].astype(np.float64)
     np.testing.assert_allclose(spatial.mu, s_ref.mean(0), rtol=1e-4, atol=1e-6)
@@ -137,7 +138,7 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     rng, m, d = np.random.default_rng(p["kid_seed"]), p["kid_subset_size"], r64.shape[1]
     mmd2 = []
     for _ in range(p["kid_subsets"]):
-        x, y = f64[rng.choice(len(f64), m, replace=False)], r64[rng.choice(20, m, replace=False)]
+        x, y = f64[rng.choice(len(f64), m, replace=False)], r64[rng.choice(REF_N, m, replace=False)]
         k = lambda a, b: (a @ b.T / d + 1.0) ** 3
         kxx, kyy, kxy = k(x, x), k(y, y), k(x, y)
         off = lambda q: (q.sum() - np.trace(q)) / (m * (m - 1))
@@ -149,7 +150,7 @@ def test_evaluate_fid_is_kid_bpd_end_to_end(tiny_run, capsys):
     # reused, and the numbers are the same.
     capsys.readouterr()
     spec = evaluate.EvalSpec(metrics=("fid", "is"), **LIBRARY_SAMPLES, ref="digits:train",
-                             ref_num_examples=20, inception_weights=weights)
+                             ref_num_examples=REF_N, inception_weights=weights)
     again = evaluate.evaluate(ddpm_jax.load(workdir), spec, samples_dir=workdir)
     captured = capsys.readouterr()
     assert "reusing" in captured.out and "reference digits:train" not in captured.err
