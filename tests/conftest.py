@@ -76,22 +76,28 @@ def perturbed(params, key, scale: float = 0.05):
                                      for p, n in zip(leaves, parts, strict=True)])
 
 
-def train_program(train_step, state):
+def train_program(train_step, state, steps_per_dispatch: int = 1):
     """``train_step`` compiled as train.py compiles it (``training.compile_train_step`` on this
-    process's devices), so that the suite's compilation cache holds one program for the test
-    config's step instead of one per test. It is called on a copy of the state laid out as
-    train.py lays it out: the program donates its state, so a test may keep using the state it
-    passed, and uncommitted arrays would lower to other StableHLO (other names of deduplicated
-    functions), which the cache would not find."""
+    process's devices, ``steps_per_dispatch`` steps per call), so that the suite's compilation
+    cache holds one program for the test config's step instead of one per test. It is called
+    with its inputs laid out as train.py lays them out (a copy of the state, since the program
+    donates it; the batch over the data axis; the key replicated): uncommitted arrays would
+    lower to other StableHLO (other names of deduplicated functions), which the cache would not
+    find."""
     import jax
     import numpy as np
+    from jax.sharding import NamedSharding
+    from jax.sharding import PartitionSpec as P
 
     from ddpm_jax import sharding, training
 
     mesh = sharding.create_mesh()
-    step = training.compile_train_step(train_step, mesh, state)
+    step = training.compile_train_step(train_step, mesh, state,
+                                       steps_per_dispatch=steps_per_dispatch)
     layout = sharding.train_state_shardings(mesh, state)
-    data, replicated = sharding.data_sharding(mesh), sharding.replicated(mesh)
+    data = sharding.data_sharding(mesh) if steps_per_dispatch == 1 else NamedSharding(
+        mesh, P(None, sharding.DATA))
+    replicated = sharding.replicated(mesh)
     return lambda state, batch, key: step(
         jax.device_put(jax.tree.map(np.asarray, state), layout), jax.device_put(batch, data),
         sharding.put(key, replicated))

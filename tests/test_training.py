@@ -15,7 +15,7 @@ from conftest import run_script, train_program
 from PIL import Image
 
 from configs import test as test_config
-from ddpm_jax import config_lib, datasets, diffusion, training, unet
+from ddpm_jax import config_lib, datasets, diffusion, training, unet, xla_cpu
 
 
 def test_train_end_to_end_writes_everything(test_cfg, tmp_path):
@@ -182,16 +182,20 @@ def test_non_finite_update_is_not_applied(test_cfg):
 
 def test_k_steps_per_dispatch_equal_k_single_steps_bit_for_bit(test_cfg):
     train_step = training.make_train_step(config_lib.validate(test_cfg), *_parts(test_cfg))
-    multi = jax.jit(training.make_multi_step(train_step))  # compiled for k = 1 and k = 3
     plain, state = _setup(test_cfg)  # train.py's one step per dispatch
+    # train.py's program with training.steps_per_dispatch=3 (the accelerator rehearsal's
+    # float32:3 variant: one compile in the cache), against the same loop run one step per call.
+    three = train_program(train_step, state, steps_per_dispatch=3)
+    one = jax.jit(training.make_multi_step(train_step),
+                  compiler_options=xla_cpu.compiler_options("train"))
     batch = _fixed_batch(test_cfg, 8)
     batches = jnp.stack([batch[::-1], batch, batch[::2].repeat(2, axis=0)])
     key = jax.random.key(7)
     single, by_plain = state, state
     for b in batches:
-        single, last = multi(single, b[None], key)
+        single, last = one(single, b[None], key)
         by_plain, _ = plain(by_plain, b, key)
-    several, metrics = multi(state, batches, key)
+    several, metrics = three(state, batches, key)
     jax.tree.map(np.testing.assert_array_equal, several, single)
     assert float(metrics["loss"]) == float(last["loss"]) and int(several.step) == 3
     # The step compiled alone rounds differently (Adam turns float32 noise in near-zero
